@@ -42,8 +42,11 @@ def _lcmd_update_kernel(
     tl.store(owner_ptr + rows, tl.zeros([BLOCK_M], dtype=tl.int64) + new_id, mask=better)
 
 
-def lcmd_update_triton(psi, c, dmin2, owner, id, *, block_m=None):
-    """Launch :func:`_lcmd_update_kernel`; same contract as ``ntk_kernels.lcmd_update`` (in place)."""
+def lcmd_update_triton(psi, c, dmin2, owner, id, *, blocks=None):
+    """Launch :func:`_lcmd_update_kernel`; same contract as ``ntk_kernels.lcmd_update`` (in place).
+
+    ``blocks`` overrides entries of the chosen meta-parameters (BLOCK_M/K, num_warps); tests use it.
+    """
     check_lcmd_update_args(psi, c, dmin2, owner, id)
     check_launchable(psi.device)
     M, k = psi.shape
@@ -52,8 +55,7 @@ def lcmd_update_triton(psi, c, dmin2, owner, id, *, block_m=None):
     psi = rows_contiguous(psi)
     c = c.contiguous()
     meta = lcmd_update_settings(k, psi.dtype)
-    if block_m is not None:
-        meta["BLOCK_M"] = int(block_m)
+    meta.update(blocks or {})
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]),)  # noqa: E731
     _lcmd_update_kernel[grid](dmin2, owner, psi, psi.stride(0), c, M, k, id,
                               ACC=acc_tl_dtype(psi.dtype), **meta)

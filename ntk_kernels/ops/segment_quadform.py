@@ -16,8 +16,8 @@ from .utils import (
     acc_tl_dtype,
     acc_torch_dtype,
     check_launchable,
+    csr_offsets,
     rows_contiguous,
-    seg_ptr,
     segment_quadform_settings,
     segment_sum_settings,
 )
@@ -79,28 +79,28 @@ def _segment_sum_kernel(
     tl.store(out_ptr + segs, acc.to(out_ptr.dtype.element_ty), mask=segs < n_seg)
 
 
-def segment_sum_triton(values, weight, seg, n_seg, *, out=None, block_s=None):
+def segment_sum_triton(values, weight, seg, n_seg, *, out=None, blocks=None):
     """Deterministic out[s] = Σ_{seg_i = s} weight_i values_i for sorted ``seg`` (1-D, CSR loop)."""
     acc = acc_torch_dtype(values.dtype)
     if out is None:
         out = torch.empty(n_seg, dtype=acc, device=values.device)
     if n_seg == 0:
         return out
-    ptr = seg_ptr(seg, n_seg)
+    ptr = csr_offsets(seg, n_seg)
     meta = segment_sum_settings(values.shape[0] / n_seg)
-    if block_s is not None:
-        meta["BLOCK_S"] = int(block_s)
+    meta.update(blocks or {})
     grid = lambda m: (triton.cdiv(n_seg, m["BLOCK_S"]),)  # noqa: E731
     _segment_sum_kernel[grid](out, values, weight.contiguous(), seg.contiguous(), ptr, n_seg,
                               ACC=acc_tl_dtype(values.dtype), **meta)
     return out
 
 
-def segment_quadform_triton(G, Linv, seg, weight, n_seg, *, block_r=None, block_s=None):
+def segment_quadform_triton(G, Linv, seg, weight, n_seg, *, blocks=None, sum_blocks=None):
     """Launch the quadform and segment-sum kernels; same contract as ``ntk_kernels.segment_quadform``.
 
     Returns ``(seg_out [n_seg], row_out [R])`` in fp32 (fp64 for fp64 G). ``seg`` must already be
-    sorted and in range. ``block_r`` / ``block_s`` override block sizes (tests use them).
+    sorted and in range. ``blocks`` / ``sum_blocks`` override meta-parameters of the quadform and
+    segment-sum kernels (tests use them).
     """
     check_segment_quadform_args(G, Linv, seg, weight, n_seg)
     check_launchable(G.device)
@@ -111,10 +111,9 @@ def segment_quadform_triton(G, Linv, seg, weight, n_seg, *, block_r=None, block_
         G = rows_contiguous(G)
         lt = Linv.t().contiguous()  # k×k, negligible next to G; makes the tile loads coalesced
         meta = segment_quadform_settings(k, G.dtype)
-        if block_r is not None:
-            meta["BLOCK_R"] = int(block_r)
+        meta.update(blocks or {})
         grid = lambda m: (triton.cdiv(R, m["BLOCK_R"]),)  # noqa: E731
         _segment_quadform_kernel[grid](row_out, G, G.stride(0), lt, lt.stride(0), R, k,
                                        ACC=acc_tl_dtype(G.dtype), **meta)
-    seg_out = segment_sum_triton(row_out, weight, seg, n_seg, block_s=block_s)
+    seg_out = segment_sum_triton(row_out, weight, seg, n_seg, blocks=sum_blocks)
     return seg_out, row_out

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import check_tensor_sketch_args
-from .utils import acc_tl_dtype, check_launchable, rows_contiguous, seg_ptr, tensor_sketch_settings
+from .utils import acc_tl_dtype, check_launchable, csr_offsets, rows_contiguous, tensor_sketch_settings
 
 __all__ = ["tensor_sketch_triton"]
 
@@ -76,7 +76,7 @@ def _tensor_sketch_kernel(
         else:
             local = tl.arange(0, BLOCK_S)
             # Rows -> their segment's slot in this program, summed by a one-hot matmul (exact 0/1
-            # weights, fixed order: deterministic). Masked rows get slot -1 and match nothing.
+            # weights, fixed order: deterministic). Masked rows get a negative slot and match nothing.
             slot = tl.load(seg_ptr + rows, mask=row_mask, other=-1) - s0
             onehot = (local[:, None] == slot[None, :]).to(ACC)
             acc = tl.dot(onehot, t, acc, input_precision="ieee", out_dtype=ACC)
@@ -93,11 +93,11 @@ def _tensor_sketch_kernel(
                  mask=(segs < n_seg)[:, None] & col_mask[None, :])
 
 
-def tensor_sketch_triton(x, dy, A, B, seg, n_seg, x2=None, dy2=None, *, block_r=None, block_s=None):
+def tensor_sketch_triton(x, dy, A, B, seg, n_seg, x2=None, dy2=None, *, blocks=None):
     """Launch :func:`_tensor_sketch_kernel`; same contract as ``ntk_kernels.tensor_sketch``.
 
-    ``seg`` must already be sorted and in range (the public function checks it). ``block_r`` /
-    ``block_s`` override the chosen row-block size and segments-per-program (tests use them).
+    ``seg`` must already be sorted and in range (the public function checks it). ``blocks`` overrides
+    entries of the chosen meta-parameters (BLOCK_R/K/D/S, num_warps); tests use it.
     """
     check_tensor_sketch_args(x, dy, A, B, seg, n_seg, x2, dy2)
     check_launchable(x.device)
@@ -114,12 +114,9 @@ def tensor_sketch_triton(x, dy, A, B, seg, n_seg, x2=None, dy2=None, *, block_r=
     else:
         x2, dy2 = x, dy  # never read (HAS_SECOND=False)
     seg = seg.contiguous()
-    ptr = seg_ptr(seg, n_seg)
+    ptr = csr_offsets(seg, n_seg)
     meta = tensor_sketch_settings(d_in, d_out, k, R / n_seg, x.dtype)
-    if block_r is not None:
-        meta["BLOCK_R"] = int(block_r)
-    if block_s is not None:
-        meta["BLOCK_S"] = int(block_s)
+    meta.update(blocks or {})
     if meta["BLOCK_S"] not in (1, 16, 32, 64, 128):
         raise ValueError(f"BLOCK_S must be 1 or a power of two in [16, 128], got {meta['BLOCK_S']}")
     grid = lambda m: (triton.cdiv(n_seg, m["BLOCK_S"]), triton.cdiv(k, m["BLOCK_K"]))  # noqa: E731

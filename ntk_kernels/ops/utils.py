@@ -52,7 +52,7 @@ def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def seg_ptr(seg: torch.Tensor, n_seg: int) -> torch.Tensor:
+def csr_offsets(seg: torch.Tensor, n_seg: int) -> torch.Tensor:
     """CSR offsets of a sorted segment-id vector: rows of segment s are ``ptr[s]:ptr[s+1]``.
 
     Built with ``searchsorted`` (no host sync); int64 so offsets cannot overflow.
@@ -105,8 +105,11 @@ def segment_quadform_settings(k: int, dtype: torch.dtype) -> dict:
 
 def segment_sum_settings(rows_per_seg: float) -> dict:
     """Blocks for the deterministic CSR segment sum of a per-row vector."""
-    block_r = 1024 if is_interpreter() else 256
-    block_s = pow2_at_least(int(block_r // max(rows_per_seg, 1.0)), 1, 128)
+    if is_interpreter():
+        block_r, max_s = 1024, 128
+    else:
+        block_r, max_s = 128, 32  # the [BLOCK_S, BLOCK_R] select tile stays at <= 32 registers a thread
+    block_s = pow2_at_least(int(block_r // max(rows_per_seg, 1.0)), 1, max_s)
     return dict(BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4)
 
 
