@@ -1,0 +1,6 @@
+"""`python -m ntkal ...` is the `ntkal` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,254 @@
+"""MACE featurizer: structures -> RowBlocks of embedding, energy-NTK and force-NTK rows (DESIGN §2).
+
+The reference path loops over structures with torch.autograd.grad: one backward for the energy
+row, one double backward per force row (3N exact rows, or m Rademacher probes). It is slow and
+obviously right, works for any parameter, and is the oracle for the fast batched path.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import mace  # noqa: F401  (before e3nn: research/deps.md §3)
+import numpy as np
+import torch
+
+from ..errors import InputError, ModelError
+from .rowblock import EMBEDDING, ENERGY, FORCE, RowBlock
+from .sketch import PARAM_SETS, Sketch
+
+KERNELS = ("embedding", "energy", "force", "joint")
+IMPLS = ("auto", "fast", "reference")
+
+
+def load_model(model: Union[str, os.PathLike, torch.nn.Module], device="cpu", dtype=torch.float32) -> torch.nn.Module:
+    """A private copy of a MACE model (from a path or a module) in `dtype` on `device`, in eval mode."""
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.exists():
+            raise InputError("no such model file", path=path)
+        if not path.is_file():
+            raise InputError("model path is not a file", path=path)
+        try:
+            loaded = torch.load(path, map_location=device, weights_only=False)
+        except Exception as exc:  # torch raises many types for a non-model file
+            raise ModelError(f"{path}: not a MACE model file ({type(exc).__name__}: {str(exc)[:120]})") from None
+        if not _is_mace(loaded):
+            raise ModelError(f"{path}: not a MACE model file (it holds a {type(loaded).__name__})")
+        model = loaded
+    elif not isinstance(model, torch.nn.Module) or not _is_mace(model):
+        raise ModelError(f"not a MACE model: {type(model).__name__}")
+    else:
+        model = copy.deepcopy(model)
+    model = model.to(device=device, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _is_mace(obj) -> bool:
+    return isinstance(obj, torch.nn.Module) and all(
+        hasattr(obj, a) for a in ("atomic_numbers", "r_max", "interactions", "products", "readouts"))
+
+
+class MACEFeaturizer:
+    """Feature rows of one pretrained MACE model for a list of ase.Atoms (DESIGN §2, §7).
+
+    kernel: "embedding" | "energy" | "force" | "joint"; sketch_dim k; params "readout" | "last" |
+    "all"; force_probes None (exact 3N force rows) or m (Rademacher probe rows); seed fixes the
+    sketch and the probes; impl "auto" | "fast" | "reference".
+    """
+
+    def __init__(self, model, kernel: str = "joint", sketch_dim: int = 512, params: str = "all",
+                 force_probes: Optional[int] = None, seed: int = 0, impl: str = "auto",
+                 dtype=torch.float32, device: Union[str, torch.device] = "cpu", batch_size: int = 32):
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if params not in PARAM_SETS:
+            raise ValueError(f"params must be one of {PARAM_SETS}, got {params!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if force_probes is not None and int(force_probes) < 1:
+            raise ValueError("force_probes must be a positive integer or None")
+        if int(sketch_dim) < 1:
+            raise ValueError("sketch_dim must be positive")
+        self.kernel, self.params, self.seed = kernel, params, int(seed)
+        self.sketch_dim = int(sketch_dim)
+        self.force_probes = None if force_probes is None else int(force_probes)
+        self.dtype, self.device, self.batch_size = dtype, torch.device(device), int(batch_size)
+        self.model = load_model(model, self.device, dtype)
+        self.model_source = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+        self.atomic_numbers = [int(z) for z in self.model.atomic_numbers]
+        self.r_max = float(self.model.r_max)
+        self.heads = getattr(self.model, "heads", None)
+        if impl == "fast":
+            raise ValueError("impl='fast' is not available in this version; use 'auto' or 'reference'")
+        self.impl = "reference"
+        self.sketch = None
+        self.coverage = None
+        if kernel != "embedding":
+            self.sketch = Sketch.for_model(self.model, self.sketch_dim, params, self.seed, dtype, self.device)
+            self.coverage = self.sketch.coverage
+        self._z_table = None
+        self.row_chunk = 64  # force rows per vmapped double backward (bounds memory: rows x parameters)
+
+    # --- settings -------------------------------------------------------------------------------
+    def settings(self) -> dict:
+        return {"kernel": self.kernel, "sketch_dim": self.sketch_dim, "params": self.params,
+                "force_probes": self.force_probes, "seed": self.seed, "impl": self.impl,
+                "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+                "coverage": self.coverage, "model": self.model_source}
+
+    def with_kernel(self, kernel: str, force_probes="same") -> "MACEFeaturizer":
+        """A shallow copy sharing the model and sketch, with another kernel or probe setting."""
+        other = copy.copy(self)
+        other.kernel = kernel
+        if force_probes != "same":
+            other.force_probes = force_probes
+        if other.sketch is None and kernel != "embedding":
+            other.sketch = Sketch.for_model(self.model, self.sketch_dim, self.params, self.seed, self.dtype, self.device)
+            other.coverage = other.sketch.coverage
+        return other
+
+    @property
+    def psi_dim(self) -> int:
+        return self.embedding_dim if self.kernel == "embedding" else self.sketch_dim
+
+    @property
+    def embedding_dim(self) -> int:
+        from e3nn import o3
+        irreps_out = o3.Irreps(str(self.model.products[0].linear.irreps_out))
+        n_inv = irreps_out.dim // (irreps_out.lmax + 1) ** 2
+        return n_inv * len(self.model.interactions)
+
+    # --- batching -------------------------------------------------------------------------------
+    def check_elements(self, atoms_list: Sequence, path=None, start: int = 0):
+        known = set(self.atomic_numbers)
+        for i, atoms in enumerate(atoms_list):
+            bad = sorted(set(int(z) for z in atoms.numbers) - known)
+            if bad:
+                from ase.data import chemical_symbols
+                raise InputError(
+                    f"element(s) {', '.join(chemical_symbols[z] for z in bad)} not in the model "
+                    f"(it knows {', '.join(chemical_symbols[z] for z in sorted(known))})",
+                    path=path, index=start + i)
+
+    def batch(self, atoms_list: Sequence) -> dict:
+        """MACE's own data path (config_from_atoms -> AtomicData -> DataLoader), as eval_configs does."""
+        from mace import data as mace_data
+        from mace.tools import AtomicNumberTable, torch_geometric
+        if self._z_table is None:
+            self._z_table = AtomicNumberTable(self.atomic_numbers)
+        keys = mace_data.KeySpecification(info_keys={}, arrays_keys={})
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)  # AtomicData takes positions in the default dtype
+        try:
+            ds = [mace_data.AtomicData.from_config(
+                mace_data.config_from_atoms(a, key_specification=keys),
+                z_table=self._z_table, cutoff=self.r_max, heads=self.heads) for a in atoms_list]
+        finally:
+            torch.set_default_dtype(old)
+        loader = torch_geometric.dataloader.DataLoader(dataset=ds, batch_size=len(ds), shuffle=False)
+        data = next(iter(loader)).to(self.device).to_dict()
+        return {k: (v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in data.items()}
+
+    # --- features -------------------------------------------------------------------------------
+    def __call__(self, atoms_list: Sequence) -> RowBlock:
+        atoms_list = list(atoms_list)
+        if not atoms_list:
+            k = self.psi_dim
+            empty = torch.zeros(0, k, dtype=self.dtype, device=self.device)
+            return RowBlock(empty, torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.int8),
+                            torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                            torch.zeros(0, k, dtype=self.dtype, device=self.device))
+        self.check_elements(atoms_list)
+        if self.kernel == "embedding":
+            return self._embedding_rows(atoms_list)
+        return self._reference_rows(atoms_list)
+
+    def _embedding_rows(self, atoms_list) -> RowBlock:
+        from mace.modules.utils import extract_invariant
+        from e3nn import o3
+        irreps_out = o3.Irreps(str(self.model.products[0].linear.irreps_out))
+        lmax = irreps_out.lmax
+        n_inv = irreps_out.dim // (lmax + 1) ** 2
+        rows = []
+        for start in range(0, len(atoms_list), self.batch_size):
+            chunk = atoms_list[start:start + self.batch_size]
+            data = self.batch(chunk)
+            out = self.model(data, training=False, compute_force=False)
+            inv = extract_invariant(out["node_feats"].detach(), len(self.model.interactions), n_inv, lmax)
+            n = len(chunk)
+            summed = torch.zeros(n, inv.shape[1], dtype=inv.dtype, device=inv.device).index_add_(0, data["batch"], inv)
+            counts = (data["ptr"][1:] - data["ptr"][:-1]).to(inv.dtype)
+            rows.append(summed / counts[:, None])
+        rows = torch.cat(rows)
+        n = len(atoms_list)
+        natoms = torch.tensor([len(a) for a in atoms_list], dtype=torch.int64)
+        return RowBlock(rows, torch.arange(n + 1), torch.full((n,), EMBEDDING, dtype=torch.int8), natoms,
+                        torch.full((n,), -1, dtype=torch.int64), rows.clone())
+
+    def probe_vectors(self, atoms, m: int) -> torch.Tensor:
+        """Rademacher z_j in {-1, +1}^{3N}, fixed by the seed and the structure's content (not its position in a pool)."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(f"ntkal-probe:{self.seed}:{m}".encode())
+        for arr in (atoms.numbers.astype(np.int64), np.asarray(atoms.positions, dtype=np.float64),
+                    np.asarray(atoms.cell[:], dtype=np.float64), np.asarray(atoms.pbc, dtype=np.int8)):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(h.digest(), "little") & ((1 << 63) - 1))
+        z = torch.randint(0, 2, (m, 3 * len(atoms)), generator=gen, dtype=torch.int64) * 2 - 1
+        return z.to(device=self.device, dtype=self.dtype)
+
+    def _grads(self, out, params, create_graph=False):
+        gs = torch.autograd.grad(out, params, retain_graph=True, create_graph=create_graph, allow_unused=True)
+        return [torch.zeros_like(p).reshape(1, -1) if g is None else g.reshape(1, -1) for g, p in zip(gs, params)]
+
+    def _row_grads(self, forces, vecs, params):
+        """Parameter gradients of the force projections vecs @ F, one row per vector (a vmapped double backward)."""
+        gs = torch.autograd.grad(forces, params, grad_outputs=vecs, retain_graph=True,
+                                 allow_unused=True, is_grads_batched=True)
+        r = vecs.shape[0]
+        return [torch.zeros(r, p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(r, -1)
+                for g, p in zip(gs, params)]
+
+    def _reference_rows(self, atoms_list) -> RowBlock:
+        params = self.sketch.parameters
+        want_forces = self.kernel in ("force", "joint")
+        rows, kinds, atom_idx, counts, psis = [], [], [], [], []
+        for atoms in atoms_list:
+            n_at = len(atoms)
+            data = self.batch([atoms])
+            out = self.model(data, training=want_forces, compute_force=want_forces)
+            energy_row = self.sketch.apply(self._grads(out["energy"].sum(), params))[0] / n_at
+            psis.append(energy_row.detach())
+            block, kind, atom = [], [], []
+            if self.kernel in ("energy", "joint"):
+                block.append(energy_row.detach()[None])
+                kind.append(torch.full((1,), ENERGY, dtype=torch.int8))
+                atom.append(torch.full((1,), -1, dtype=torch.int64))
+            if want_forces:
+                forces = out["forces"].reshape(-1)
+                if self.force_probes is None:  # rows of the identity: every force component, atom-major
+                    vecs = torch.eye(3 * n_at, dtype=self.dtype, device=self.device)
+                    atom.append(torch.arange(3 * n_at, dtype=torch.int64) // 3)
+                    scale = 1.0
+                else:  # F . z_j for Rademacher z_j
+                    vecs = self.probe_vectors(atoms, self.force_probes)
+                    atom.append(torch.full((self.force_probes,), -1, dtype=torch.int64))
+                    scale = 1.0 / math.sqrt(self.force_probes)
+                frows = torch.cat([self.sketch.apply(self._row_grads(forces, v, params))
+                                   for v in vecs.split(self.row_chunk)]) * scale
+                block.append(frows.detach())
+                kind.append(torch.full((vecs.shape[0],), FORCE, dtype=torch.int8))
+            rows.append(torch.cat(block))
+            kinds.append(torch.cat(kind))
+            atom_idx.append(torch.cat(atom))
+            counts.append(rows[-1].shape[0])
+        ptr = torch.zeros(len(atoms_list) + 1, dtype=torch.int64)
+        ptr[1:] = torch.cumsum(torch.tensor(counts), 0)
+        natoms = torch.tensor([len(a) for a in atoms_list], dtype=torch.int64)
+        return RowBlock(torch.cat(rows), ptr, torch.cat(kinds), natoms, torch.cat(atom_idx), torch.stack(psis))

@@ -1,0 +1,93 @@
+"""RowBlock: the ragged per-structure feature rows that every stage after featurisation consumes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+ENERGY = 0
+FORCE = 1
+EMBEDDING = 2
+KIND_NAMES = {ENERGY: "energy", FORCE: "force", EMBEDDING: "embedding"}
+
+
+@dataclass
+class RowBlock:
+    """Feature rows of n structures; structure s owns rows[ptr[s]:ptr[s+1]].
+
+    `kind` says what each row observes (ENERGY, FORCE, EMBEDDING). Optional fields:
+    `atom` — the atom index of an exact force row (-1 for other rows), for per-atom variances;
+    `psi` — one vector per structure [n, k'] for LCMD distances (energy row or embedding).
+    """
+
+    rows: torch.Tensor
+    ptr: torch.Tensor
+    kind: torch.Tensor
+    natoms: torch.Tensor
+    atom: Optional[torch.Tensor] = None
+    psi: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        self.ptr = torch.as_tensor(self.ptr, dtype=torch.int64)
+        self.kind = torch.as_tensor(self.kind, dtype=torch.int8)
+        self.natoms = torch.as_tensor(self.natoms, dtype=torch.int64)
+        n = self.natoms.numel()
+        if self.rows.dim() != 2:
+            raise ValueError(f"RowBlock.rows must be 2-D [rows, k], got shape {tuple(self.rows.shape)}")
+        if self.ptr.numel() != n + 1 or int(self.ptr[0]) != 0 or int(self.ptr[-1]) != self.rows.shape[0]:
+            raise ValueError("RowBlock.ptr must have n+1 entries from 0 to the number of rows")
+        if self.kind.numel() != self.rows.shape[0]:
+            raise ValueError("RowBlock.kind must have one entry per row")
+        if self.atom is not None and self.atom.numel() != self.rows.shape[0]:
+            raise ValueError("RowBlock.atom must have one entry per row")
+        if self.psi is not None and self.psi.shape[0] != n:
+            raise ValueError("RowBlock.psi must have one row per structure")
+
+    def __len__(self) -> int:
+        return self.natoms.numel()
+
+    @property
+    def k(self) -> int:
+        return self.rows.shape[1]
+
+    @property
+    def seg(self) -> torch.Tensor:
+        """Structure index of every row (sorted), the segment ids the kernels take."""
+        counts = self.ptr[1:] - self.ptr[:-1]
+        return torch.repeat_interleave(torch.arange(len(self), device=self.rows.device), counts.to(self.rows.device))
+
+    def to(self, *args, **kwargs) -> "RowBlock":
+        return RowBlock(self.rows.to(*args, **kwargs), self.ptr, self.kind, self.natoms,
+                        self.atom, None if self.psi is None else self.psi.to(*args, **kwargs))
+
+    def select(self, idx) -> "RowBlock":
+        """The structures `idx` (a list or 1-D tensor of structure indices), in that order."""
+        idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
+        starts, ends = self.ptr[idx], self.ptr[idx + 1]
+        counts = ends - starts
+        row_idx = (torch.repeat_interleave(starts - torch.cumsum(counts, 0) + counts, counts)
+                   + torch.arange(int(counts.sum())))
+        ptr = torch.zeros(idx.numel() + 1, dtype=torch.int64)
+        ptr[1:] = torch.cumsum(counts, 0)
+        rows_idx = row_idx.to(self.rows.device)
+        return RowBlock(self.rows[rows_idx], ptr, self.kind[row_idx], self.natoms[idx],
+                        None if self.atom is None else self.atom[row_idx],
+                        None if self.psi is None else self.psi[idx.to(self.psi.device)])
+
+    @staticmethod
+    def cat(blocks: Iterable["RowBlock"]) -> "RowBlock":
+        """Concatenate row blocks structure-wise."""
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("RowBlock.cat needs at least one block")
+        ptrs, off = [torch.zeros(1, dtype=torch.int64)], 0
+        for b in blocks:
+            ptrs.append(b.ptr[1:] + off)
+            off += b.rows.shape[0]
+        has_atom = all(b.atom is not None for b in blocks)
+        has_psi = all(b.psi is not None for b in blocks)
+        return RowBlock(torch.cat([b.rows for b in blocks]), torch.cat(ptrs),
+                        torch.cat([b.kind for b in blocks]), torch.cat([b.natoms for b in blocks]),
+                        torch.cat([b.atom for b in blocks]) if has_atom else None,
+                        torch.cat([b.psi for b in blocks]) if has_psi else None)

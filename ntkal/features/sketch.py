@@ -1,0 +1,157 @@
+"""The deterministic parameter sketch S: P-dim parameter gradients -> k-dim features (DESIGN §2).
+
+Every parameter tensor is cut into blocks. A block that is a weight of a linear map on per-row
+vectors (e3nn Linear instruction blocks, tensor-product paths, radial-MLP layers, nn.Linear,
+symmetric-contraction weights) is sketched with a tensor sketch over its factors (d_1, ..., d_r):
+TS(G) = sum_{a_1..a_r} G[a_1..a_r] * F_1[a_1] * ... * F_r[a_r] / sqrt(k), F_j standard Gaussian
+[d_j, k]; for r = 2 and G = sum_i x_i dy_i^T this is sum_i (x_i F_1) * (dy_i F_2) / sqrt(k), the
+per-atom Jacobian projection. Every other tensor gets a dense Gaussian projection / sqrt(k).
+E<S g, S g'> = <g, g'>, so sketched features reproduce the NTK in expectation. The factors depend
+only on (seed, parameter name, block, factor), are drawn on the CPU in float64, and are therefore
+identical across processes, devices and train/pool calls.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+PARAM_SETS = ("readout", "last", "all")
+
+
+@dataclass(frozen=True)
+class Block:
+    """A slice [offset, offset + prod(shape)) of the flattened parameter `param`, sketched over `shape`."""
+
+    param: str
+    offset: int
+    shape: Tuple[int, ...]
+    layer: str  # what kind of layer it belongs to, for reports and for the fast path
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _module_blocks(module: torch.nn.Module, local: str, prefix: str, p: torch.Tensor) -> List[Block]:
+    """Blocks of one parameter from the structure of the module that owns it."""
+    from e3nn import o3
+    from e3nn.nn._fc import _Layer
+
+    name = f"{prefix}.{local}" if prefix else local
+    cls = type(module).__name__
+    if isinstance(module, o3.Linear) and local == "weight":
+        blocks, off = [], 0
+        for ins in module.instructions:
+            blocks.append(Block(name, off, tuple(ins.path_shape), "e3nn.Linear"))
+            off += math.prod(ins.path_shape)
+        return blocks
+    if isinstance(module, o3.TensorProduct) and local == "weight":
+        blocks, off = [], 0
+        for ins in module.instructions:
+            if ins.has_weight:
+                blocks.append(Block(name, off, tuple(ins.path_shape), "e3nn.TensorProduct"))
+                off += math.prod(ins.path_shape)
+        return blocks
+    if isinstance(module, _Layer) and local == "weight":
+        return [Block(name, 0, tuple(p.shape), "e3nn.FullyConnectedNet")]
+    if isinstance(module, torch.nn.Linear) and local == "weight":
+        return [Block(name, 0, tuple(p.shape), "nn.Linear")]
+    if cls == "Contraction" and (local == "weights_max") and p.dim() == 3:
+        return [Block(name, 0, tuple(p.shape), "SymmetricContraction")]
+    if cls == "ParameterList" and prefix.endswith(".weights") and p.dim() == 3:
+        return [Block(name, 0, tuple(p.shape), "SymmetricContraction")]
+    return [Block(name, 0, (p.numel(),), "dense")]
+
+
+def _in_set(name: str, params: str, num_interactions: int) -> bool:
+    if params == "all":
+        return True
+    if name.startswith("readouts."):
+        return True
+    if params == "readout":
+        return False
+    last = num_interactions - 1
+    return name.startswith(f"interactions.{last}.") or name.startswith(f"products.{last}.")
+
+
+def parameter_blocks(model: torch.nn.Module, params: str = "all") -> Tuple[List[Tuple[str, torch.Tensor]], List[Block], float]:
+    """(selected named parameters, their blocks, coverage = selected / all trainable parameters)."""
+    if params not in PARAM_SETS:
+        raise ValueError(f"params must be one of {PARAM_SETS}, got {params!r}")
+    num_interactions = len(getattr(model, "interactions", [])) or 1
+    chosen, blocks, total, covered = [], [], 0, 0
+    for prefix, module in model.named_modules():
+        for local, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            name = f"{prefix}.{local}" if prefix else local
+            total += p.numel()
+            if not _in_set(name, params, num_interactions):
+                continue
+            chosen.append((name, p))
+            blocks.extend(_module_blocks(module, local, prefix, p))
+            covered += p.numel()
+    if not chosen:
+        raise ValueError(f"no trainable parameters selected with params={params!r}")
+    return chosen, blocks, covered / max(total, 1)
+
+
+def _gaussian(seed: int, key: str, shape: Tuple[int, ...]) -> torch.Tensor:
+    digest = hashlib.blake2b(f"ntkal:{seed}:{key}".encode(), digest_size=8).digest()
+    gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+class Sketch:
+    """S: per-parameter gradients -> k-dim sketch, linear, differentiable, deterministic from `seed`."""
+
+    def __init__(self, names: Sequence[str], numels: Sequence[int], blocks: Sequence[Block], k: int,
+                 seed: int = 0, dtype=torch.float32, device="cpu"):
+        self.k, self.seed = int(k), int(seed)
+        self.names, self.numels, self.blocks = list(names), list(numels), list(blocks)
+        index = {n: i for i, n in enumerate(self.names)}
+        self.block_param = [index[b.param] for b in self.blocks]
+        self.factors: List[List[torch.Tensor]] = []
+        for b in self.blocks:
+            shapes = [(d, self.k) for d in b.shape]
+            fs = [_gaussian(self.seed, f"{b.param}@{b.offset}#{j}", s) for j, s in enumerate(shapes)]
+            self.factors.append([f.to(dtype=dtype, device=device) for f in fs])
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, k: int, params: str = "all", seed: int = 0,
+                  dtype=torch.float32, device="cpu"):
+        chosen, blocks, coverage = parameter_blocks(model, params)
+        sk = cls([n for n, _ in chosen], [p.numel() for _, p in chosen], blocks, k, seed, dtype, device)
+        sk.coverage = coverage
+        sk.parameters = [p for _, p in chosen]
+        return sk
+
+    def block_sketch(self, i: int, g: torch.Tensor) -> torch.Tensor:
+        """Sketch of block i for R rows of its flat gradient g [R, numel] -> [R, k]."""
+        b, fs = self.blocks[i], self.factors[i]
+        R = g.shape[0]
+        t = g.reshape(R, *b.shape)
+        t = torch.matmul(t, fs[-1])  # [R, d_1, ..., d_{r-1}, k]
+        for f in reversed(fs[:-1]):
+            t = (t * f).sum(-2)
+        return t / math.sqrt(self.k)
+
+    def apply(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """grads[j]: the gradient of parameter j for R rows, [R, numel_j] -> sketch [R, k]."""
+        out = None
+        for i, b in enumerate(self.blocks):
+            g = grads[self.block_param[i]]
+            s = self.block_sketch(i, g[:, b.offset:b.offset + b.numel])
+            out = s if out is None else out + s
+        return out
+
+    def describe(self) -> Dict[str, int]:
+        """Number of parameters sketched per layer kind."""
+        out: Dict[str, int] = {}
+        for b in self.blocks:
+            out[b.layer] = out.get(b.layer, 0) + b.numel
+        return out
