@@ -77,6 +77,7 @@ class MACEFeaturizer:
         if int(sketch_dim) < 1:
             raise ValueError("sketch_dim must be positive")
         self.kernel, self.params, self.seed = kernel, params, int(seed)
+        self.probe_seed = int(seed)  # the probes' own seed (tests redraw probes without changing the sketch)
         self.sketch_dim = int(sketch_dim)
         self.force_probes = None if force_probes is None else int(force_probes)
         self.dtype, self.device, self.batch_size = dtype, torch.device(device), int(batch_size)
@@ -99,7 +100,7 @@ class MACEFeaturizer:
     # --- settings -------------------------------------------------------------------------------
     def settings(self) -> dict:
         return {"kernel": self.kernel, "sketch_dim": self.sketch_dim, "params": self.params,
-                "force_probes": self.force_probes, "seed": self.seed, "impl": self.impl,
+                "force_probes": self.force_probes, "seed": self.seed, "probe_seed": self.probe_seed, "impl": self.impl,
                 "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
                 "coverage": self.coverage, "model": self.model_source}
 
@@ -195,7 +196,7 @@ class MACEFeaturizer:
     def probe_vectors(self, atoms, m: int) -> torch.Tensor:
         """Rademacher z_j in {-1, +1}^{3N}, fixed by the seed and the structure's content (not its position in a pool)."""
         h = hashlib.blake2b(digest_size=8)
-        h.update(f"ntkal-probe:{self.seed}:{m}".encode())
+        h.update(f"ntkal-probe:{self.probe_seed}:{m}".encode())
         for arr in (atoms.numbers.astype(np.int64), np.asarray(atoms.positions, dtype=np.float64),
                     np.asarray(atoms.cell[:], dtype=np.float64), np.asarray(atoms.pbc, dtype=np.int8)):
             h.update(np.ascontiguousarray(arr).tobytes())
