@@ -1,0 +1,299 @@
+"""`python -m bench select`: PV scoring + top-M shortlist + LCMD-TP on precomputed features, vs bmdal_reg.
+
+What is generated (synthetic, deterministic, float32, one ENERGY row per structure, psi = that row):
+  x = (mu_c + 0.5 z) * s,   z ~ N(0, I_k),   s_j = (1 + j)^(-0.75)   (j = 0..k-1)
+i.e. a mixture of `--clusters` Gaussian families (centres mu_c ~ N(0, I_k), fixed seed) whose column
+scales decay as a power law (eigenvalues ~ j^-1.5, like a sketched NTK / embedding Gram). Training
+structures come only from the first 3/4 of the families; the pool from all of them, so the pool has
+unseen families, as in active learning. natoms ~ U{1..64} (it only matters for force rows; none here).
+
+Cases, each in a fresh process so peak RSS (os.wait4 ru_maxrss of the child) is per case:
+  ntkal  ntkal.select_rows(train, pool chunks, budget=B, method="lcmd", shortlist=M), TP mode;
+         plus a profile: posterior build, pure PV scoring, shortlist merge, LCMD TP init, LCMD picks.
+  bmdal  bmdal_reg select_batch(..., base_kernel="linear", kernel_transforms=[], selection_method="lcmd",
+         sel_with_train=True) on the SAME full pool (the peer baseline: no shortlist).
+  floor  one fp32 GEMM of all pool rows by a k x k matrix, the arithmetic floor of PV scoring.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from . import utils
+
+DEFAULT_N_TRAIN = (1000, 5000, 20000)
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+
+def spectrum(k: int, alpha: float = 0.75):
+    import torch
+    return (1.0 + torch.arange(k, dtype=torch.float64)).pow(-alpha).to(torch.float32)
+
+
+def generate(n: int, k: int, seed: int, families: range, n_clusters: int = 64, chunk: int = 65536):
+    """[n, k] float32 features of the mixture described in the module docstring (deterministic)."""
+    import torch
+    g0 = torch.Generator().manual_seed(12345)
+    centres = torch.randn(n_clusters, k, generator=g0)
+    s = spectrum(k)
+    fam = torch.tensor(list(families), dtype=torch.int64)
+    out = torch.empty(n, k, dtype=torch.float32)
+    for c0 in range(0, n, chunk):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + c0)
+        m = min(chunk, n - c0)
+        lab = fam[torch.randint(len(fam), (m,), generator=g)]
+        out[c0:c0 + m] = (centres[lab] + 0.5 * torch.randn(m, k, generator=g)) * s
+    return out
+
+
+def natoms_of(n: int, seed: int):
+    import torch
+    return torch.randint(1, 65, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def datasets(n_train: int, n_pool: int, k: int, n_clusters: int = 64):
+    seen = range(0, (3 * n_clusters) // 4)
+    train = generate(n_train, k, seed=2, families=seen, n_clusters=n_clusters)
+    pool = generate(n_pool, k, seed=1, families=range(n_clusters), n_clusters=n_clusters)
+    return train, pool
+
+
+def energy_block(x, natoms):
+    import torch
+    from ntkal import ENERGY, RowBlock
+    n = x.shape[0]
+    return RowBlock(x, torch.arange(n + 1), torch.full((n,), ENERGY, dtype=torch.int8), natoms, psi=x)
+
+
+def pool_chunks(pool, natoms, chunk: int):
+    return [energy_block(pool[c0:c0 + chunk], natoms[c0:c0 + chunk]) for c0 in range(0, pool.shape[0], chunk)]
+
+
+# --------------------------------------------------------------------------------------------------
+# child processes (one case each)
+# --------------------------------------------------------------------------------------------------
+
+def child_ntkal(a) -> dict:
+    import numpy as np
+    import torch
+    import ntkal
+    from ntkal.select import _init_from_centres, shortlist_scores
+    from ntkal.posterior import Posterior
+    train, pool = datasets(a.n_train, a.pool_size, a.sketch_dim)
+    tr_block = energy_block(train, natoms_of(a.n_train, 3))
+    chunks = pool_chunks(pool, natoms_of(a.pool_size, 4), a.chunk)
+    # warm-up on a small problem (first-call costs: thread pools, allocator) outside the timing
+    ntkal.select_rows(energy_block(train[:200], natoms_of(200, 3)), pool_chunks(pool[:4000], natoms_of(4000, 4), 1000),
+                      min(a.budget, 50), method="lcmd", shortlist=min(a.shortlist, 1000))
+    rss0 = utils.rss_mib()
+    utils.reset_peak_rss()
+    times, res = [], None
+    for _ in range(a.repeat):
+        t0 = time.perf_counter()
+        res = ntkal.select_rows(tr_block, iter(chunks), a.budget, method="lcmd", shortlist=a.shortlist)
+        times.append(time.perf_counter() - t0)
+    peak = utils.peak_rss_mib()
+    # profile: the parts of select_rows timed alone
+    prof = {}
+    t0 = time.perf_counter()
+    post = Posterior.from_rows(tr_block)
+    prof["posterior_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for b in chunks:
+        post.score(b)
+    prof["pv_scoring_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    top, _, _ = shortlist_scores(post, iter(chunks), a.shortlist)
+    prof["score_and_shortlist_s"] = time.perf_counter() - t0
+    prof["shortlist_merge_s"] = prof["score_and_shortlist_s"] - prof["pv_scoring_s"]
+    psi = torch.stack([p[1] for p in top.payload])
+    dmin2 = torch.full((psi.shape[0],), float("inf"), dtype=psi.dtype)
+    owner = torch.zeros(psi.shape[0], dtype=torch.int64)
+    t0 = time.perf_counter()
+    _init_from_centres(psi, post.train_psi.to(psi), dmin2, owner)
+    prof["lcmd_tp_init_s"] = time.perf_counter() - t0
+    prof["lcmd_total_s"] = res.timings["select"]
+    prof["lcmd_picks_s"] = res.timings["select"] - prof["lcmd_tp_init_s"]
+    return {"case": "ntkal", "n_train": a.n_train, "n_pool": a.pool_size, "k": a.sketch_dim, "budget": a.budget,
+            "shortlist": a.shortlist, "chunk": a.chunk, "time_s": float(np.median(times)), "times_s": times,
+            "timings_s": res.timings, "profile_s": prof, "rss_before_mib": rss0, "peak_rss_in_call_mib": peak,
+            "added_peak_mib": None if (peak is None or rss0 is None) else peak - rss0,
+            "status": res.status, "indices": [int(i) for i in res.indices],
+            "shortlist_indices": [int(i) for i in res.shortlist]}
+
+
+def child_bmdal(a) -> dict:
+    import numpy as np
+    np.Inf = getattr(np, "Inf", np.inf)  # bmdal_reg 3.0.2 uses np.Inf (removed in NumPy 2): research/deps.md §5
+    import torch
+    from bmdal_reg.bmdal.algorithms import select_batch
+    from bmdal_reg.bmdal.feature_data import TensorFeatureData
+    train, pool = datasets(a.n_train, a.pool_size, a.sketch_dim)
+    rss0 = utils.rss_mib()
+    utils.reset_peak_rss()
+    t0 = time.perf_counter()
+    idx, info = select_batch(batch_size=a.budget, models=[torch.nn.Identity()],
+                             data={"train": TensorFeatureData(train), "pool": TensorFeatureData(pool)},
+                             y_train=None, base_kernel="linear", kernel_transforms=[], selection_method="lcmd",
+                             sel_with_train=True)
+    t = time.perf_counter() - t0
+    peak = utils.peak_rss_mib()
+    return {"case": "bmdal", "n_train": a.n_train, "n_pool": a.pool_size, "k": a.sketch_dim, "budget": a.budget,
+            "time_s": t, "info": {k: v for k, v in info.items() if isinstance(v, (int, float, str))},
+            "rss_before_mib": rss0, "peak_rss_in_call_mib": peak,
+            "added_peak_mib": None if (peak is None or rss0 is None) else peak - rss0,
+            "indices": [int(i) for i in idx]}
+
+
+def child_floor(a) -> dict:
+    import torch
+    _, pool = datasets(1, a.pool_size, a.sketch_dim)
+    W = torch.randn(a.sketch_dim, a.sketch_dim, generator=torch.Generator().manual_seed(0))
+    out = torch.empty(pool.shape[0], a.sketch_dim)
+    torch.matmul(pool, W, out=out)
+    rss0 = utils.rss_mib()
+    utils.reset_peak_rss()
+    t = utils.timeit(lambda: torch.matmul(pool, W, out=out), repeat=5, warmup=1)
+    flops = 2.0 * pool.shape[0] * a.sketch_dim * a.sketch_dim
+    return {"case": "floor", "n_pool": a.pool_size, "k": a.sketch_dim, "time_s": t["median_s"], "timing": t,
+            "gflops": flops / t["median_s"] / 1e9, "rss_before_mib": rss0,
+            "added_peak_mib": utils.peak_rss_mib() - rss0}
+
+
+CHILDREN = {"ntkal": child_ntkal, "bmdal": child_bmdal, "floor": child_floor}
+
+
+def child_argv(case: str, a, n_train: int = 1) -> list:
+    return [utils.PY, "-m", "bench.bench_select", "--child", case, "--n-train", str(n_train),
+            "--pool-size", str(a.pool_size), "--sketch-dim", str(a.sketch_dim), "--budget", str(a.budget),
+            "--shortlist", str(a.shortlist), "--chunk", str(a.chunk), "--repeat", str(a.repeat)]
+
+
+def run_case(case: str, a, n_train: int = 1, timeout=None) -> dict:
+    r = utils.run_child(child_argv(case, a, n_train), timeout=timeout, cwd=utils.REPO)
+    out = utils.last_json_line(r["stdout"]) or {"case": case, "n_train": n_train}
+    out.update({"child_wall_s": r["wall_s"], "child_peak_rss_mib": r["child_peak_rss_mib"], "rc": r["rc"],
+                "timed_out": r["timed_out"]})
+    if r["rc"] != 0 or r["timed_out"]:
+        out["error"] = utils.tail(r["stderr"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# stage
+# --------------------------------------------------------------------------------------------------
+
+def add_args(p: argparse.ArgumentParser):
+    p.add_argument("--pool-size", type=int, default=200_000, help="pool structures (default 200000)")
+    p.add_argument("--n-train", type=int, default=None, help="one training-set size (default: 1000, 5000, 20000)")
+    p.add_argument("--sketch-dim", type=int, default=512, help="feature width k (default 512)")
+    p.add_argument("--budget", type=int, default=100, help="batch size B (default 100)")
+    p.add_argument("--shortlist", type=int, default=2000, help="PV shortlist size M (default 2000)")
+    p.add_argument("--chunk", type=int, default=8192, help="pool structures per streamed RowBlock (default 8192)")
+    p.add_argument("--repeat", type=int, default=3, help="timed select_rows calls per ntkal case (median)")
+    p.add_argument("--skip-bmdal", action="store_true", help="do not run the bmdal_reg baseline")
+    p.add_argument("--bmdal-max-train", type=int, default=20000,
+                   help="run bmdal_reg only for n_train <= this (default 20000)")
+    p.add_argument("--bmdal-timeout", type=float, default=1800, help="seconds before a bmdal case is killed")
+
+
+def run(a, argv) -> dict:
+    n_trains = [a.n_train] if a.n_train else list(DEFAULT_N_TRAIN)
+    floor = run_case("floor", a)
+    rows = []
+    for n in n_trains:
+        nt = run_case("ntkal", a, n)
+        bm = None
+        if not a.skip_bmdal and n <= a.bmdal_max_train:
+            bm = run_case("bmdal", a, n, timeout=a.bmdal_timeout)
+        rows.append(summarise(n, nt, bm, floor))
+    flat = None
+    ok_rows = [r for r in rows if r.get("ntkal_s")]
+    if len(ok_rows) >= 2:
+        flat = max(r["ntkal_s"] for r in ok_rows) / min(r["ntkal_s"] for r in ok_rows)
+    goals = {
+        "flat_in_n_train": {"max_over_min_time": flat, "target": "<= 1.5 (nearly flat)",
+                            "met": None if flat is None else flat <= 1.5},
+        "under_10s_at_200k": {"worst_s": max((r["ntkal_s"] for r in ok_rows), default=None), "target": "<= 10 s",
+                              "pool_size": a.pool_size,
+                              "met": (None if not ok_rows or a.pool_size < 200_000
+                                      else all(r["ntkal_s"] <= 10 for r in ok_rows))},
+        "20x_vs_bmdal_at_5k": _goal_speedup(rows),
+    }
+    doc = utils.record("select", argv, rows, floor=floor, goals=goals,
+                       data=("synthetic mixture of Gaussian families, column scales (1+j)^-0.75, one energy row "
+                             "per structure, float32; train from 3/4 of the families, pool from all"),
+                       settings={"pool_size": a.pool_size, "sketch_dim": a.sketch_dim, "budget": a.budget,
+                                 "shortlist": a.shortlist, "chunk": a.chunk, "repeat": a.repeat})
+    return doc
+
+
+def _goal_speedup(rows):
+    r5 = [r for r in rows if r["n_train"] == 5000 and r.get("speedup")]
+    if not r5:
+        return {"speedup": None, "target": ">= 20x at n_train=5000", "met": None}
+    return {"speedup": r5[0]["speedup"], "target": ">= 20x at n_train=5000", "met": r5[0]["speedup"] >= 20}
+
+
+def summarise(n, nt, bm, floor) -> dict:
+    row = {"n_train": n, "ntkal_s": nt.get("time_s"), "ntkal_rss_mib": nt.get("child_peak_rss_mib"),
+           "ntkal_added_mib": nt.get("added_peak_mib"), "floor_s": floor.get("time_s"),
+           "ntkal": nt, "bmdal": bm}
+    prof = nt.get("profile_s") or {}
+    for key in ("posterior_s", "pv_scoring_s", "shortlist_merge_s", "lcmd_tp_init_s", "lcmd_picks_s"):
+        row[key] = prof.get(key)
+    if row["ntkal_s"] and row["floor_s"]:
+        row["ntkal_over_floor"] = row["ntkal_s"] / row["floor_s"]
+    if bm is not None:
+        row["bmdal_s"] = None if bm.get("error") else bm.get("time_s")
+        row["bmdal_rss_mib"] = bm.get("child_peak_rss_mib")
+        row["bmdal_added_mib"] = bm.get("added_peak_mib")
+        if bm.get("timed_out"):
+            row["bmdal_note"] = f"killed after {bm['child_wall_s']:.0f} s"
+        if row["bmdal_s"] and row["ntkal_s"]:
+            row["ntkal_over_bmdal"] = row["ntkal_s"] / row["bmdal_s"]
+            row["speedup"] = row["bmdal_s"] / row["ntkal_s"]
+        if bm.get("indices") and nt.get("indices"):
+            row["common_picks"] = len(set(bm["indices"]) & set(nt["indices"]))
+            row["bmdal_picks_in_shortlist"] = len(set(bm["indices"]) & set(nt.get("shortlist_indices", [])))
+    return row
+
+
+COLUMNS = ["n_train", "ntkal_s", "posterior_s", "pv_scoring_s", "shortlist_merge_s", "lcmd_tp_init_s",
+           "lcmd_picks_s", "ntkal_rss_mib", "ntkal_added_mib", "floor_s", "ntkal_over_floor", "bmdal_s",
+           "bmdal_rss_mib", "speedup", "ntkal_over_bmdal", "common_picks", "bmdal_picks_in_shortlist"]
+HEADERS = ["n_train", "ntkal s", "posterior s", "PV score s", "top-M merge s", "LCMD TP init s", "LCMD picks s",
+           "ntkal peak RSS MiB", "ntkal added MiB", "GEMM floor s", "ntkal/floor", "bmdal s", "bmdal peak RSS MiB",
+           "bmdal/ntkal", "ntkal/bmdal", "same picks", "bmdal picks in top-M"]
+
+
+def table(doc: dict) -> str:
+    s = doc["settings"]
+    out = [utils.header(doc),
+           f"pool {s['pool_size']:,} × k={s['sketch_dim']} fp32, B={s['budget']}, M={s['shortlist']}, "
+           f"chunks of {s['chunk']:,}; floor = one fp32 GEMM pool×(k×k): "
+           f"{utils.fmt(doc['floor'].get('time_s'))} s ({utils.fmt(doc['floor'].get('gflops'))} GFLOP/s)\n",
+           utils.markdown_table(doc["results"], COLUMNS, HEADERS), "", "Goals:"]
+    for name, g in doc["goals"].items():
+        met = {True: "met", False: "MISSED", None: "not measured"}[g.get("met")]
+        vals = ", ".join(f"{k}={utils.fmt(v)}" for k, v in g.items() if k not in ("met", "target"))
+        out.append(f"- {name}: {met} ({vals}; target {g['target']})")
+    return "\n".join(out)
+
+
+def main_child(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--child", choices=sorted(CHILDREN), required=True)
+    add_args(p)
+    a = p.parse_args(argv)
+    a.n_train = a.n_train or 1
+    print(json.dumps(CHILDREN[a.child](a), default=utils._jsonable))
+
+
+if __name__ == "__main__":
+    sys.exit(main_child())

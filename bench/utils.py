@@ -1,0 +1,240 @@
+"""Shared benchmark harness: machine/version record, timers, peak memory, child processes, tables, JSON.
+
+Conventions (DESIGN §10): ratios are measured in one run on one machine; absolute times count only
+from a GPU, with the card named. Triton is timed only when CUDA is available (the interpreter's speed
+means nothing), with ``triton.testing.do_bench`` and after a correctness check against the reference.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+# --------------------------------------------------------------------------------------------------
+# what ran where
+# --------------------------------------------------------------------------------------------------
+
+def versions() -> Dict[str, Optional[str]]:
+    from importlib import metadata
+    out = {"python": platform.python_version()}
+    for name in ("ntkal", "torch", "triton", "mace-torch", "e3nn", "ase", "numpy", "bmdal-reg"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine() -> dict:
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "gpu": gpu, "platform": platform.platform(), "load_avg_1_5_15": load_average()}
+
+
+def record(stage: str, argv: Sequence[str], results: list, **extra) -> dict:
+    """The JSON document of one stage: command, time, machine, versions, results."""
+    return {"stage": stage, "command": "python -m bench " + " ".join(shlex.quote(a) for a in argv),
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(), "versions": versions(), **extra, "results": results}
+
+
+def write_json(path, doc: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(o):
+    try:
+        import numpy as np
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:
+        pass
+    return str(o)
+
+
+# --------------------------------------------------------------------------------------------------
+# timing and memory
+# --------------------------------------------------------------------------------------------------
+
+def timeit(fn: Callable, repeat: int = 5, warmup: int = 1, min_time: float = 0.0) -> dict:
+    """Wall-clock seconds of fn(): median/min/max over `repeat` runs after `warmup` runs (CPU timer)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    t_start = time.perf_counter()
+    while len(times) < repeat or (time.perf_counter() - t_start) < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 1000:
+            break
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
+
+
+def do_bench_ms(fn: Callable, warmup: int = 25, rep: int = 100) -> dict:
+    """GPU timing with triton.testing.do_bench (quantiles 0.5, 0.2, 0.8), in ms. CUDA only."""
+    import torch
+    if not torch.cuda.is_available():
+        raise RuntimeError("do_bench needs a GPU (the Triton interpreter cannot be timed)")
+    from triton.testing import do_bench
+    q50, q20, q80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+    return {"median_ms": q50, "p20_ms": q20, "p80_ms": q80}
+
+
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_mib() -> Optional[float]:
+    v = _status_kib("VmRSS")
+    return None if v is None else v / 1024
+
+
+def peak_rss_mib() -> Optional[float]:
+    """Peak RSS of this process since start or since the last reset_peak_rss() (VmHWM)."""
+    v = _status_kib("VmHWM")
+    if v is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return v / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs). False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_child(argv: Sequence[str], timeout: Optional[float] = None, env: Optional[dict] = None,
+              cwd=None) -> dict:
+    """Run a command in a fresh process: wall time, exit code, output, and ITS OWN peak RSS (os.wait4).
+
+    stdout/stderr go to files (no pipe deadlock with a blocking wait4); stdout is read back afterwards.
+    """
+    import tempfile
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    with tempfile.TemporaryDirectory(prefix="ntkal-bench-") as tmp:
+        out_p, err_p = Path(tmp) / "out", Path(tmp) / "err"
+        with open(out_p, "w") as fo, open(err_p, "w") as fe:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(list(argv), stdout=fo, stderr=fe, env=full_env, cwd=cwd)
+            deadline = None if timeout is None else t0 + timeout
+            timed_out = False
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid == proc.pid:
+                    break
+                if deadline is not None and time.perf_counter() > deadline:
+                    proc.kill()
+                    pid, status, usage = os.wait4(proc.pid, 0)
+                    timed_out = True
+                    break
+                time.sleep(0.05)
+            wall = time.perf_counter() - t0
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        out, err = out_p.read_text(), err_p.read_text()
+    return {"argv": list(argv), "rc": proc.returncode, "wall_s": wall, "timed_out": timed_out,
+            "stdout": out, "stderr": err, "child_peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def last_json_line(text: str) -> Optional[dict]:
+    """The last stdout line that parses as a JSON object (children print their result that way)."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def tail(text: str, n: int = 1500) -> str:
+    return text[-n:]
+
+
+# --------------------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------------------
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        if v == 0:
+            return "0"
+        a = abs(v)
+        if a >= 1e5 or a < 1e-3:
+            return f"{v:.{digits}g}"
+        return f"{v:.{digits}g}" if a < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def markdown_table(rows: List[dict], columns: Sequence[str], headers: Optional[Sequence[str]] = None) -> str:
+    headers = list(headers or columns)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def header(doc: dict) -> str:
+    m = doc["machine"]
+    v = doc["versions"]
+    gpu = m["gpu"] or "no GPU"
+    return (f"### {doc['stage']}\n\n`{doc['command']}`  \n{doc['timestamp']} · {m['cpu']} · {m['cores']} cores "
+            f"(torch threads {m['torch_threads']}) · {gpu} · load avg {m['load_avg_1_5_15']}  \n"
+            f"ntkal {v['ntkal']} · torch {v['torch']} · triton {v['triton']} · mace-torch {v['mace-torch']}\n")

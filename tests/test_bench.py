@@ -1,0 +1,126 @@
+"""Smoke tests of the benchmark package: every stage runs at a tiny size, so bench/ cannot rot.
+
+No timing is checked (the numbers live in bench/RESULTS.md); only that each stage produces its record,
+its table and sane fields. Triton is exercised only through the correctness gate (interpreter on CPU).
+"""
+import argparse
+import json
+import sys
+
+import pytest
+import torch
+
+from bench import bench_end2end, bench_features, bench_kernels, bench_select, utils
+from bench.__main__ import build_parser
+
+from tiny import tiny_mace
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One torch thread here and in child processes: OpenMP barriers collapse on a shared, busy 2-core box."""
+    old = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _args(mod, argv):
+    p = argparse.ArgumentParser()
+    mod.add_args(p)
+    return p.parse_args(argv)
+
+
+def test_cli_parses_every_stage():
+    p = build_parser()
+    for argv in (["select", "--n-train", "5000", "--skip-bmdal"], ["kernels", "--pool-size", "10"],
+                 ["features", "--kernels", "embedding"], ["end2end", "--pool-size", "2000,20000"]):
+        assert p.parse_args(argv).stage == argv[0]
+
+
+def test_utils_child_rss_and_record(tmp_path):
+    r = utils.run_child([sys.executable, "-c", "import json; print(json.dumps({'x': 1}))"])
+    assert r["rc"] == 0 and utils.last_json_line(r["stdout"]) == {"x": 1}
+    assert r["child_peak_rss_mib"] > 0
+    doc = utils.record("t", ["t"], [{"a": 1.5, "b": None}])
+    assert doc["machine"]["cores"] >= 1 and "torch" in doc["versions"]
+    utils.write_json(tmp_path / "r.json", doc)
+    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["a"] == 1.5
+    assert "| 1.5 | – |" in utils.markdown_table(doc["results"], ["a", "b"])
+
+
+def test_select_cases_tiny():
+    a = _args(bench_select, ["--pool-size", "3000", "--n-train", "200", "--sketch-dim", "32", "--budget", "10",
+                             "--shortlist", "300", "--chunk", "1000", "--repeat", "1"])
+    nt = bench_select.child_ntkal(a)
+    assert len(nt["indices"]) == 10 and len(set(nt["shortlist_indices"])) == 300
+    assert set(nt["indices"]) <= set(nt["shortlist_indices"])
+    fl = bench_select.child_floor(a)
+    assert fl["gflops"] > 0
+    bm = None
+    try:
+        import bmdal_reg  # noqa: F401
+        bm = bench_select.child_bmdal(a)
+        assert len(bm["indices"]) == 10
+    except ImportError:
+        pass
+    row = bench_select.summarise(200, nt, bm, fl)
+    doc = utils.record("select", ["select"], [row], floor=fl, goals={"x": {"met": None, "target": "t"}},
+                       settings={"pool_size": 3000, "sketch_dim": 32, "budget": 10, "shortlist": 300, "chunk": 1000})
+    assert "n_train" in bench_select.table(doc)
+
+
+def test_select_data_is_deterministic():
+    a = bench_select.generate(100, 16, seed=1, families=range(8), n_clusters=8, chunk=30)
+    b = bench_select.generate(100, 16, seed=1, families=range(8), n_clusters=8, chunk=30)
+    assert torch.equal(a, b) and a.dtype == torch.float32
+
+
+def test_kernels_stage_tiny_and_gate():
+    a = _args(bench_kernels, ["--pool-size", "600", "--sketch-dim", "16", "--chunk", "300", "--repeat", "1"])
+    doc = bench_kernels.run(a, ["kernels"])
+    assert len(doc["results"]) == len(bench_kernels.cases(a))
+    assert all(r["cpu_ref_ms"] > 0 for r in doc["results"])
+    assert "tensor_sketch" in bench_kernels.table(doc)
+    # the correctness gate that guards GPU timings, on tiny shapes (Triton interpreter on CPU)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for case in (bench_kernels.sketch_case(4, 8, 16, n_struct=2, rows_per=3),
+                 bench_kernels.quadform_case(8, 16, 8, rows_per=2),
+                 bench_kernels.lcmd_case(16, 16, "float32")):
+        assert bench_kernels.gate(case, dev)["ok"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_file(tmp_path_factory):
+    from ntkal.data import demo_files
+    shipped = demo_files()["model"]
+    if shipped.exists():  # loading the shipped model is cheaper than building a tiny one
+        return str(shipped)
+    path = tmp_path_factory.mktemp("m") / "tiny.model"
+    torch.save(tiny_mace(dtype=torch.float32), path)
+    return str(path)
+
+
+def test_features_stage_tiny(tiny_model_file):
+    a = _args(bench_features, ["--model", tiny_model_file, "--n-structures", "2", "--batch", "2", "--sketch-dim", "16",
+                               "--kernels", "energy,force probes", "--probes", "1", "--min-time", "0"])
+    doc = bench_features.run(a, ["features"])
+    rows = {(r["impl"], r["kernel"]): r for r in doc["results"]}
+    assert rows[("reference", "force probes (m=1)")]["rows_per_struct"] == 1
+    assert rows[("-", "floor: model energy+forces")]["structures_per_s"] > 0
+    assert "structures/s" in bench_features.table(doc)
+
+
+def test_end2end_pool_and_score(tiny_model_file, tmp_path):
+    from ntkal.io import read_structures
+    pool = bench_end2end.make_pool(tmp_path / "p.extxyz", 4)
+    got = list(read_structures(pool))
+    assert len(got) == 4 and all(x.pbc.all() for x in got)
+    a = _args(bench_end2end, ["--pool-size", "3", "--model", tiny_model_file, "--workdir", str(tmp_path),
+                              "--sketch-dim", "16"])
+    doc = bench_end2end.run(a, ["end2end"])
+    row = doc["results"][0]
+    assert row["rc"] == 0, row.get("error")
+    assert row["n_scored"] == 3 and row["peak_rss_mib"] > 0
+    assert "peak RSS" in bench_end2end.table(doc)
