@@ -16,7 +16,7 @@ sizes: C_T is accumulated once (k x k) and factored as C_T = B^T B; per candidat
 matrices appear (r = its row count), never a target x pool kernel.
 
 Computation, with G^ = S_x^-1/2 G~_x (noise-normalised rows), A = G^ Linv^T, Z = G^ Lam^-1 B^T:
-  reduction(x) = tr( (I + A A^T)^-1 Z Z^T ) = || chol(I + A A^T)^-1 Z ||_F^2     (>= 0 by construction)
+  reduction(x) = tr( (I + A A^T)^-1 Z Z^T )      (r x r matrices; I + A A^T has eigenvalues >= 1)
 and for one-row candidates (energy / embedding kernels) ||B Lam^-1 g^||^2 / (1 + ||Linv g^||^2), two
 ``ntk_kernels.segment_quadform`` passes. Several-row candidates (force / joint kernels) are padded
 into a few size buckets and solved in batches — no Python loop over structures.
@@ -179,7 +179,8 @@ class TargetScorer:
         if device not in self._dev:
             fm_sq = torch.zeros(self.k, self.k, dtype=F64)  # segment_quadform wants a square factor
             fm_sq[: self.FM.shape[0]] = self.FM  # rank <= k rows, zero rows below
-            self._dev[device] = {"Linv": self.Linv.to(device), "FM": self.FM.to(device), "FM_sq": fm_sq.to(device)}
+            LF = torch.cat([self.Linv.T, self.FM.T], 1)  # [k, k + rank]
+            self._dev[device] = {"Linv": self.Linv.to(device), "LF": LF.to(device), "FM_sq": fm_sq.to(device)}
         return self._dev[device]
 
     def target_variance(self) -> float:
@@ -194,7 +195,7 @@ class TargetScorer:
     def _reduce(self, prep: _Prepared, alive: Optional[torch.Tensor] = None, quadform: bool = True) -> torch.Tensor:
         out = torch.zeros(prep.n, dtype=F64, device=prep.device)
         st = self._on(prep.device)
-        Lt, FMt = st["Linv"].T, st["FM"].T
+        LF = st["LF"]
         for ids, P in prep.buckets:
             if alive is not None:
                 keep = alive[ids]
@@ -211,16 +212,16 @@ class TargetScorer:
                 v, _ = ntk_kernels.segment_quadform(G, st["Linv"], seg, ones, n_b)
                 out[ids.to(out.device)] = num / (1.0 + v)
                 continue
-            step = max(1, _MAX_ELEMS // (p * max(k, self.FM.shape[0], 1)))
+            step = max(1, _MAX_ELEMS // (p * (k + self.FM.shape[0])))
             for s0 in range(0, n_b, step):
-                Pb = P[s0:s0 + step].to(F64)
-                A = Pb @ Lt  # [b, p, k] whitened rows
-                Z = Pb @ FMt  # [b, p, rank]
-                K = A @ A.transpose(1, 2)
+                AZ = P[s0:s0 + step].to(F64) @ LF  # [b, p, k + rank]: whitened rows A | Z = G^ Lam^-1 B^T
+                A, Z = AZ[..., :k], AZ[..., k:]
+                K = A @ A.transpose(1, 2)  # I + A A^T: noise-normalised predictive covariance of the rows
                 K.diagonal(dim1=1, dim2=2).add_(1.0)
-                LK = torch.linalg.cholesky(K)
-                Y = torch.linalg.solve_triangular(LK, Z, upper=False)
-                out[ids[s0:s0 + step].to(out.device)] = Y.square().sum((1, 2))
+                N = Z @ Z.transpose(1, 2)
+                # tr(K^-1 N) from p x p matrices only (a batched triangular solve against Z is slow on CPU)
+                Kinv = torch.cholesky_inverse(torch.linalg.cholesky(K))
+                out[ids[s0:s0 + step].to(out.device)] = (Kinv * N).sum((1, 2)).clamp_(min=0.0)
         return out
 
     # --- conditioning ---------------------------------------------------------------------------
