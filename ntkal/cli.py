@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,8 @@ class Settings:
     out: Optional[str] = None
     budget: int = 100
     kernel: str = "joint"
-    method: str = "lcmd"
+    method: Optional[str] = None
+    target: Optional[str] = None
     mode: str = "tp"
     shortlist: Optional[int] = None
     sketch_dim: int = 512
@@ -37,6 +39,8 @@ class Settings:
     device: str = "cpu"
     dtype: str = "float32"
     chunk_size: int = 64
+    memory_gb: Optional[float] = None
+    checkpoint_every: float = 60.0
     progress: bool = True
     debug: bool = False
 
@@ -68,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
         g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
         g.add_argument("--chunk-size", type=int, default=64, help="structures per featurisation chunk")
+        g.add_argument("--memory-gb", type=float, default=None,
+                       help="size chunks for this memory budget instead of --chunk-size")
+        p.add_argument("--checkpoint-every", type=float, default=60.0,
+                       help="seconds between checkpoints of the pool scan (rerun the same command to resume)")
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -76,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--budget", type=int, required=True, help="number of structures to pick")
         else:
             p.add_argument("--budget", type=int, default=budget_default, help=f"structures to pick (default {budget_default})")
-        p.add_argument("--method", choices=("lcmd", "top", "random"), default="lcmd",
-                       help="lcmd: diverse batch from the PV shortlist (default); top: highest PV; random")
+        p.add_argument("--method", choices=("lcmd", "top", "random", "greedy"), default=None,
+                       help="lcmd: diverse batch from the shortlist (default without --target); top: highest "
+                            "score; random; greedy: sequential target-variance reduction (default with --target)")
         p.add_argument("--mode", choices=("tp", "p"), default="tp",
                        help="LCMD centres: training set + picks (tp, default) or picks in posterior space (p)")
         p.add_argument("--shortlist", type=int, default=None, help="PV shortlist size M (default max(10 B, 2000))")
@@ -88,17 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     selection(p)
     p.add_argument("--out", default=None, help="output extxyz (default: <pool name>_selected.extxyz here)")
+    p.add_argument("--target", default=None,
+                   help="unlabelled structures where the model will be used: rank candidates by the expected "
+                        "reduction of their predictive variance")
 
     p = sub.add_parser("score", help="score every pool structure",
                        description="Write every pool structure with its posterior-variance score (streamed).")
     common(p)
     p.add_argument("--out", required=True, help="output extxyz")
+    p.add_argument("--target", default=None,
+                   help="also write each structure's expected reduction of the target's variance")
 
     p = sub.add_parser("demo", help="select from the shipped Si data with the shipped model",
                        description="Run `select` on the shipped PyXtal_FF Si pool with the shipped small MACE.")
     common(p, need_files=False)
     selection(p, budget_default=20)
     p.add_argument("--out", default="ntkal-demo", help="output directory (default ./ntkal-demo)")
+    p.set_defaults(force_probes=4)  # pool force rows from 4 probes (the picks get exact per-atom variances)
     return parser
 
 
@@ -125,13 +140,41 @@ def report_path(out: Path) -> Path:
 def _options(s: Settings) -> dict:
     import torch
     return dict(kernel=s.kernel, seed=s.seed, sketch_dim=s.sketch_dim, params=s.params, force_probes=s.force_probes,
-                sigma_e2=s.sigma_e2, sigma_f2=s.sigma_f2, force_reduce=s.force_reduce, chunk_size=s.chunk_size,
+                sigma_e2=s.sigma_e2, sigma_f2=s.sigma_f2, force_reduce=s.force_reduce, chunk_size=_chunk_size(s),
                 dtype=getattr(torch, s.dtype), device=s.device, progress=s.progress)
+
+
+def _chunk_size(s: Settings) -> int:
+    from .api import chunk_size_for
+    if s.memory_gb is not None:
+        return chunk_size_for(s.memory_gb, s.sketch_dim)
+    if s.chunk_size < 1:
+        from .errors import InputError
+        raise InputError("--chunk-size must be at least 1")
+    return s.chunk_size
+
+
+def _checkpoint(s: Settings, out: Path):
+    """The resumable-state folder beside the output, keyed by the inputs and every setting that matters."""
+    from .runstate import Checkpoint, Dist, file_fingerprint
+    skip = {"out", "progress", "debug", "checkpoint_every", "memory_gb"}
+    key = {k: v for k, v in asdict(s).items() if k not in skip}
+    key["chunk_size"] = _chunk_size(s)
+    key["files"] = [file_fingerprint(p) for p in _inputs(s)]
+    ck = Checkpoint(out.with_name(out.name + ".ntkal-ckpt"), key, Dist.current(), s.checkpoint_every)
+    ck.prepare()
+    return ck
+
+
+def _inputs(s: Settings) -> list:
+    return [p for p in (s.model, s.train, s.pool, s.target) if p is not None]
 
 
 def _check_inputs(s: Settings):
     from .errors import InputError
-    for what in ("model", "train", "pool"):
+    for what in ("model", "train", "pool", "target"):
+        if getattr(s, what) is None:
+            continue
         path = Path(getattr(s, what))
         if not path.exists():
             raise InputError(f"no such {what} file", path=path)
@@ -146,50 +189,90 @@ def run_select(s: Settings) -> dict:
     from .api import select
     from .io import check_output_path, write_extxyz, write_json
     _check_inputs(s)
-    inputs = [s.model, s.train, s.pool]
+    inputs = _inputs(s)
     out = Path(s.out or (Path(s.pool).name.split(".")[0] + "_selected.extxyz"))
     check_output_path(out, inputs)
     check_output_path(report_path(out), inputs)
+    from .runstate import Dist
     opts = _options(s)
-    res = select(s.model, s.train, s.pool, s.budget, method=s.method, shortlist=s.shortlist, mode=s.mode, **opts)
+    ckpt = _checkpoint(s, out)
+    res = select(s.model, s.train, s.pool, s.budget, method=s.method, shortlist=s.shortlist, mode=s.mode,
+                 checkpoint=ckpt, target=s.target, **opts)
+    if Dist.current().rank != 0:
+        return {"result": res, "out": out, "report": report_path(out)}
     write_extxyz(out, res.atoms, inputs)
     report = {"settings": asdict(s), "versions": versions(), "n_pool": res.n_pool,
               "n_train": res.posterior.n_train, "timings_s": res.timings, "status": res.status,
               "jitter": res.posterior.jitter, "coverage": res.info["featurizer"]["coverage"],
               "posterior": res.posterior.summary(), "featurizer": res.info["featurizer"],
               "shortlist_size": res.info["shortlist_size"],
+              "method": res.method, "target": res.info.get("target"),
               "selected": [{"rank": r, "pool_index": int(i), "score": float(sc), "natoms": len(a),
-                            "formula": a.get_chemical_formula()}
+                            "formula": a.get_chemical_formula(),
+                            "target_reduction": a.info.get("ntkal_target_reduction")}
                            for r, (i, sc, a) in enumerate(zip(res.indices, res.scores, res.atoms))],
-              "output": str(out)}
+              "world_size": res.info["world_size"], "output": str(out)}
     write_json(report_path(out), report, inputs)
+    ckpt.clear()
     return {"result": res, "out": out, "report": report_path(out)}
 
 
 def run_score(s: Settings) -> dict:
-    """ntkal score: every pool structure with its score, streamed to extxyz, plus a JSON report."""
-    from .api import score
-    from .io import check_output_path, write_extxyz, write_json
+    """ntkal score: every pool structure with its score, streamed to extxyz, plus a JSON report.
+
+    Each scored chunk is first written as its own part file in the checkpoint folder (so a killed run
+    resumes where it stopped, and torchrun ranks write their own chunks); rank 0 then joins the parts.
+    """
+    from .api import annotate, featurizer_for, fit_posterior, scan_pool, target_scorer
+    from .io import atomic_output, check_output_path, write_extxyz, write_json
+    from .runstate import Dist
     _check_inputs(s)
-    inputs = [s.model, s.train, s.pool]
+    inputs = _inputs(s)
     out = Path(s.out)
     check_output_path(out, inputs)
     check_output_path(report_path(out), inputs)
     t0 = time.perf_counter()
-    stats = {"n": 0, "sum": 0.0, "max": float("-inf")}
+    opts = _options(s)
+    ckpt = _checkpoint(s, out)
+    fz = featurizer_for(s.model, s.kernel, s.sketch_dim, s.params, s.force_probes, s.seed, "auto",
+                        opts["dtype"], s.device)
+    post = fit_posterior(fz, s.train, s.sigma_e2, s.sigma_f2, s.force_reduce, opts["chunk_size"], s.progress, ckpt)
+    scorer = target_scorer(fz, post, s.target, opts["chunk_size"])[0] if s.target else None
+    done = {int(p.stem.split("-")[1]) for p in ckpt.folder.glob("part-*.extxyz")}
 
-    def counted(it):
-        for a in it:
-            stats["n"] += 1
-            stats["sum"] += a.info["ntkal_score"]
-            stats["max"] = max(stats["max"], a.info["ntkal_score"])
-            yield a
-    write_extxyz(out, counted(score(s.model, s.train, s.pool, **_options(s))), inputs)
-    report = {"settings": asdict(s), "versions": versions(), "n_pool": stats["n"],
-              "mean_score": stats["sum"] / max(stats["n"], 1), "max_score": stats["max"],
+    def write_part(c, start, chunk, scores, atom_var, red):
+        write_extxyz(ckpt.part(c), (annotate(a, start + j, scores[j], atom_var[j], reduction=red[j])
+                                    for j, a in enumerate(chunk)), inputs, verify=False)
+
+    _, _, n_pool = scan_pool(fz, post, s.pool, 0, opts["chunk_size"], 0, s.seed, s.progress, None,
+                               on_chunk=write_part, skip_chunks=done, scorer=scorer)
+    Dist.current().barrier()
+    n_chunks = -(-n_pool // opts["chunk_size"])
+    if Dist.current().rank != 0:
+        return {"out": out, "report": report_path(out), "n": n_pool}
+    missing = [c for c in range(n_chunks) if not ckpt.part(c).exists()]
+    if missing:
+        raise RuntimeError(f"score parts missing for chunks {missing[:5]}")
+    with atomic_output(out, inputs) as tmp:
+        with _open_output(tmp) as fh:
+            for c in range(n_chunks):
+                with open(ckpt.part(c), "rb") as part:
+                    shutil.copyfileobj(part, fh)
+    report = {"settings": asdict(s), "versions": versions(), "n_pool": n_pool, "n_train": post.n_train,
+              "resumed_chunks": len(done), "posterior": post.summary(), "featurizer": fz.settings(), "world_size": Dist.current().world,
               "timings_s": {"total": time.perf_counter() - t0}, "output": str(out)}
     write_json(report_path(out), report, inputs)
-    return {"out": out, "report": report_path(out), "n": stats["n"]}
+    ckpt.clear()
+    return {"out": out, "report": report_path(out), "n": n_pool}
+
+
+def _open_output(path: Path):
+    """A binary writer for `path`, compressing by its suffix (.gz, .bz2, .xz) as the readers expect."""
+    import bz2
+    import gzip
+    import lzma
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(Path(path).suffix, open)
+    return opener(path, "wb")
 
 
 def run_demo(s: Settings) -> dict:
@@ -209,7 +292,7 @@ def run_demo(s: Settings) -> dict:
     png = outdir / "scores.png"
     plot_scores(res, png)
     print(f"ntkal demo: picked {len(res.indices)} of {res.n_pool} Si structures "
-          f"(kernel {s.kernel}, {s.method}) in {time.perf_counter() - t0:.1f} s")
+          f"(kernel {s.kernel}, {res.method}) in {time.perf_counter() - t0:.1f} s")
     print(f"{'rank':>4} {'pool':>5} {'formula':>8} {'score':>10} {'max atom var':>12}")
     for r, (i, sc, a, av) in enumerate(zip(res.indices, res.scores, res.atoms, res.atom_variances)):
         mx = "-" if av is None else f"{max(av):.3g}"
@@ -246,6 +329,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .errors import NtkalError
     try:
         import mace  # noqa: F401  (before e3nn)
+        from .runstate import init_distributed
+        init_distributed()
         {"select": run_select, "score": run_score, "demo": run_demo}[s.command](s)
     except NtkalError as exc:
         if s.debug:

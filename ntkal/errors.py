@@ -11,11 +11,9 @@ class InputError(NtkalError):
     def __init__(self, message: str, path=None, index=None):
         self.path = None if path is None else str(path)
         self.index = index
-        where = ""
-        if self.path is not None:
-            where = f"{self.path}: "
-            if index is not None:
-                where += f"structure {index}: "
+        where = "" if self.path is None else f"{self.path}: "
+        if index is not None:
+            where += f"structure {index}: "
         super().__init__(where + message)
 
 

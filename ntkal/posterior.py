@@ -32,9 +32,11 @@ class _Accumulator:
         self.part: Dict[int, float] = {}
         self.n = 0
         self.psi: List[torch.Tensor] = []
+        self.psi_index: List[torch.Tensor] = []
         self.k: Optional[int] = None
 
-    def add(self, block: RowBlock):
+    def add(self, block: RowBlock, start: Optional[int] = None):
+        """Add a chunk of training rows; `start` is the chunk's first structure index (keeps LCMD centres in order)."""
         if len(block) == 0:
             return
         rows = block.rows.detach().to(torch.float64)
@@ -56,8 +58,38 @@ class _Accumulator:
                 per_struct = per_struct / natoms
             self.part[kind] = self.part.get(kind, 0.0) + float(per_struct.sum())
         if block.psi is not None:
-            self.psi.append(block.psi.detach().cpu())
+            self.psi.append(block.psi.detach().cpu().to(torch.float64))
+            first = self.n if start is None else int(start)
+            self.psi_index.append(torch.arange(first, first + len(block)))
         self.n += len(block)
+
+    def all_reduce(self):
+        """Sum the accumulators of all torch.distributed ranks (each fed a shard of the training set)."""
+        import torch.distributed as dist
+        kinds = (ENERGY, FORCE, EMBEDDING)
+        ks = [None] * dist.get_world_size()
+        dist.all_gather_object(ks, self.k)
+        k = next((x for x in ks if x is not None), None)
+        if k is None:
+            return self
+        self.k = k
+        present = torch.tensor([float(kd in self.gram) for kd in kinds] + [float(self.n)], dtype=torch.float64)
+        parts = torch.tensor([self.part.get(kd, 0.0) for kd in kinds], dtype=torch.float64)
+        grams = torch.stack([self.gram[kd].cpu() if kd in self.gram else torch.zeros(k, k, dtype=torch.float64)
+                             for kd in kinds])
+        for t in (present, parts, grams):
+            dist.all_reduce(t)
+        self.gram = {kd: grams[i] for i, kd in enumerate(kinds) if present[i] > 0}
+        self.part = {kd: float(parts[i]) for i, kd in enumerate(kinds) if present[i] > 0}
+        self.n = int(present[-1])
+        shards = [None] * dist.get_world_size()
+        dist.all_gather_object(shards, (self.psi_index, self.psi))
+        idx = [i for ix, _ in shards for i in ix]
+        psi = [p for _, ps in shards for p in ps]
+        if psi:
+            order = torch.argsort(torch.cat(idx))
+            self.psi, self.psi_index = [torch.cat(psi)[order]], [torch.cat(idx)[order]]
+        return self
 
 
 @dataclass
@@ -89,6 +121,13 @@ class Posterior:
         acc = _Accumulator(force_reduce)
         for block in ([train_rows] if isinstance(train_rows, RowBlock) else train_rows):
             acc.add(block)
+        return cls.from_accumulator(acc, sigma_e2, sigma_f2)
+
+    @classmethod
+    def from_accumulator(cls, acc: "_Accumulator", sigma_e2: float = 1e-2, sigma_f2: float = 1e-2) -> "Posterior":
+        force_reduce = acc.force_reduce
+        if not (sigma_e2 > 0 and sigma_f2 > 0):
+            raise ValueError("sigma_e2 and sigma_f2 must be positive")
         if acc.n == 0 or acc.k is None:
             raise NtkalError("the training set is empty: the posterior needs at least one training structure")
         k = acc.k
@@ -113,22 +152,33 @@ class Posterior:
 
     @classmethod
     def fit(cls, featurizer, train_atoms, sigma_e2: float = 1e-2, sigma_f2: float = 1e-2,
-            force_reduce: str = "mean", chunk_size: int = 64, progress: bool = False) -> "Posterior":
+            force_reduce: str = "mean", chunk_size: int = 64, progress: bool = False,
+            distributed: bool = False) -> "Posterior":
         """Featurise the training structures (exact force rows, also when the featurizer uses probes) and fit.
 
         Probes only change how the POOL is scored: the precision and the scales come from exact rows,
-        so exact and probe mode share one posterior (and one set of scales).
+        so exact and probe mode share one posterior (and one set of scales). With distributed=True
+        (torch.distributed initialised) each rank featurises every world-th chunk and the sums are all-reduced.
         """
         from .io import iter_chunks
+        if force_reduce not in FORCE_REDUCE:
+            raise ValueError(f"force_reduce must be one of {FORCE_REDUCE}, got {force_reduce!r}")
+        rank, world = 0, 1
+        if distributed:
+            import torch.distributed as dist
+            rank, world = dist.get_rank(), dist.get_world_size()
         exact = featurizer if featurizer.force_probes is None else featurizer.with_kernel(featurizer.kernel, None)
         atoms = list(train_atoms)
-        bar = _bar(len(atoms), "train features", progress)
-        def blocks():
-            for chunk in iter_chunks(atoms, chunk_size):
-                yield exact(chunk)
-                bar.update(len(chunk))
-        post = cls.from_rows(blocks(), sigma_e2, sigma_f2, force_reduce)
+        acc = _Accumulator(force_reduce)
+        bar = _bar(len(atoms), "train features", progress and rank == 0)
+        for c, chunk in enumerate(iter_chunks(atoms, chunk_size)):
+            if c % world == rank:
+                acc.add(exact(chunk), start=c * chunk_size)
+            bar.update(len(chunk))
         bar.close()
+        if world > 1:
+            acc.all_reduce()
+        post = cls.from_accumulator(acc, sigma_e2, sigma_f2)
         post.info["featurizer"] = featurizer.settings()
         return post
 

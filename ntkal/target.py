@@ -162,6 +162,7 @@ class TargetScorer:
     def __init__(self, post: Posterior, C_T: torch.Tensor):
         self.post = post
         self.k = post.k
+        self.C_T = C_T
         self.B = _target_factor(C_T, self.k)  # [rank, k], B^T B = C_T
         self.Linv = post.Linv.detach().to(F64).cpu()
         self._lam: Optional[torch.Tensor] = None  # Lam, formed on the first condition()
