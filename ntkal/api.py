@@ -237,8 +237,9 @@ def select(model, train, pool, budget: int = 100, kernel: str = "joint", method:
         atom_vars = [v for c in iter_chunks([p[2] for p in picks], chunk_size) for v in post.atom_variances(exact(c))]
         timings["exact_atom_variances_of_picks"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
-    atoms = [annotate(p[2], i, p[0], v, rank, p[4])
-             for rank, (i, p, v) in enumerate(zip(indices, picks, atom_vars))]
+    reds = [p[4] for p in picks] if method != "greedy" else list(red_at_pick)  # greedy: reduction at pick time
+    atoms = [annotate(p[2], i, p[0], v, rank, r)
+             for rank, (i, p, v, r) in enumerate(zip(indices, picks, atom_vars, reds))]
     info.update({"featurizer": fz.settings(), "posterior": post.summary(), "shortlist_size": len(top),
                  "pool_path": None if pool_src.path is None else str(pool_src.path),
                  "world_size": Dist.current().world})

@@ -177,3 +177,32 @@ def test_real_entry_point_prints_one_line_without_traceback(files, tmp_path):
     assert len(lines) == 1 and "structure 0" in lines[0] and "Traceback" not in r.stderr
     help_text = subprocess.run([str(exe), "--help"], capture_output=True, text=True).stdout
     assert "select" in help_text and "demo" in help_text
+
+
+def test_select_and_score_with_target(files, tmp_path):
+    target = _write(tmp_path / "target.extxyz", structures(3, seed=36, kinds=("mol",)))
+    out = tmp_path / "t.extxyz"
+    assert main(["select", *_args(files, "--budget", "3", "--target", str(target), "--out", str(out))]) == 0
+    picks = ase.io.read(out, ":")
+    reds = [a.info["ntkal_target_reduction"] for a in picks]
+    assert all(r > 0 for r in reds) and all(a.info["ntkal_score"] > 0 for a in picks)
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report["method"] == "greedy"
+    t = report["target"]
+    assert t["variance_after"] == pytest.approx(t["variance_before"] - sum(reds), rel=1e-6)
+    scored = tmp_path / "ts.extxyz"
+    assert main(["score", *_args(files, "--target", str(target), "--out", str(scored))]) == 0
+    assert all(a.info["ntkal_target_reduction"] >= 0 for a in ase.io.read(scored, ":"))
+
+
+def test_demo_on_the_shipped_data(tmp_path, capsys):
+    """`ntkal demo` end to end on the shipped model and Si data (energy kernel here; CI runs the default)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--kernel", "energy", "--budget", "5", "--no-progress"]) == 0
+    picks = ase.io.read(out / "selected.extxyz", ":")
+    assert len(picks) == 5 and all(set(a.get_chemical_symbols()) == {"Si"} for a in picks)
+    assert all("REF_energy" in a.info and "REF_forces" in a.arrays for a in picks)
+    report = json.loads((out / "selected.json").read_text())
+    assert report["n_pool"] == 600 and report["n_train"] == 40
+    assert (out / "scores.png").stat().st_size > 1000
+    assert "picked 5 of 600" in capsys.readouterr().out
