@@ -61,15 +61,15 @@ def test_force_rows_sum_to_zero_over_atoms(joint):
         assert torch.linalg.norm(f.sum(0)) <= 1e-9 * torch.linalg.norm(f)
 
 
-@pytest.mark.parametrize("kernel", ["energy", "force", "joint", "embedding"])
+@pytest.mark.parametrize("kernel", ["energy", "joint", "embedding"])
 def test_scores_invariant_under_rotation(joint, kernel):
     fz = joint.with_kernel(kernel)
-    post = ntkal.Posterior.fit(fz, structures(4, seed=9))
-    ats = structures(3, seed=10)
+    post = ntkal.Posterior.fit(fz, structures(3, seed=9))
+    ats = structures(2, seed=10)
     s0 = post.score(fz(ats))
     s1 = post.score(fz([rotated(a, seed=i) for i, a in enumerate(ats)]))
     torch.testing.assert_close(s1, s0, rtol=1e-8, atol=0)
-    if kernel in ("force", "joint"):
+    if kernel == "joint":
         v0 = post.atom_variances(fz(ats))
         v1 = post.atom_variances(fz([rotated(a, seed=i) for i, a in enumerate(ats)]))
         for x, y in zip(v0, v1):
@@ -92,7 +92,7 @@ def test_sketched_kernel_approaches_exact_ntk(model):
     errors = {}
     for k in (64, 4096):
         errs = []
-        for seed in range(3):
+        for seed in range(2):
             f = ntkal.MACEFeaturizer(model, kernel="energy", sketch_dim=k, dtype=F64, seed=seed)
             phi = f(ats).rows * torch.tensor([len(a) for a in ats], dtype=F64)[:, None]  # undo 1/N
             errs.append(float(torch.linalg.norm(phi @ phi.T - exact) / torch.linalg.norm(exact)))
@@ -136,6 +136,7 @@ def test_same_seed_same_features_and_different_seed_differs(model):
 
 
 def test_features_identical_in_another_process(model, tmp_path):
+    """Bit-identical rows from a fresh process (same thread count: the summation order is part of the bits)."""
     ats = structures(2, seed=14)
     torch.save(model, tmp_path / "m.model")
     import ase.io
@@ -143,9 +144,10 @@ def test_features_identical_in_another_process(model, tmp_path):
     code = (
         "import sys; sys.path.insert(0, %r)\n"
         "import torch, ntkal, ase.io\n"
+        "torch.set_num_threads(%d)\n"
         "fz = ntkal.MACEFeaturizer(%r, kernel='joint', sketch_dim=16, seed=4, force_probes=2)\n"
         "torch.save(fz(ase.io.read(%r, ':')).rows, %r)\n"
-    ) % (str(Path(__file__).parent), str(tmp_path / "m.model"), str(tmp_path / "s.extxyz"), str(tmp_path / "r.pt"))
+    ) % (str(Path(__file__).parent), torch.get_num_threads(), str(tmp_path / "m.model"), str(tmp_path / "s.extxyz"), str(tmp_path / "r.pt"))
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     mine = ntkal.MACEFeaturizer(str(tmp_path / "m.model"), kernel="joint", sketch_dim=16, seed=4, force_probes=2)
     assert torch.equal(torch.load(tmp_path / "r.pt"), mine(ase.io.read(tmp_path / "s.extxyz", ":")).rows)
@@ -162,12 +164,13 @@ def test_probe_rows_are_rademacher_combinations_of_exact_rows(joint):
 
 def test_probe_scores_are_unbiased(joint):
     """Mean over probe draws of the probe-mode score equals the exact score (within 4 standard errors)."""
-    post = ntkal.Posterior.fit(joint, structures(4, seed=16))
+    fz = joint.with_kernel("force")
+    post = ntkal.Posterior.fit(fz, structures(3, seed=16))
     ats = structures(2, seed=17)
-    exact = post.score(joint(ats))
-    probe = joint.with_kernel("joint", force_probes=2)
+    exact = post.score(fz(ats))
+    probe = fz.with_kernel("force", force_probes=2)
     draws = []
-    for s in range(40):
+    for s in range(30):
         probe.probe_seed = 1000 + s
         draws.append(post.score(probe(ats)))
     draws = torch.stack(draws)
