@@ -141,7 +141,7 @@ def scan_pool(fz: MACEFeaturizer, post: Posterior, pool, m: int, chunk_size: int
             scores_t, atom_var = post.score_with_atoms(rows)
             scores = scores_t.numpy()
             idx = np.arange(start, start + len(chunk))
-            psi = rows.psi.detach().cpu().to(torch.float64) * post.psi_scale
+            psi = rows.lcmd_vectors().detach().cpu().to(torch.float64) * post.psi_scale
             red = scorer.reduction(rows).numpy() if scorer is not None else [None] * len(chunk)
             payload = list(zip(scores, psi, chunk, atom_var, red))
             top.add(scores if scorer is None else red, idx, payload)

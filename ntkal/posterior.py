@@ -57,10 +57,9 @@ class _Accumulator:
             if kind == FORCE and self.force_reduce == "mean":
                 per_struct = per_struct / natoms
             self.part[kind] = self.part.get(kind, 0.0) + float(per_struct.sum())
-        if block.psi is not None:
-            self.psi.append(block.psi.detach().cpu().to(torch.float64))
-            first = self.n if start is None else int(start)
-            self.psi_index.append(torch.arange(first, first + len(block)))
+        self.psi.append(block.lcmd_vectors().detach().cpu().to(torch.float64))
+        first = self.n if start is None else int(start)
+        self.psi_index.append(torch.arange(first, first + len(block)))
         self.n += len(block)
 
     def all_reduce(self):
@@ -261,8 +260,8 @@ class Posterior:
         return out
 
     def transform(self, psi: torch.Tensor) -> torch.Tensor:
-        """Posterior-transformed LCMD vectors L^-1 (c_psi psi), for LCMD in P mode."""
-        return (psi.to(torch.float64) * self.psi_scale) @ self.Linv.T.to(device=psi.device)
+        """Posterior-transformed LCMD vectors L^-1 psi (psi already scaled by psi_scale, as in the shortlist), for P mode."""
+        return psi.to(torch.float64) @ self.Linv.T.to(device=psi.device)
 
     def summary(self) -> dict:
         return {"k": self.k, "n_train": self.n_train, "sigma_e2": self.sigma_e2, "sigma_f2": self.sigma_f2,

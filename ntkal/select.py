@@ -11,7 +11,7 @@ import torch
 import ntk_kernels
 
 from .errors import InputError
-from .features.rowblock import EMBEDDING, ENERGY, FORCE, RowBlock
+from .features.rowblock import RowBlock
 from .posterior import Posterior
 
 METHODS = ("lcmd", "top", "random")
@@ -130,21 +130,6 @@ class SelectionResult:
     info: dict = field(default_factory=dict)
 
 
-def _psi_of(block: RowBlock) -> torch.Tensor:
-    """LCMD vector of each structure: block.psi, else its energy/embedding row, else diag of its force second moment."""
-    if block.psi is not None:
-        return block.psi
-    out = torch.zeros(len(block), block.k, dtype=block.rows.dtype, device=block.rows.device)
-    seg = block.seg
-    for kind in (ENERGY, EMBEDDING):
-        m = block.kind == kind
-        if bool(m.any()):
-            return out.index_add_(0, seg[m.to(seg.device)], block.rows[m.to(block.rows.device)])
-    m = (block.kind == FORCE).to(block.rows.device)
-    out.index_add_(0, seg[m], block.rows[m].square())
-    return out / block.natoms.to(out)[:, None]
-
-
 def shortlist_scores(post: Posterior, pool_rows: Union[RowBlock, Iterable[RowBlock]], m: int,
                      random_keys: Optional[np.random.Generator] = None):
     """Stream pool chunks through the posterior and keep the top-m by score (payload: scaled LCMD vector)."""
@@ -154,11 +139,9 @@ def shortlist_scores(post: Posterior, pool_rows: Union[RowBlock, Iterable[RowBlo
     for block in ([pool_rows] if isinstance(pool_rows, RowBlock) else pool_rows):
         if len(block) == 0:
             continue
-        if block.psi is None:
-            block = RowBlock(block.rows, block.ptr, block.kind, block.natoms, block.atom, _psi_of(block))
         scores = post.score(block).numpy()
         idx = np.arange(offset, offset + len(block))
-        psi = (block.psi.detach().cpu().to(torch.float64) * post.psi_scale)
+        psi = block.lcmd_vectors().detach().cpu().to(torch.float64) * post.psi_scale
         top.add(scores, idx, list(zip(scores, psi)))
         if rnd is not None:
             rnd.add(random_keys.random(len(block)), idx, list(zip(scores, psi)))

@@ -115,3 +115,16 @@ def test_select_rows_errors():
         ntkal.select_rows(train, pool, 7)
     with pytest.raises(ntkal.InputError, match="empty"):
         ntkal.select_rows(train, iter([]), 1)
+
+
+def test_select_rows_lcmd_tp_uses_the_training_centres():
+    train, pool = _rowblocks(5, 20), _rowblocks(6, 200)
+    res = ntkal.select_rows(train, pool, 8, shortlist=60)
+    post = res.posterior
+    psi = pool.lcmd_vectors().double() * post.psi_scale
+    centres = train.lcmd_vectors().double() * post.psi_scale
+    torch.testing.assert_close(post.train_psi, centres)
+    sl = torch.as_tensor(res.shortlist)
+    np.testing.assert_array_equal(res.indices, res.shortlist[ntkal.lcmd(psi[sl], centres, 8)])
+    p_mode = ntkal.select_rows(train, pool, 8, shortlist=60, mode="p")
+    np.testing.assert_array_equal(p_mode.indices, res.shortlist[ntkal.lcmd(post.transform(psi[sl]), None, 8, mode="p")])

@@ -57,6 +57,21 @@ class RowBlock:
         counts = self.ptr[1:] - self.ptr[:-1]
         return torch.repeat_interleave(torch.arange(len(self), device=self.rows.device), counts.to(self.rows.device))
 
+    def lcmd_vectors(self) -> torch.Tensor:
+        """One vector per structure for LCMD distances: `psi`, else the energy/embedding row, else the
+        diagonal of the force rows' second moment / N (rotation-invariant; force rows alone sum to zero)."""
+        if self.psi is not None:
+            return self.psi
+        out = torch.zeros(len(self), self.k, dtype=self.rows.dtype, device=self.rows.device)
+        seg = self.seg
+        for kind in (ENERGY, EMBEDDING):
+            m = (self.kind == kind).to(self.rows.device)
+            if bool(m.any()):
+                return out.index_add_(0, seg[m], self.rows[m])
+        m = (self.kind == FORCE).to(self.rows.device)
+        out.index_add_(0, seg[m], self.rows[m].square())
+        return out / self.natoms.to(out)[:, None]
+
     def to(self, *args, **kwargs) -> "RowBlock":
         return RowBlock(self.rows.to(*args, **kwargs), self.ptr, self.kind, self.natoms,
                         self.atom, None if self.psi is None else self.psi.to(*args, **kwargs))
