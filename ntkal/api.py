@@ -182,7 +182,7 @@ def select(model, train, pool, budget: int = 100, kernel: str = "joint", method:
     if method is None:
         method = "greedy" if target is not None else "lcmd"
     if method == "greedy" and target is None:
-        raise ValueError("method 'greedy' needs a target")
+        raise InputError("method 'greedy' needs --target (structures where the model will be used)")
     if method not in METHODS + ("greedy",):
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if mode not in MODES:
