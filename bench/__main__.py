@@ -37,7 +37,9 @@ def main(argv=None) -> int:
         import torch
         os.environ["OMP_NUM_THREADS"] = str(a.threads)  # children (bench cases, ntkal score) inherit it
         torch.set_num_threads(a.threads)
+    load0 = utils.load_average()
     doc = mod.run(a, argv)
+    doc["machine"]["load_avg_at_start"] = load0
     print(mod.table(doc))
     if a.json:
         utils.write_json(a.json, doc)

@@ -62,25 +62,34 @@ def pool_file(workdir: Path, n: int, seed: int, regen: bool) -> Path:
 
 
 def score_argv(a, pool: Path, out: Path, model: str, train: str):
-    argv = [utils.PY, "-m", "ntkal", "score", "--model", model, "--train", train, "--pool", str(pool),
+    argv = [utils.PY, "-m", "ntkal", a.command, "--model", model, "--train", train, "--pool", str(pool),
             "--out", str(out), "--kernel", a.kernel, "--sketch-dim", str(a.sketch_dim),
             "--chunk-size", str(a.chunk_size), "--no-progress"]
     if a.force_probes:
         argv += ["--force-probes", str(a.force_probes)]
+    if a.command == "select":
+        argv += ["--budget", str(a.budget)]
     if a.device != "cpu":
         argv += ["--device", a.device]
+    if a.ntkal_threads:
+        argv += ["--threads", str(a.ntkal_threads)]
     return argv
 
 
 def add_args(p: argparse.ArgumentParser):
     p.add_argument("--pool-size", default="200000",
                    help="pool size, or comma-separated sizes each run in its own process (default 200000)")
+    p.add_argument("--command", choices=("score", "select"), default="score",
+                   help="ntkal command to stream the pool through (default score; select keeps a top-M shortlist)")
+    p.add_argument("--budget", type=int, default=100, help="ntkal select --budget (with --command select)")
     p.add_argument("--kernel", choices=("embedding", "energy", "force", "joint"), default="embedding",
                    help="ntkal score --kernel (default embedding, the cheap one on CPU)")
     p.add_argument("--force-probes", type=int, default=None, help="ntkal score --force-probes")
     p.add_argument("--sketch-dim", type=int, default=512)
     p.add_argument("--chunk-size", type=int, default=64, help="ntkal score --chunk-size (structures per chunk)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--ntkal-threads", type=int, default=None,
+                   help="ntkal's own --threads (default: not passed, i.e. the CLI's default)")
     p.add_argument("--model", default=None, help="model file (default: the shipped si_mace.model)")
     p.add_argument("--train", default=None, help="training structures (default: the shipped si_train)")
     p.add_argument("--workdir", default="/tmp/ntkal-bench-e2e", help="where generated pools are cached")
@@ -103,7 +112,7 @@ def run(a, argv) -> dict:
         outdir.mkdir(parents=True, exist_ok=True)
         out = outdir / "scored.extxyz"
         r = utils.run_child(score_argv(a, pool, out, model, train), timeout=a.timeout, cwd=utils.REPO)
-        row = {"pool_size": n, "kernel": a.kernel + (f" (m={a.force_probes})" if a.force_probes else ""),
+        row = {"pool_size": n, "command": a.command, "kernel": a.kernel + (f" (m={a.force_probes})" if a.force_probes else ""),
                "rc": r["rc"], "wall_s": r["wall_s"], "peak_rss_mib": r["child_peak_rss_mib"],
                "pool_mib": pool.stat().st_size / 2**20, "structures_per_s_wall": n / r["wall_s"]}
         rep = out.with_name("scored.json")
@@ -111,7 +120,7 @@ def run(a, argv) -> dict:
             report = json.loads(rep.read_text())
             t = report.get("timings_s", {}).get("total")
             row.update({"score_s": t, "structures_per_s": (n / t) if t else None, "n_scored": report.get("n_pool"),
-                        "mean_score": report.get("mean_score")})
+                        "mean_score": report.get("mean_score"), "timings_s": report.get("timings_s")})
         if r["rc"] != 0:
             row["error"] = utils.tail(r["stderr"], 800)
         if not a.keep_output:
@@ -127,20 +136,22 @@ def run(a, argv) -> dict:
             # fixed costs (model load, training posterior) cancel in the difference
             flat["marginal_structures_per_s"] = (big["pool_size"] - small["pool_size"]) / (big["score_s"] - small["score_s"])
     return utils.record("end2end", argv, rows, memory_flat=flat,
-                        settings={"model": model, "train": train, "kernel": a.kernel,
+                        settings={"model": model, "train": train, "command": a.command, "kernel": a.kernel,
                                   "force_probes": a.force_probes, "sketch_dim": a.sketch_dim,
-                                  "chunk_size": a.chunk_size, "device": a.device, "workdir": str(work)})
+                                  "chunk_size": a.chunk_size, "device": a.device, "workdir": str(work),
+                                  "ntkal_threads": a.ntkal_threads, "argv": score_argv(a, Path("POOL"), Path("OUT"),
+                                                                                        model, train)})
 
 
-COLUMNS = ["pool_size", "kernel", "wall_s", "score_s", "structures_per_s", "structures_per_s_wall", "peak_rss_mib",
+COLUMNS = ["pool_size", "command", "kernel", "wall_s", "score_s", "structures_per_s", "structures_per_s_wall", "peak_rss_mib",
            "pool_mib", "n_scored", "error"]
-HEADERS = ["pool", "kernel", "wall s", "ntkal score s (report)", "structures/s", "structures/s (wall)",
+HEADERS = ["pool", "command", "kernel", "wall s", "ntkal score s (report)", "structures/s", "structures/s (wall)",
            "peak RSS MiB", "pool file MiB", "scored", "error"]
 
 
 def table(doc) -> str:
     s = doc["settings"]
-    lines = [utils.header(doc), f"`ntkal score` on generated Si pools; model `{s['model']}`, train `{s['train']}`, "
+    lines = [utils.header(doc), f"`ntkal {s['command']}` on generated Si pools; model `{s['model']}`, train `{s['train']}`, "
              f"chunk {s['chunk_size']}, k={s['sketch_dim']}\n",
              utils.markdown_table(doc["results"], COLUMNS, HEADERS)]
     if doc.get("memory_flat"):

@@ -85,6 +85,7 @@ def child_ntkal(a) -> dict:
     from ntkal.select import _init_from_centres, shortlist_scores
     from ntkal.posterior import Posterior
     train, pool = datasets(a.n_train, a.pool_size, a.sketch_dim)
+    train, pool = train.to(a.device), pool.to(a.device)
     tr_block = energy_block(train, natoms_of(a.n_train, 3))
     chunks = pool_chunks(pool, natoms_of(a.pool_size, 4), a.chunk)
     # warm-up on a small problem (first-call costs: thread pools, allocator) outside the timing
@@ -92,12 +93,16 @@ def child_ntkal(a) -> dict:
                       min(a.budget, 50), method="lcmd", shortlist=min(a.shortlist, 1000))
     rss0 = utils.rss_mib()
     utils.reset_peak_rss()
-    times, res = [], None
+    if train.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, parts, res = [], [], None
     for _ in range(a.repeat):
         t0 = time.perf_counter()
         res = ntkal.select_rows(tr_block, iter(chunks), a.budget, method="lcmd", shortlist=a.shortlist)
         times.append(time.perf_counter() - t0)
+        parts.append(res.timings)
     peak = utils.peak_rss_mib()
+    timings = {key: float(np.median([p[key] for p in parts])) for key in parts[0]}
     # profile: the parts of select_rows timed alone
     prof = {}
     t0 = time.perf_counter()
@@ -117,12 +122,11 @@ def child_ntkal(a) -> dict:
     t0 = time.perf_counter()
     _init_from_centres(psi, post.train_psi.to(psi), dmin2, owner)
     prof["lcmd_tp_init_s"] = time.perf_counter() - t0
-    prof["lcmd_total_s"] = res.timings["select"]
-    prof["lcmd_picks_s"] = res.timings["select"] - prof["lcmd_tp_init_s"]
     return {"case": "ntkal", "n_train": a.n_train, "n_pool": a.pool_size, "k": a.sketch_dim, "budget": a.budget,
             "shortlist": a.shortlist, "chunk": a.chunk, "time_s": float(np.median(times)), "times_s": times,
-            "timings_s": res.timings, "profile_s": prof, "rss_before_mib": rss0, "peak_rss_in_call_mib": peak,
+            "timings_s": timings, "profile_s": prof, "rss_before_mib": rss0, "peak_rss_in_call_mib": peak,
             "added_peak_mib": None if (peak is None or rss0 is None) else peak - rss0,
+            "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if train.is_cuda else None,
             "status": res.status, "indices": [int(i) for i in res.indices],
             "shortlist_indices": [int(i) for i in res.shortlist]}
 
@@ -134,6 +138,7 @@ def child_bmdal(a) -> dict:
     from bmdal_reg.bmdal.algorithms import select_batch
     from bmdal_reg.bmdal.feature_data import TensorFeatureData
     train, pool = datasets(a.n_train, a.pool_size, a.sketch_dim)
+    train, pool = train.to(a.device), pool.to(a.device)
     rss0 = utils.rss_mib()
     utils.reset_peak_rss()
     t0 = time.perf_counter()
@@ -154,11 +159,17 @@ def child_floor(a) -> dict:
     import torch
     _, pool = datasets(1, a.pool_size, a.sketch_dim)
     W = torch.randn(a.sketch_dim, a.sketch_dim, generator=torch.Generator().manual_seed(0))
-    out = torch.empty(pool.shape[0], a.sketch_dim)
+    pool, W = pool.to(a.device), W.to(a.device)
+    out = torch.empty(pool.shape[0], a.sketch_dim, device=a.device)
     torch.matmul(pool, W, out=out)
     rss0 = utils.rss_mib()
     utils.reset_peak_rss()
-    t = utils.timeit(lambda: torch.matmul(pool, W, out=out), repeat=5, warmup=1)
+
+    def gemm():
+        torch.matmul(pool, W, out=out)
+        if pool.is_cuda:
+            torch.cuda.synchronize()
+    t = utils.timeit(gemm, repeat=5, warmup=1)
     flops = 2.0 * pool.shape[0] * a.sketch_dim * a.sketch_dim
     return {"case": "floor", "n_pool": a.pool_size, "k": a.sketch_dim, "time_s": t["median_s"], "timing": t,
             "gflops": flops / t["median_s"] / 1e9, "rss_before_mib": rss0,
@@ -171,7 +182,7 @@ CHILDREN = {"ntkal": child_ntkal, "bmdal": child_bmdal, "floor": child_floor}
 def child_argv(case: str, a, n_train: int = 1) -> list:
     return [utils.PY, "-m", "bench.bench_select", "--child", case, "--n-train", str(n_train),
             "--pool-size", str(a.pool_size), "--sketch-dim", str(a.sketch_dim), "--budget", str(a.budget),
-            "--shortlist", str(a.shortlist), "--chunk", str(a.chunk), "--repeat", str(a.repeat)]
+            "--shortlist", str(a.shortlist), "--chunk", str(a.chunk), "--repeat", str(a.repeat), "--device", a.device]
 
 
 def run_case(case: str, a, n_train: int = 1, timeout=None) -> dict:
@@ -196,6 +207,8 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--shortlist", type=int, default=2000, help="PV shortlist size M (default 2000)")
     p.add_argument("--chunk", type=int, default=8192, help="pool structures per streamed RowBlock (default 8192)")
     p.add_argument("--repeat", type=int, default=3, help="timed select_rows calls per ntkal case (median)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the feature tensors live (cuda: PV scoring runs the Triton segment_quadform)")
     p.add_argument("--skip-bmdal", action="store_true", help="do not run the bmdal_reg baseline")
     p.add_argument("--bmdal-max-train", type=int, default=20000,
                    help="run bmdal_reg only for n_train <= this (default 20000)")
@@ -229,7 +242,8 @@ def run(a, argv) -> dict:
                        data=("synthetic mixture of Gaussian families, column scales (1+j)^-0.75, one energy row "
                              "per structure, float32; train from 3/4 of the families, pool from all"),
                        settings={"pool_size": a.pool_size, "sketch_dim": a.sketch_dim, "budget": a.budget,
-                                 "shortlist": a.shortlist, "chunk": a.chunk, "repeat": a.repeat})
+                                 "shortlist": a.shortlist, "chunk": a.chunk, "repeat": a.repeat,
+                                 "device": a.device})
     return doc
 
 
@@ -244,9 +258,10 @@ def summarise(n, nt, bm, floor) -> dict:
     row = {"n_train": n, "ntkal_s": nt.get("time_s"), "ntkal_rss_mib": nt.get("child_peak_rss_mib"),
            "ntkal_added_mib": nt.get("added_peak_mib"), "floor_s": floor.get("time_s"),
            "ntkal": nt, "bmdal": bm}
-    prof = nt.get("profile_s") or {}
-    for key in ("posterior_s", "pv_scoring_s", "shortlist_merge_s", "lcmd_tp_init_s", "lcmd_picks_s"):
-        row[key] = prof.get(key)
+    tim = nt.get("timings_s") or {}
+    row["posterior_s"], row["score_topm_s"], row["lcmd_s"] = tim.get("posterior"), tim.get("score"), tim.get("select")
+    prof = nt.get("profile_s") or {}  # parts timed alone, after the timed calls
+    row["pv_alone_s"], row["tp_init_alone_s"] = prof.get("pv_scoring_s"), prof.get("lcmd_tp_init_s")
     if row["ntkal_s"] and row["floor_s"]:
         row["ntkal_over_floor"] = row["ntkal_s"] / row["floor_s"]
     if bm is not None:
@@ -254,7 +269,12 @@ def summarise(n, nt, bm, floor) -> dict:
         row["bmdal_rss_mib"] = bm.get("child_peak_rss_mib")
         row["bmdal_added_mib"] = bm.get("added_peak_mib")
         if bm.get("timed_out"):
-            row["bmdal_note"] = f"killed after {bm['child_wall_s']:.0f} s"
+            row["bmdal_note"] = f"killed after {bm['child_wall_s']:.0f} s (--bmdal-timeout)"
+            if row["ntkal_s"]:
+                row["speedup_lower_bound"] = bm["child_wall_s"] / row["ntkal_s"]
+                row["bmdal_note"] += f": bmdal/ntkal > {row['speedup_lower_bound']:.0f}"
+        elif bm.get("error"):
+            row["bmdal_note"] = "failed: " + bm["error"].strip().splitlines()[-1][:120]
         if row["bmdal_s"] and row["ntkal_s"]:
             row["ntkal_over_bmdal"] = row["ntkal_s"] / row["bmdal_s"]
             row["speedup"] = row["bmdal_s"] / row["ntkal_s"]
@@ -264,12 +284,13 @@ def summarise(n, nt, bm, floor) -> dict:
     return row
 
 
-COLUMNS = ["n_train", "ntkal_s", "posterior_s", "pv_scoring_s", "shortlist_merge_s", "lcmd_tp_init_s",
-           "lcmd_picks_s", "ntkal_rss_mib", "ntkal_added_mib", "floor_s", "ntkal_over_floor", "bmdal_s",
-           "bmdal_rss_mib", "speedup", "ntkal_over_bmdal", "common_picks", "bmdal_picks_in_shortlist"]
-HEADERS = ["n_train", "ntkal s", "posterior s", "PV score s", "top-M merge s", "LCMD TP init s", "LCMD picks s",
+COLUMNS = ["n_train", "ntkal_s", "posterior_s", "score_topm_s", "lcmd_s", "pv_alone_s", "tp_init_alone_s",
+           "ntkal_rss_mib", "ntkal_added_mib", "floor_s", "ntkal_over_floor", "bmdal_s",
+           "bmdal_rss_mib", "bmdal_added_mib", "speedup", "ntkal_over_bmdal", "common_picks", "bmdal_picks_in_shortlist",
+           "bmdal_note"]
+HEADERS = ["n_train", "ntkal s", "posterior s", "PV + top-M s", "LCMD s", "(PV alone s)", "(LCMD TP init alone s)",
            "ntkal peak RSS MiB", "ntkal added MiB", "GEMM floor s", "ntkal/floor", "bmdal s", "bmdal peak RSS MiB",
-           "bmdal/ntkal", "ntkal/bmdal", "same picks", "bmdal picks in top-M"]
+           "bmdal added MiB", "bmdal/ntkal", "ntkal/bmdal", "same picks", "bmdal picks in top-M", "bmdal note"]
 
 
 def table(doc: dict) -> str:

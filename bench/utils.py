@@ -236,5 +236,6 @@ def header(doc: dict) -> str:
     v = doc["versions"]
     gpu = m["gpu"] or "no GPU"
     return (f"### {doc['stage']}\n\n`{doc['command']}`  \n{doc['timestamp']} · {m['cpu']} · {m['cores']} cores "
-            f"(torch threads {m['torch_threads']}) · {gpu} · load avg {m['load_avg_1_5_15']}  \n"
+            f"(torch threads {m['torch_threads']}) · {gpu} · load avg (1/5/15 min) at start "
+            f"{m.get('load_avg_at_start')}, at end {m['load_avg_1_5_15']}  \n"
             f"ntkal {v['ntkal']} · torch {v['torch']} · triton {v['triton']} · mace-torch {v['mace-torch']}\n")
