@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional
 

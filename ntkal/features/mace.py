@@ -11,7 +11,7 @@ import hashlib
 import math
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import mace  # noqa: F401  (before e3nn: research/deps.md §3)
 import numpy as np
