@@ -82,7 +82,7 @@ def child_ntkal(a) -> dict:
     import numpy as np
     import torch
     import ntkal
-    from ntkal.select import _init_from_centres, shortlist_scores
+    from ntkal.select import LCMD_DTYPE, _init_from_centres, shortlist_scores
     from ntkal.posterior import Posterior
     train, pool = datasets(a.n_train, a.pool_size, a.sketch_dim)
     train, pool = train.to(a.device), pool.to(a.device)
@@ -116,7 +116,7 @@ def child_ntkal(a) -> dict:
     top, _, _ = shortlist_scores(post, iter(chunks), a.shortlist)
     prof["score_and_shortlist_s"] = time.perf_counter() - t0
     prof["shortlist_merge_s"] = prof["score_and_shortlist_s"] - prof["pv_scoring_s"]
-    psi = torch.stack([p[1] for p in top.payload])
+    psi = torch.stack([p[1] for p in top.payload]).to(LCMD_DTYPE)  # as pick() does
     dmin2 = torch.full((psi.shape[0],), float("inf"), dtype=psi.dtype)
     owner = torch.zeros(psi.shape[0], dtype=torch.int64)
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from .features import MACEFeaturizer
 from .io import check_structure, count_structures, iter_chunks, read_structures
 from .posterior import Posterior
 from .runstate import Checkpoint, Dist
-from .select import METHODS, MODES, SelectionResult, TopM, default_shortlist, pick
+from .select import METHODS, MODES, SelectionResult, Shortlist, TopM, default_shortlist, lcmd_rows, pick
 
 
 @dataclass
@@ -123,11 +123,11 @@ def scan_pool(fz: MACEFeaturizer, post: Posterior, pool, m: int, chunk_size: int
     from tqdm.auto import tqdm
     d = Dist.current()
     src = Source.of(pool, "pool")
-    top, rnd, done = TopM(m), TopM(random_budget), -1
+    state, done = Shortlist(m, random_budget), -1
     if checkpoint is not None:
-        state = checkpoint.load("scan")
-        if state is not None:
-            top, rnd, done = state["top"], state["rnd"], state["done"]
+        saved = checkpoint.load("scan")
+        if saved is not None:
+            state, done = Shortlist(m, random_budget, saved["top"], saved["rnd"]), saved["done"]
     bar = tqdm(total=src.total, desc="pool", unit="struct", disable=not (progress and d.rank == 0), smoothing=0.05)
     n_pool = 0
     try:
@@ -140,27 +140,28 @@ def scan_pool(fz: MACEFeaturizer, post: Posterior, pool, m: int, chunk_size: int
             rows = fz(chunk)
             scores_t, atom_var = post.score_with_atoms(rows)
             scores = scores_t.numpy()
-            idx = np.arange(start, start + len(chunk))
-            psi = rows.lcmd_vectors().detach().cpu().to(torch.float64) * post.psi_scale
             red = scorer.reduction(rows).numpy() if scorer is not None else [None] * len(chunk)
-            payload = list(zip(scores, psi, chunk, atom_var, red))
-            top.add(scores if scorer is None else red, idx, payload)
-            if random_budget:
-                rnd.add(np.random.default_rng([seed, c]).random(len(chunk)), idx, payload)
+
+            def payload_of(pos):  # only for the rows that can still enter the shortlist or the reservoir
+                return [(scores[j], psi, chunk[j], atom_var[j], red[j])
+                        for j, psi in zip(pos.tolist(), lcmd_rows(rows, pos, post.psi_scale))]
+            state.add(scores if scorer is None else red, np.arange(start, start + len(chunk)), payload_of,
+                      np.random.default_rng([seed, c]).random(len(chunk)) if random_budget else None)
             if on_chunk is not None:
                 on_chunk(c, start, chunk, scores, atom_var, red)
             done = c
             if checkpoint is not None and checkpoint.due():
-                checkpoint.save("scan", {"top": top, "rnd": rnd, "done": done})
+                checkpoint.save("scan", {"top": state.top, "rnd": state.rnd, "done": done})
     finally:
         bar.close()
     if n_pool == 0:
         raise InputError("the pool is empty", path=src.path)
+    top, rnd = state.top, state.rnd
     if d.world > 1:
         tops, rnds = TopM(m), TopM(random_budget)
         for t, r in d.gather((top, rnd)):
-            tops.add(t.keys, t.index, t.payload)
-            rnds.add(r.keys, r.index, r.payload)
+            tops.offer(t.keys, t.index, lambda pos, t=t: [t.payload[i] for i in pos])
+            rnds.offer(r.keys, r.index, lambda pos, r=r: [r.payload[i] for i in pos])
         top, rnd = tops, rnds
     return top, rnd, n_pool
 

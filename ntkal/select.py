@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import torch
@@ -16,6 +16,8 @@ from .posterior import Posterior
 
 METHODS = ("lcmd", "top", "random")
 MODES = ("tp", "p")
+# LCMD distances in float32 (as bmdal_reg): its cost is the n_train x M x k TP-init GEMM; the posterior stays float64
+LCMD_DTYPE = torch.float32
 
 
 def default_shortlist(budget: int) -> int:
@@ -45,8 +47,60 @@ class TopM:
         self.keys, self.index = all_keys[order], all_index[order]
         self.payload = [all_payload[i] for i in order]
 
+    def candidates(self, keys) -> np.ndarray:
+        """Positions of `keys` that can still enter: >= both the chunk's m-th largest key and the current
+        m-th key. Ties are kept (add() decides them by index), so filtering never changes the result."""
+        keys = np.asarray(keys, dtype=np.float64)
+        n = len(keys)
+        if self.m == 0 or n == 0:
+            return np.zeros(0, dtype=np.int64)
+        if np.isnan(keys).any():  # NaN sorts last in add(); do not filter around it
+            return np.arange(n)
+        thr = np.partition(keys, n - self.m)[n - self.m] if n > self.m else -np.inf
+        if len(self) >= self.m and self.keys[self.m - 1] > thr:
+            thr = self.keys[self.m - 1]
+        return np.flatnonzero(keys >= thr)
+
+    def offer(self, keys, index, payload_of: Callable[[np.ndarray], List[Any]]):
+        """add() only the items that can still enter; payload_of(positions) builds just their payloads."""
+        keep = self.candidates(keys)
+        if len(keep):
+            self.add(np.asarray(keys)[keep], np.asarray(index)[keep], payload_of(keep))
+
     def __len__(self):
         return len(self.keys)
+
+
+class Shortlist:
+    """A pool scan's streaming state: the top-m by key, and a reservoir that keeps the rows with the
+    n_random largest random draws (a seeded uniform sample). Each chunk's payloads are built once, only
+    for the rows that can still enter either list, so memory is O(m) payloads whatever the pool size."""
+
+    def __init__(self, m: int, n_random: int = 0, top: Optional[TopM] = None, rnd: Optional[TopM] = None):
+        self.top = top if top is not None else TopM(m)
+        self.rnd = rnd if rnd is not None else TopM(n_random)
+
+    def add(self, keys, index, payload_of: Callable[[np.ndarray], List[Any]], random_keys=None):
+        """One chunk: keys and pool indices per row, random_keys (one draw per row) for the reservoir."""
+        keys, index = np.asarray(keys, dtype=np.float64), np.asarray(index, dtype=np.int64)
+        keep = self.top.candidates(keys)
+        keep_r = self.rnd.candidates(random_keys) if random_keys is not None else keep[:0]
+        rows = np.union1d(keep, keep_r)
+        if len(rows) == 0:
+            return
+        built = dict(zip(rows.tolist(), payload_of(rows)))
+        if len(keep):
+            self.top.add(keys[keep], index[keep], [built[i] for i in keep.tolist()])
+        if len(keep_r):
+            self.rnd.add(np.asarray(random_keys)[keep_r], index[keep_r], [built[i] for i in keep_r.tolist()])
+
+
+def lcmd_rows(block: RowBlock, positions, psi_scale: float) -> List[torch.Tensor]:
+    """Scaled float64 LCMD vectors of the structures at `positions`, one tensor with its own storage each
+    (a view would keep its whole chunk alive in the shortlist)."""
+    psi = block.lcmd_vectors().detach()
+    psi = psi[torch.as_tensor(positions, dtype=torch.int64, device=psi.device)].cpu().to(torch.float64) * psi_scale
+    return [row.clone() for row in psi]
 
 
 def lcmd(psi_pool, psi_train, budget: int, mode: str = "tp", seed: int = 0, return_status: bool = False):
@@ -98,13 +152,17 @@ def lcmd(psi_pool, psi_train, budget: int, mode: str = "tp", seed: int = 0, retu
     return (out, status) if return_status else out
 
 
-def _init_from_centres(psi, centres, dmin2, owner, chunk: int = 4096) -> int:
-    """Nearest training centre of every candidate (ids 1..n_train; the first one wins ties), in chunks."""
+def _init_from_centres(psi, centres, dmin2, owner, chunk: int = 1024) -> int:
+    """Nearest training centre of every candidate (ids 1..n_train; the first one wins ties), in chunks.
+
+    |c|^2 - 2 c.p comes out of one addmm and |p|^2 is added after the min over centres (it does not
+    depend on the centre), so the cost is the n_train x M x k GEMM and one pass over its output.
+    """
     p2 = psi.square().sum(1)
     for c0 in range(0, centres.shape[0], chunk):
         c = centres[c0:c0 + chunk]
-        d2 = c.square().sum(1)[:, None] + p2[None, :] - 2.0 * (c @ psi.T)
-        best, arg = d2.min(0)
+        best, arg = torch.addmm(c.square().sum(1)[:, None], c, psi.T, alpha=-2.0).min(0)
+        best = best + p2
         better = best < dmin2
         dmin2[better] = best[better]
         owner[better] = arg[better] + c0 + 1
@@ -132,21 +190,18 @@ class SelectionResult:
 
 def shortlist_scores(post: Posterior, pool_rows: Union[RowBlock, Iterable[RowBlock]], m: int,
                      random_keys: Optional[np.random.Generator] = None):
-    """Stream pool chunks through the posterior and keep the top-m by score (payload: scaled LCMD vector)."""
-    top = TopM(m)
-    rnd = TopM(m) if random_keys is not None else None
+    """Stream pool chunks through the posterior and keep the top-m by score (payload: score, scaled LCMD vector)."""
+    state = Shortlist(m, m if random_keys is not None else 0)
     offset = 0
     for block in ([pool_rows] if isinstance(pool_rows, RowBlock) else pool_rows):
         if len(block) == 0:
             continue
         scores = post.score(block).numpy()
-        idx = np.arange(offset, offset + len(block))
-        psi = block.lcmd_vectors().detach().cpu().to(torch.float64) * post.psi_scale
-        top.add(scores, idx, list(zip(scores, psi)))
-        if rnd is not None:
-            rnd.add(random_keys.random(len(block)), idx, list(zip(scores, psi)))
+        rnd_keys = random_keys.random(len(block)) if random_keys is not None else None
+        state.add(scores, np.arange(offset, offset + len(block)),
+                  lambda pos: list(zip(scores[pos], lcmd_rows(block, pos, post.psi_scale))), rnd_keys)
         offset += len(block)
-    return top, rnd, offset
+    return state.top, (state.rnd if random_keys is not None else None), offset
 
 
 def pick(method: str, budget: int, top: TopM, rnd: Optional[TopM], post: Posterior, mode: str = "tp", seed: int = 0):
@@ -157,10 +212,11 @@ def pick(method: str, budget: int, top: TopM, rnd: Optional[TopM], post: Posteri
         return np.arange(budget), top, None
     psi = torch.stack([p[1] for p in top.payload])
     if mode == "p":
-        idx, status = lcmd(post.transform(psi), None, budget, mode="p", seed=seed, return_status=True)
+        idx, status = lcmd(post.transform(psi).to(LCMD_DTYPE), None, budget, mode="p", seed=seed, return_status=True)
     else:
-        train = post.train_psi if post.train_psi is not None else torch.zeros(0, psi.shape[1], dtype=psi.dtype)
-        idx, status = lcmd(psi, train, budget, mode="tp", seed=seed, return_status=True)
+        train = post.train_psi if post.train_psi is not None else torch.zeros(0, psi.shape[1])
+        idx, status = lcmd(psi.to(LCMD_DTYPE), train.to(LCMD_DTYPE), budget, mode="tp", seed=seed,
+                           return_status=True)
     return idx, top, status
 
 

@@ -5,7 +5,7 @@ import torch
 
 import ntkal
 from ntkal import RowBlock
-from ntkal.select import TopM
+from ntkal.select import Shortlist, TopM, shortlist_scores
 
 F64 = torch.float64
 
@@ -125,6 +125,82 @@ def test_select_rows_lcmd_tp_uses_the_training_centres():
     centres = train.lcmd_vectors().double() * post.psi_scale
     torch.testing.assert_close(post.train_psi, centres)
     sl = torch.as_tensor(res.shortlist)
-    np.testing.assert_array_equal(res.indices, res.shortlist[ntkal.lcmd(psi[sl], centres, 8)])
+    f32 = torch.float32  # LCMD runs on float32 vectors (select.LCMD_DTYPE); the posterior transform in float64
+    np.testing.assert_array_equal(res.indices, res.shortlist[ntkal.lcmd(psi[sl].to(f32), centres.to(f32), 8)])
     p_mode = ntkal.select_rows(train, pool, 8, shortlist=60, mode="p")
-    np.testing.assert_array_equal(p_mode.indices, res.shortlist[ntkal.lcmd(post.transform(psi[sl]), None, 8, mode="p")])
+    np.testing.assert_array_equal(p_mode.indices,
+                                  res.shortlist[ntkal.lcmd(post.transform(psi[sl]).to(f32), None, 8, mode="p")])
+
+
+def _unfiltered(m, keys, index, payload):
+    ref = TopM(m)
+    ref.add(keys, index, payload)
+    return ref
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 500])
+def test_prefiltered_shortlist_equals_unfiltered_with_ties(chunk):
+    """Shortlist builds payloads only for rows that can still enter; the top-m and the reservoir are unchanged."""
+    rng = np.random.default_rng(1)
+    n, m, n_random = 500, 37, 11
+    keys = rng.integers(0, 40, size=n).astype(float)  # many ties in both key streams
+    rkeys = rng.integers(0, 60, size=n) / 60.0
+    built = []
+    state, ref_top, ref_rnd = Shortlist(m, n_random), TopM(m), TopM(n_random)
+    for a in range(0, n, chunk):
+        idx = np.arange(a, min(a + chunk, n))
+        payload = [("row", int(i)) for i in idx]
+        ref_top.add(keys[idx], idx, payload)
+        ref_rnd.add(rkeys[idx], idx, payload)
+        state.add(keys[idx], idx, lambda pos, idx=idx: [built.append(int(idx[p])) or ("row", int(idx[p])) for p in pos],
+                  rkeys[idx])
+    for got, ref in ((state.top, ref_top), (state.rnd, ref_rnd)):
+        np.testing.assert_array_equal(got.index, ref.index)
+        np.testing.assert_array_equal(got.keys, ref.keys)
+        assert got.payload == ref.payload
+    assert len(built) == len(set(built))  # each row's payload built at most once, shared by both lists
+    if chunk > m:
+        assert len(built) < n
+    zero = Shortlist(0)  # `ntkal score` scans with m = 0: no payload is ever built
+    zero.add(keys, np.arange(n), lambda pos: pytest.fail("payload built for m = 0"))
+    assert len(zero.top) == 0
+
+
+def test_shortlist_scores_prefiltered_equals_unfiltered_payloads():
+    """Same indices, keys and payloads (score, float64 scaled psi) as adding every pool row; ties included."""
+    train, base = _rowblocks(7, 20), _rowblocks(8, 60)
+    pool = RowBlock.cat([base, base, base])  # every structure three times: tied scores across chunks
+    post = ntkal.Posterior.from_rows(train)
+    blocks = [pool.select(range(i, min(i + 25, len(pool)))) for i in range(0, len(pool), 25)]
+    top, rnd, n = shortlist_scores(post, iter(blocks), 40, np.random.default_rng(3))
+    assert n == len(pool)
+    draws = np.random.default_rng(3)
+    ref_top, ref_rnd, off = TopM(40), TopM(40), 0
+    for b in blocks:
+        s = post.score(b).numpy()
+        psi = b.lcmd_vectors().double() * post.psi_scale
+        idx = np.arange(off, off + len(b))
+        ref_top.add(s, idx, list(zip(s, psi)))
+        ref_rnd.add(draws.random(len(b)), idx, list(zip(s, psi)))
+        off += len(b)
+    assert len(np.unique(ref_top.keys)) < len(ref_top.keys)  # the case has ties
+    for got, ref in ((top, ref_top), (rnd, ref_rnd)):
+        np.testing.assert_array_equal(got.index, ref.index)
+        np.testing.assert_array_equal(got.keys, ref.keys)
+        assert [p[0] for p in got.payload] == [p[0] for p in ref.payload]
+        for (_, a), (_, b) in zip(got.payload, ref.payload):
+            assert a.dtype == F64 and torch.equal(a, b) and a.untyped_storage().nbytes() == a.numel() * 8
+
+
+@pytest.mark.parametrize("mode", ["tp", "p"])
+def test_lcmd_float32_picks_as_float64(mode):
+    """pick() runs LCMD on float32 vectors: on a fresh random case the picks equal the float64 ones.
+
+    They can differ only where two squared distances (or two cluster sizes) agree to within float32
+    rounding (~1e-7 relative), i.e. on near-ties, which random continuous features do not produce.
+    """
+    train, pool = _features(21, n_train=300, n_pool=1500, d=64)
+    centres = train if mode == "tp" else None
+    want = ntkal.lcmd(pool, centres, 60, mode=mode)
+    got = ntkal.lcmd(pool.float(), None if centres is None else centres.float(), 60, mode=mode)
+    np.testing.assert_array_equal(got, want)
