@@ -4,6 +4,7 @@ Usage::
 
     pip download --no-deps --no-binary :all: pyxtal-ff==0.2.3 -d /tmp/pyxtal
     python -m ntkal.data.make_si_data --sdist /tmp/pyxtal/pyxtal_ff-0.2.3.tar.gz
+    python -m ntkal.data.make_si_data test-splits --sdist /tmp/pyxtal/pyxtal_ff-0.2.3.tar.gz
 
 The sdist is read with :mod:`tarfile`; PyXtal_FF is never installed or imported.
 Source records (``pyxtal_ff/datasets/Si/PyXtal/Si{4,6,8,16}.json``) hold
@@ -174,5 +175,85 @@ def main(argv=None) -> None:
         print(describe(name, images) + f"; {path.stat().st_size / 1024:.1f} KiB")
 
 
+# --- Held-out test splits (added later; the three files above are left exactly as they were) ---
+
+
+def main_test_splits(argv=None) -> None:
+    """Write si_test_id.extxyz.gz and si_test_ood.extxyz.gz from the same sdist.
+
+    ``si_test_id``: Si8 + Si16 structures passing the same filters as the pool, drawn from those
+    not already in si_train / si_pool (read back from the shipped files).
+    ``si_test_ood``: higher-energy Si8 + Si16 cells, ``--max-energy-per-atom`` < E/atom <=
+    ``--ood-max-energy-per-atom``, same atom-count and distance filters, max |F| <= ``--max-force``.
+    """
+    p = argparse.ArgumentParser(description=main_test_splits.__doc__.split("\n")[0])
+    p.add_argument("--sdist", required=True, help="path to pyxtal_ff-0.2.3.tar.gz")
+    p.add_argument("--out", default=str(DATA_DIR), help="output folder (and where si_train/si_pool are)")
+    p.add_argument("--n-test-id", type=int, default=150)
+    p.add_argument("--n-test-ood", type=int, default=120)
+    p.add_argument("--max-energy-per-atom", type=float, default=-4.0)
+    p.add_argument("--ood-max-energy-per-atom", type=float, default=-3.5)
+    p.add_argument("--min-atoms-large", type=int, default=4)
+    p.add_argument("--min-distance", type=float, default=1.8)
+    p.add_argument("--max-force", type=float, default=10.0, help="eV/A, for the OOD cells")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    out = pathlib.Path(args.out)
+    key = lambda a: (a.info["config_type"], int(a.info["pyxtal_index"]))
+    used = {key(a) for name in ("si_train", "si_pool") for a in read(str(out / f"{name}.extxyz.gz"), ":")}
+    in_dist, ood = [], []
+    with tarfile.open(args.sdist, "r:gz") as tar:
+        for stem in LARGE_SOURCES:
+            raw = load_source(tar, stem)
+            kept, _ = filter_structures(raw, args.max_energy_per_atom, args.min_atoms_large, args.min_distance)
+            in_dist += [a for a in kept if key(a) not in used]
+            hot, _ = filter_structures(raw, args.ood_max_energy_per_atom, args.min_atoms_large,
+                                       args.min_distance)
+            ood += [a for a in hot if a.info["REF_energy"] / len(a) > args.max_energy_per_atom
+                    and np.abs(a.arrays["REF_forces"]).max() <= args.max_force]
+    print(f"candidates: {len(in_dist)} in-distribution (unused), {len(ood)} higher-energy")
+    rng = np.random.default_rng([args.seed, 1])
+    sets = {
+        "si_test_id.extxyz.gz": [in_dist[i] for i in np.sort(rng.choice(len(in_dist), args.n_test_id, replace=False))],
+        "si_test_ood.extxyz.gz": [ood[i] for i in np.sort(rng.choice(len(ood), args.n_test_ood, replace=False))],
+    }
+    for name, images in sets.items():
+        path = out / name
+        write_extxyz_gz(path, images)
+        check_file(path, len(images))
+        print(describe(name, images) + f"; {path.stat().st_size / 1024:.1f} KiB")
+
+
+
+def write_split(path: pathlib.Path, images, info_keys=(), note: str = "") -> None:
+    """Write and check one generated split, then print its size, label ranges and per-tag counts."""
+    write_extxyz_gz(path, images)
+    check_file(path, len(images))
+    e = np.array([a.info["REF_energy"] / len(a) for a in images])
+    fmax = max(float(np.abs(a.arrays["REF_forces"]).max()) for a in images)
+    counts = "; ".join(f"{k} {dict(Counter(a.info[k] for a in images))}" for k in info_keys)
+    print(f"{path.name}: {len(images)} structures, {sum(len(a) for a in images)} atoms; {counts}; "
+          f"E/atom [{e.min():.3f}, {e.max():.3f}] eV; max|F| {fmax:.2f} eV/A; {note}"
+          f"{path.stat().st_size / 1024:.1f} KiB", flush=True)
+
+
+
+def generator_parser(doc: str, splits) -> argparse.ArgumentParser:
+    """Command line shared by the study-data generators (make_oc20_like, make_t1x_like)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--out", default=str(DATA_DIR), help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-force", type=float, default=10.0,
+                   help="drop structures with a force component above this (eV/A)")
+    p.add_argument("--splits", nargs="+", default=list(splits), choices=splits)
+    return p
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["test-splits"]:
+        main_test_splits(sys.argv[2:])
+    else:
+        main()
