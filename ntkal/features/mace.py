@@ -2,7 +2,8 @@
 
 The reference path loops over structures with torch.autograd.grad: one backward for the energy
 row, one double backward per force row (3N exact rows, or m Rademacher probes). It is slow and
-obviously right, works for any parameter, and is the oracle for the fast batched path.
+obviously right, works for any parameter, and is the oracle for the fast batched path (fast.py),
+which impl="auto" uses whenever it has a rule for every sketched parameter.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, ModelError
+from .fast import FastTaps, UnsupportedModel, fast_rows
 from .rowblock import EMBEDDING, ENERGY, FORCE, RowBlock
 from .sketch import PARAM_SETS, Sketch
 
@@ -86,14 +88,14 @@ class MACEFeaturizer:
         self.atomic_numbers = [int(z) for z in self.model.atomic_numbers]
         self.r_max = float(self.model.r_max)
         self.heads = getattr(self.model, "heads", None)
-        if impl == "fast":
-            raise ValueError("impl='fast' is not available in this version; use 'auto' or 'reference'")
+        self.requested_impl = impl
         self.impl = "reference"
         self.sketch = None
         self.coverage = None
+        self._taps = None
+        self.fallback_reason = None
         if kernel != "embedding":
-            self.sketch = Sketch.for_model(self.model, self.sketch_dim, params, self.seed, dtype, self.device)
-            self.coverage = self.sketch.coverage
+            self._make_sketch()
         self._z_table = None
         self.row_chunk = 64  # force rows per vmapped double backward (bounds memory: rows x parameters)
 
@@ -111,9 +113,22 @@ class MACEFeaturizer:
         if force_probes != "same":
             other.force_probes = force_probes
         if other.sketch is None and kernel != "embedding":
-            other.sketch = Sketch.for_model(self.model, self.sketch_dim, self.params, self.seed, self.dtype, self.device)
-            other.coverage = other.sketch.coverage
+            other._make_sketch()
         return other
+
+    def _make_sketch(self):
+        """The parameter sketch and, unless impl="reference", the fast path's taps on the model."""
+        self.sketch = Sketch.for_model(self.model, self.sketch_dim, self.params, self.seed, self.dtype, self.device)
+        self.coverage = self.sketch.coverage
+        if self.requested_impl == "reference":
+            return
+        try:
+            self._taps = FastTaps(self.model, self.sketch)
+            self.impl = "fast"
+        except UnsupportedModel as exc:
+            if self.requested_impl == "fast":
+                raise ValueError(f"impl='fast' cannot handle this model: {exc}") from None
+            self.fallback_reason = str(exc)
 
     @property
     def psi_dim(self) -> int:
@@ -169,6 +184,8 @@ class MACEFeaturizer:
         self.check_elements(atoms_list)
         if self.kernel == "embedding":
             return self._embedding_rows(atoms_list)
+        if self._taps is not None:
+            return fast_rows(self, atoms_list)
         return self._reference_rows(atoms_list)
 
     def _embedding_rows(self, atoms_list) -> RowBlock:
