@@ -1,0 +1,85 @@
+"""The committee baseline: members fine-tuned from the pretrained model with different seeds.
+
+Score of a structure = its per-atom energy variance over the members / c_E + its mean force-component
+variance / c_F, where c_E, c_F are the means of the two terms over the labelled set (so each part
+averages 1 there, the convention DESIGN §2 uses for the NTK kinds). Batch: top-M shortlist by score,
+then LCMD (TP mode) on the member-deviation vector
+
+  psi(x) = [ (E_m(x) - mean E(x)) / N / sqrt(c_E),  rms_atoms,xyz(F_m(x) - mean F(x)) / sqrt(c_F) ]_m / sqrt(M)
+
+whose squared norm is exactly the score: the committee's own "ensemble kernel" distance, with the
+labelled structures as TP centres, as the NTK methods use their feature vectors.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..select import default_shortlist, lcmd
+from .metrics import load_model, predict
+
+
+def member_predictions(model_paths: Sequence, structures: Sequence, batch_size: int = 32):
+    """[(energies [n], forces list)] per member."""
+    out = []
+    for path in model_paths:
+        model = load_model(path)
+        out.append(predict(model, structures, batch_size))
+        del model
+    return out
+
+
+def disagreement(preds, natoms) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(per-atom energy variance [n], mean force-component variance [n], energy deviations [n, M],
+    rms force deviations [n, M]) from member predictions (population variance over the M members)."""
+    n_at = np.asarray(natoms, dtype=np.float64)
+    e = np.stack([p[0] for p in preds], axis=1) / n_at[:, None]            # [n, M] eV/atom
+    de = e - e.mean(axis=1, keepdims=True)
+    var_e = (de ** 2).mean(axis=1)
+    n = len(n_at)
+    m = len(preds)
+    var_f = np.zeros(n)
+    rms_f = np.zeros((n, m))
+    for i in range(n):
+        f = np.stack([p[1][i] for p in preds])                             # [M, N_i, 3]
+        df = f - f.mean(axis=0, keepdims=True)
+        var_f[i] = (df ** 2).mean()
+        rms_f[i] = np.sqrt((df ** 2).reshape(m, -1).mean(axis=1))
+    return var_e, var_f, de, rms_f
+
+
+def scores_and_psi(preds, natoms, scale_e: float, scale_f: float):
+    """(score [n], psi [n, 2M]) with ||psi||^2 == score."""
+    var_e, var_f, de, rms_f = disagreement(preds, natoms)
+    m = de.shape[1]
+    score = var_e / scale_e + var_f / scale_f
+    psi = np.concatenate([de / np.sqrt(scale_e), rms_f / np.sqrt(scale_f)], axis=1) / np.sqrt(m)
+    return score, psi
+
+
+def committee_select(member_paths: Sequence, labelled: Sequence, pool: Sequence, budget: int, seed: int,
+                     shortlist=None, batch_size: int = 32):
+    """Positions into `pool` in pick order, and an info dict (scales, shortlist size, status)."""
+    pl = member_predictions(member_paths, list(labelled), batch_size)
+    pp = member_predictions(member_paths, list(pool), batch_size)
+    var_e_l, var_f_l, _, _ = disagreement(pl, [len(a) for a in labelled])
+    scale_e = float(var_e_l.mean()) if var_e_l.mean() > 0 else 1.0
+    scale_f = float(var_f_l.mean()) if var_f_l.mean() > 0 else 1.0
+    s_lab, psi_lab = scores_and_psi(pl, [len(a) for a in labelled], scale_e, scale_f)
+    s_pool, psi_pool = scores_and_psi(pp, [len(a) for a in pool], scale_e, scale_f)
+    m = max(int(shortlist or default_shortlist(budget)), budget)
+    order = np.lexsort((np.arange(len(pool)), -s_pool))[:m]                 # ties to the lower index
+    picks, status = lcmd(torch.from_numpy(psi_pool[order]), torch.from_numpy(psi_lab), budget, mode="tp",
+                         seed=seed, return_status=True)
+    positions = order[picks]
+    info = {"scale_e": scale_e, "scale_f": scale_f, "shortlist_size": int(len(order)), "status": status,
+            "mean_score_labelled": float(s_lab.mean()), "mean_score_pool": float(s_pool.mean()),
+            "scores": [float(s_pool[i]) for i in positions]}
+    return np.asarray(positions, dtype=np.int64), info
+
+
+def member_seeds(seed: int, size: int) -> List[int]:
+    """Member 0 uses the study seed: it is the same fine-tune every method evaluates on that labelled set."""
+    return [seed + 1000 * j for j in range(size)]

@@ -1,0 +1,87 @@
+"""Feature rows of the ONE pretrained model, computed once per structure and reused every round.
+
+The NTK and embedding methods select with the pretrained model's features and the growing labelled
+set (the paper's point), so a structure's rows never change during a study: they are cached by
+`info["exp_id"]`. Three featurisations are kept (all with sketch seed 0, the study's fixed sketch):
+  - "embedding": one mean-node-feature row;
+  - "energy":    the energy-NTK row (also the LCMD vector of every NTK kernel);
+  - "joint" / "joint_exact": energy + force rows, force rows by Rademacher probes for pool scoring
+    (`selection.force_probes`) or exact 3N rows for labelled, target and greedy-candidate structures
+    (as `ntkal.select` does). The force kernel is the joint block without its energy row.
+The seconds each structure's featurisation took are recorded, so a round's acquisition time can be
+charged what a fresh `ntkal.select` call would spend on the same structures.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from ..features import ENERGY, FORCE, MACEFeaturizer, RowBlock
+from .config import SelectionConfig
+
+#: which cached featurisation serves each (kernel, exact?) request
+_SOURCE = {("embedding", False): "embedding", ("embedding", True): "embedding",
+           ("energy", False): "energy", ("energy", True): "energy",
+           ("force", False): "joint", ("force", True): "joint_exact",
+           ("joint", False): "joint", ("joint", True): "joint_exact"}
+
+
+def restrict(block: RowBlock, kinds: Tuple[int, ...]) -> RowBlock:
+    """The same structures with only rows of the given kinds (psi and natoms kept)."""
+    keep = torch.zeros(block.kind.shape[0], dtype=torch.bool)
+    for k in kinds:
+        keep |= block.kind == k
+    counts = torch.zeros(len(block), dtype=torch.int64).index_add_(
+        0, block.seg.cpu()[keep], torch.ones(int(keep.sum()), dtype=torch.int64))
+    ptr = torch.zeros(len(block) + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(counts, 0)
+    return RowBlock(block.rows[keep.to(block.rows.device)], ptr, block.kind[keep], block.natoms,
+                    None if block.atom is None else block.atom[keep], block.psi)
+
+
+class FeatureStore:
+    """Per-structure RowBlocks of one model, computed on first use (chunked) and cached by exp_id."""
+
+    def __init__(self, model_path, sel: SelectionConfig, chunk_size: int = 32):
+        base = MACEFeaturizer(str(model_path), kernel="joint", sketch_dim=sel.sketch_dim,
+                              force_probes=sel.force_probes, seed=0)
+        self.featurizers = {"joint": base, "joint_exact": base.with_kernel("joint", None),
+                            "energy": base.with_kernel("energy", None),
+                            "embedding": base.with_kernel("embedding", None)}
+        self.chunk_size = int(chunk_size)
+        self.cache: Dict[str, Dict[str, RowBlock]] = {k: {} for k in self.featurizers}
+        self.cost: Dict[str, Dict[str, float]] = {k: {} for k in self.featurizers}  # seconds per structure
+        self.settings = {**base.settings(), "pool_force_probes": sel.force_probes, "labelled_force_rows": "exact"}
+
+    def _fill(self, source: str, structures: Sequence) -> None:
+        todo = [a for a in structures if a.info["exp_id"] not in self.cache[source]]
+        fz = self.featurizers[source]
+        for start in range(0, len(todo), self.chunk_size):
+            chunk = todo[start:start + self.chunk_size]
+            t0 = time.perf_counter()
+            block = fz(chunk)
+            per = (time.perf_counter() - t0) / len(chunk)
+            for i, a in enumerate(chunk):
+                self.cache[source][a.info["exp_id"]] = block.select([i])
+                self.cost[source][a.info["exp_id"]] = per
+
+    def rows(self, kernel: str, structures: Sequence, exact: bool = False) -> Tuple[RowBlock, float]:
+        """(RowBlock of `kernel` for the structures in order, seconds a fresh featurisation would take)."""
+        source = _SOURCE[(kernel, exact)]
+        self._fill(source, structures)
+        ids = [a.info["exp_id"] for a in structures]
+        block = RowBlock.cat([self.cache[source][i] for i in ids])
+        if kernel == "force":
+            block = restrict(block, (FORCE,))
+        elif kernel == "energy":
+            block = restrict(block, (ENERGY,))
+        return block, float(sum(self.cost[source][i] for i in ids))
+
+    def seconds(self) -> Dict[str, float]:
+        """Total featurisation seconds spent so far, per featurisation."""
+        return {k: float(sum(v.values())) for k, v in self.cost.items()}
+
+    def count(self) -> Dict[str, int]:
+        return {k: len(v) for k, v in self.cache.items()}

@@ -1,0 +1,78 @@
+"""Energy and force errors of a model's predictions, and the model's predictions themselves.
+
+Energies are compared per atom (eV/atom → meV/atom), forces per Cartesian component over every atom
+of every structure (eV/Å → meV/Å): the units of mace's own error tables and of the paper's tables.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+
+def errors(pred_energy, ref_energy, natoms, pred_forces: Sequence, ref_forces: Sequence) -> Dict[str, float]:
+    """MAE and RMSE of per-atom energies (meV/atom) and force components (meV/Å)."""
+    pe, re_, n = (np.asarray(x, dtype=np.float64) for x in (pred_energy, ref_energy, natoms))
+    if not (pe.shape == re_.shape == n.shape) or pe.ndim != 1 or len(pe) == 0:
+        raise ValueError("pred_energy, ref_energy and natoms must be equal-length non-empty 1-d arrays")
+    if len(pred_forces) != len(pe) or len(ref_forces) != len(pe):
+        raise ValueError("one force array per structure is needed")
+    de = (pe - re_) / n
+    df = np.concatenate([(np.asarray(p, dtype=np.float64) - np.asarray(r, dtype=np.float64)).ravel()
+                         for p, r in zip(pred_forces, ref_forces)])
+    return {
+        "e_mae": 1e3 * float(np.mean(np.abs(de))),
+        "e_rmse": 1e3 * float(np.sqrt(np.mean(de ** 2))),
+        "f_mae": 1e3 * float(np.mean(np.abs(df))),
+        "f_rmse": 1e3 * float(np.sqrt(np.mean(df ** 2))),
+        "n_structures": int(len(pe)),
+        "n_atoms": int(n.sum()),
+    }
+
+
+def load_model(path, dtype: str = "float64"):
+    """A saved mace model (torch.save of the module) on the CPU in `dtype`, in eval mode."""
+    import torch
+    model = torch.load(str(path), map_location="cpu", weights_only=False)
+    model = model.double() if dtype == "float64" else model.float()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def predict(model, structures: Sequence, batch_size: int = 32) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """Total energies [n] (eV) and forces (list of [N_i, 3], eV/Å) of a mace model, batched."""
+    import torch
+    from mace import data as mace_data
+    from mace.tools import AtomicNumberTable, torch_geometric
+    dtype = next(model.parameters()).dtype
+    z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
+    r_max = float(model.r_max)
+    heads = getattr(model, "heads", None)
+    keys = mace_data.KeySpecification(info_keys={}, arrays_keys={})
+    energies, forces = [], []
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        for start in range(0, len(structures), batch_size):
+            chunk = structures[start:start + batch_size]
+            ds = [mace_data.AtomicData.from_config(mace_data.config_from_atoms(a, key_specification=keys),
+                                                   z_table=z_table, cutoff=r_max, heads=heads) for a in chunk]
+            loader = torch_geometric.dataloader.DataLoader(dataset=ds, batch_size=len(ds), shuffle=False)
+            batch = next(iter(loader)).to_dict()
+            out = model(batch, training=False, compute_force=True)
+            energies.append(out["energy"].detach().cpu().numpy().astype(np.float64))
+            f = out["forces"].detach().cpu().numpy().astype(np.float64)
+            ptr = batch["ptr"].numpy()
+            forces.extend(f[ptr[i]:ptr[i + 1]] for i in range(len(chunk)))
+    finally:
+        torch.set_default_dtype(old)
+    return np.concatenate(energies) if energies else np.zeros(0), forces
+
+
+def evaluate(model, structures: Sequence, batch_size: int = 32) -> Dict[str, float]:
+    """errors() of `model` on labelled structures (REF_energy / REF_forces)."""
+    e, f = predict(model, structures, batch_size)
+    return errors(e, [a.info["REF_energy"] for a in structures], [len(a) for a in structures],
+                  f, [a.arrays["REF_forces"] for a in structures])
