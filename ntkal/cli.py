@@ -43,6 +43,8 @@ class Settings:
     checkpoint_every: float = 60.0
     progress: bool = True
     debug: bool = False
+    config: Optional[str] = None  # experiment: study YAML (default: the packaged study.yaml)
+    quick: bool = False  # experiment: smoke-sized run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ntkal", description="Force-aware NTK active learning for MACE potentials: pick the structures "
                                   "worth a DFT calculation.")
     parser.add_argument("--version", action="version", version=f"ntkal {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{select,score,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{select,score,demo,experiment}")
 
     def common(p, need_files=True):
         g = p.add_argument_group("features and posterior")
@@ -117,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     selection(p, budget_default=20)
     p.add_argument("--out", default="ntkal-demo", help="output directory (default ./ntkal-demo)")
     p.set_defaults(force_probes=8)  # 8 probes keep Spearman 0.97 to exact at 0.28x the cost (bench/RESULTS.md)
+
+    p = sub.add_parser("experiment", help="active-learning study: select, label, fine-tune, evaluate",
+                       description="Rounds of select -> label -> mace_run_train --foundation_model fine-tune -> "
+                                   "evaluate, for every method, dataset and seed of the config; writes results/*.json, "
+                                   "figures/*.png and results.md under --out (rerun to resume).")
+    p.add_argument("config", nargs="?", default=None, help="study YAML (default: the packaged study.yaml)")
+    p.add_argument("--quick", action="store_true", help="smoke run: the config's `quick:` sizes")
+    p.add_argument("--out", default="ntkal-experiment", help="output directory (default ./ntkal-experiment)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -304,6 +316,12 @@ def run_demo(s: Settings) -> dict:
     return done
 
 
+def run_experiment(s: Settings) -> dict:
+    """ntkal experiment: the active-learning study (ntkal/experiment), then its report."""
+    from .experiment.cli import run
+    return run(s.config, s.quick, Path(s.out))
+
+
 def plot_scores(res, path: Path):
     """Histogram of the shortlist's PV scores with the picks marked."""
     import matplotlib
@@ -336,7 +354,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(max(1, s.threads))
         from .runstate import init_distributed
         init_distributed()
-        {"select": run_select, "score": run_score, "demo": run_demo}[s.command](s)
+        {"select": run_select, "score": run_score, "demo": run_demo, "experiment": run_experiment}[s.command](s)
     except NtkalError as exc:
         if s.debug:
             raise
