@@ -108,6 +108,9 @@ def test_features_stage_tiny(tiny_model_file):
     doc = bench_features.run(a, ["features"])
     rows = {(r["impl"], r["kernel"]): r for r in doc["results"]}
     assert rows[("reference", "force probes (m=1)")]["rows_per_struct"] == 1
+    fast = rows[("fast", "force probes (m=1)")]
+    assert fast["rows_per_struct"] == 1 and fast["speedup_vs_reference"] > 0
+    assert rows[("fast", "energy")]["coverage"] >= 0.95
     assert rows[("-", "floor: model energy+forces")]["structures_per_s"] > 0
     assert "structures/s" in bench_features.table(doc)
 

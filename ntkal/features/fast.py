@@ -84,6 +84,7 @@ class FastTaps:
 
         self.model, self.sketch = model, sketch
         self.route = "auto"  # sketch route per block: "auto" (fewer flops), "rows" (tensor_sketch) or "dense"
+        self.vmap_perturbation = True  # perturbed layers: one vmapped call (True) or a loop over structures
         self.vmap = None  # double backward over projections: vmapped (True), a loop (False), None: vmapped on CUDA
         self.tapped: Dict[str, _Tapped] = {}
         self.perturbed: Dict[str, _Perturbed] = {}
@@ -144,15 +145,25 @@ class FastTaps:
             if any(x.shape[0] != int(ptr[-1]) for x in inputs if torch.is_tensor(x)):
                 raise UnsupportedModel(f"{type(module).__name__} is not applied per atom")
             zeros = {n: torch.zeros_like(q) for n, q in module.named_parameters() if n in p.others}
-            extra = []
             self._guard = True
             try:
-                for s in range(len(ptr) - 1):
-                    a, b = int(ptr[s]), int(ptr[s + 1])
-                    params = dict(zeros)
-                    params.update({n: d[s] for n, d in p.deltas.items()})
-                    args = tuple(x[a:b] if torch.is_tensor(x) else x for x in inputs)
-                    extra.append(torch.func.functional_call(module, params, args))
+                if self.vmap_perturbation:  # one vmapped call over zero-padded per-structure rows
+                    sizes = (ptr[1:] - ptr[:-1]).tolist()
+                    pos = torch.cat([torch.arange(c) + s * max(sizes) for s, c in enumerate(sizes)]).to(output.device)
+                    padded = [_pad(x, pos, len(sizes), max(sizes)) if torch.is_tensor(x) else x for x in inputs]
+
+                    def one(deltas, *args):
+                        return torch.func.functional_call(module, {**zeros, **deltas}, args)
+                    extra = torch.func.vmap(one)(p.deltas, *padded)
+                    extra = [extra.reshape(-1, *extra.shape[2:]).index_select(0, pos)]
+                else:
+                    extra = []
+                    for s in range(len(ptr) - 1):
+                        a, b = int(ptr[s]), int(ptr[s + 1])
+                        params = dict(zeros)
+                        params.update({n: d[s] for n, d in p.deltas.items()})
+                        args = tuple(x[a:b] if torch.is_tensor(x) else x for x in inputs)
+                        extra.append(torch.func.functional_call(module, params, args))
             finally:
                 self._guard = False
             return output + torch.cat(extra)
@@ -301,6 +312,12 @@ def _double_backward(forces, inputs, vectors, batched: bool):
                                    is_grads_batched=True)
     per = [torch.autograd.grad(forces, inputs, grad_outputs=v, retain_graph=True, allow_unused=True) for v in vectors]
     return [None if g[0] is None else torch.stack(g) for g in zip(*per)]
+
+
+def _pad(x: torch.Tensor, pos: torch.Tensor, n: int, maxlen: int) -> torch.Tensor:
+    """[rows, ...] -> [n, maxlen, ...]: each structure's rows at the front of its slot, zeros after."""
+    out = x.new_zeros((n * maxlen,) + tuple(x.shape[1:])).index_copy(0, pos, x)
+    return out.view((n, maxlen) + tuple(x.shape[1:]))
 
 
 def _or_zeros(g, like, J=None):
