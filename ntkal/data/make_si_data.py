@@ -178,11 +178,29 @@ def main(argv=None) -> None:
 # --- Held-out test splits (added later; the three files above are left exactly as they were) ---
 
 
+def structure_key(atoms: Atoms) -> bytes:
+    """Species, positions and cell rounded to 1e-4 A: equal for records that repeat a structure."""
+    return b"".join(np.round(x, 4).tobytes() for x in (atoms.numbers.astype(float), atoms.positions,
+                                                        np.asarray(atoms.cell)))
+
+
+def unique_structures(images, exclude=frozenset()) -> list[Atoms]:
+    """First occurrence of each geometry, skipping those whose key is in `exclude`."""
+    seen, out = set(exclude), []
+    for a in images:
+        k = structure_key(a)
+        if k not in seen:
+            seen.add(k)
+            out.append(a)
+    return out
+
+
 def main_test_splits(argv=None) -> None:
     """Write si_test_id.extxyz.gz and si_test_ood.extxyz.gz from the same sdist.
 
     ``si_test_id``: Si8 + Si16 structures passing the same filters as the pool, drawn from those
-    not already in si_train / si_pool (read back from the shipped files).
+    whose geometry is in neither si_train nor si_pool (read back from the shipped files), each
+    geometry once.
     ``si_test_ood``: higher-energy Si8 + Si16 cells, ``--max-energy-per-atom`` < E/atom <=
     ``--ood-max-energy-per-atom``, same atom-count and distance filters, max |F| <= ``--max-force``.
     """
@@ -200,18 +218,19 @@ def main_test_splits(argv=None) -> None:
     args = p.parse_args(argv)
 
     out = pathlib.Path(args.out)
-    key = lambda a: (a.info["config_type"], int(a.info["pyxtal_index"]))
-    used = {key(a) for name in ("si_train", "si_pool") for a in read(str(out / f"{name}.extxyz.gz"), ":")}
+    # the source repeats some records under another index: compare geometries, not indices
+    used = {structure_key(a) for name in ("si_train", "si_pool") for a in read(str(out / f"{name}.extxyz.gz"), ":")}
     in_dist, ood = [], []
     with tarfile.open(args.sdist, "r:gz") as tar:
         for stem in LARGE_SOURCES:
             raw = load_source(tar, stem)
             kept, _ = filter_structures(raw, args.max_energy_per_atom, args.min_atoms_large, args.min_distance)
-            in_dist += [a for a in kept if key(a) not in used]
+            in_dist += kept
             hot, _ = filter_structures(raw, args.ood_max_energy_per_atom, args.min_atoms_large,
                                        args.min_distance)
             ood += [a for a in hot if a.info["REF_energy"] / len(a) > args.max_energy_per_atom
                     and np.abs(a.arrays["REF_forces"]).max() <= args.max_force]
+    in_dist, ood = unique_structures(in_dist, used), unique_structures(ood, used)
     print(f"candidates: {len(in_dist)} in-distribution (unused), {len(ood)} higher-energy")
     rng = np.random.default_rng([args.seed, 1])
     sets = {
