@@ -90,6 +90,8 @@ class PoolShiftConfig:
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     methods: List[str] = field(default_factory=lambda: list(METHODS))
     target_kernels: List[str] = field(default_factory=lambda: list(TARGET_KERNELS))
+    rounds: Optional[int] = None        # default: the study's rounds / budget
+    budget: Optional[int] = None
 
 
 @dataclass
@@ -297,9 +299,16 @@ def validate(cfg: StudyConfig) -> None:
         need(ps.dataset in names, f"pool_shift.dataset {ps.dataset!r} is not one of the datasets ({', '.join(names)})")
         need(isinstance(ps.target_fraction, (int, float)) and 0 <= ps.target_fraction < 1,
              f"pool_shift.target_fraction must be in [0, 1), got {ps.target_fraction!r}")
+        for what in ("rounds", "budget"):
+            if getattr(ps, what) is not None:
+                positive(getattr(ps, what), f"pool_shift.{what}")
+        b, r = ps.budget or cfg.budget, ps.rounds or cfg.rounds
         positive(ps.pool_size, "pool_shift.pool_size")
-        need(ps.pool_size >= cfg.budget * cfg.rounds,
-             f"pool_shift.pool_size ({ps.pool_size}) is smaller than budget x rounds ({cfg.budget * cfg.rounds})")
+        need(ps.pool_size >= b * r, f"pool_shift.pool_size ({ps.pool_size}) is smaller than budget x rounds ({b * r})")
+        need(sel.shortlist is None or sel.shortlist >= b,
+             f"selection.shortlist ({sel.shortlist}) is smaller than pool_shift budget ({b})")
+        need(sel.target_shortlist >= b,
+             f"selection.target_shortlist ({sel.target_shortlist}) is smaller than pool_shift budget ({b})")
         positive(ps.target_size, "pool_shift.target_size")
         ints(ps.seeds, "pool_shift.seeds")
         bad = [m for m in ps.methods if m not in METHODS]

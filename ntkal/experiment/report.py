@@ -331,7 +331,8 @@ def write_report(out: Path, commands: List[str], docs_name: str = "results.md") 
             lines += [f"## Pool shift ({ps['dataset']})", "",
                       f"Candidate pool of {ps['pool_size']} with {100 * ps['target_fraction']:.0f} % from the "
                       f"`{ps['region_key']}={ps['target_value']}` region (the dataset's pool has about 50 %); "
-                      f"{len(ps['seeds'])} seeds (each: its own pool draw, initial set and fine-tune seed). "
+                      f"{len(ps['seeds'])} seeds (each: its own pool draw, initial set and fine-tune seed); "
+                      f"{ps.get('rounds') or cfg.get('rounds')} round(s) of {ps.get('budget') or cfg.get('budget')} picks. "
                       f"`+target` runs rank by expected reduction of the predictive variance over "
                       f"{ps['target_size']} unlabelled target-region structures held out of the pool and of every test "
                       "split, then pick greedily (`ntkal select --target`). Final round; mean ± sd over seeds.", "",

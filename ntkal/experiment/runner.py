@@ -42,6 +42,8 @@ class Condition:
     region_key: Optional[str] = None
     target_value: str = "target"
     info: dict = field(default_factory=dict)
+    budget: int = 0                        # structures per round
+    rounds: int = 0
 
     @property
     def key(self) -> str:
@@ -63,6 +65,11 @@ def _default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
+
+
+def _sha256(path) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def machine() -> str:
@@ -156,7 +163,7 @@ class Runner:
             region = "region" if has_regions(ds) else None
             for seed in cfg.seeds:
                 cond = Condition(ds, "natural", seed, ds.pool, region_tests(ds.tests, region, "target"),
-                                 list(cfg.methods), region_key=region)
+                                 list(cfg.methods), region_key=region, budget=cfg.budget, rounds=cfg.rounds)
                 self.run_condition(cond, store, e0s)
             ps = cfg.pool_shift
             if ps is not None and ps.dataset == name:
@@ -165,7 +172,8 @@ class Runner:
                     pool, target, info = shifted_pool(ds, ps, seed)
                     cond = Condition(ds, "shift", seed, pool, region_tests(ds.tests, ps.region_key, ps.target_value),
                                      methods, target=target, region_key=ps.region_key,
-                                     target_value=ps.target_value, info=info)
+                                     target_value=ps.target_value, info=info,
+                                     budget=ps.budget or cfg.budget, rounds=ps.rounds or cfg.rounds)
                     self.run_condition(cond, store, e0s)
             feature_seconds[name] = {"seconds": store.seconds(), "structures": store.count(),
                                      "settings": store.settings}
@@ -214,9 +222,11 @@ class Runner:
         wanted["dataset"] = next(d for d in cfg["datasets"] if d["name"] == cond.dataset.name)
         if cond.name == "shift":
             wanted["pool_shift"] = cfg["pool_shift"]
+        wanted["data_sha256"] = {k: _sha256(v) for k, v in sorted(cond.dataset.files.items())}
         path = folder / "settings.json"
         if path.exists():
             old = json.loads(path.read_text())
+            old.setdefault("data_sha256", wanted["data_sha256"])   # records from before data hashes were kept
             if old != json.loads(json.dumps(wanted, default=_default)):
                 from .config import ConfigError
                 diff = sorted(k for k in wanted if old.get(k) != json.loads(json.dumps(wanted[k], default=_default)))
@@ -231,11 +241,11 @@ class Runner:
         state = json.loads(path.read_text()) if path.exists() else None
         if state is None:
             state = {"dataset": cond.dataset.name, "condition": cond.name, "seed": cond.seed, "method": method,
-                     "budget": cfg.budget, "rounds": [dict(r0, round=0, shared_round0=True)]}
+                     "budget": cond.budget, "rounds": [dict(r0, round=0, shared_round0=True)]}
         rounds = state["rounds"]
         labelled = list(init)
         model_path = r0_model
-        for r in range(cfg.rounds + 1):
+        for r in range(cond.rounds + 1):
             if r >= len(rounds):     # fine-tune and evaluate on the labelled set of this round
                 model_path, ft_s = self._finetune(labelled, valid, tmp / f"{method}-r{r}", cond.seed, cond, e0s)
                 rounds.append({"round": r, "n_labels": len(labelled), "metrics": self._evaluate(model_path, cond),
@@ -244,7 +254,7 @@ class Runner:
                 self._say(cond, method, rounds[r])
             elif r > 0:
                 model_path = None    # trained in an earlier process: retrained only if the committee needs it
-            if r == cfg.rounds:
+            if r == cond.rounds:
                 self._drop(model_path, r0_model)
                 break
             if "picks" in rounds[r]:
@@ -271,13 +281,13 @@ class Runner:
         base, kernel, with_target = parse_method(method)
         seed = cond.seed
         if base == "random":
-            return random_picks(len(avail), cfg.budget, seed, r, f"{cond.key}:{method}")
+            return random_picks(len(avail), cond.budget, seed, r, f"{cond.key}:{method}")
         if with_target:
-            return target_picks(store, kernel, labelled, avail, cond.target, cfg.budget, sel)
+            return target_picks(store, kernel, labelled, avail, cond.target, cond.budget, sel)
         if kernel is not None:
-            return feature_picks(store, kernel, "lcmd", labelled, avail, cfg.budget, sel, seed)
+            return feature_picks(store, kernel, "lcmd", labelled, avail, cond.budget, sel, seed)
         if base == "top":
-            return feature_picks(store, sel.top_kernel, "top", labelled, avail, cfg.budget, sel, seed)
+            return feature_picks(store, sel.top_kernel, "top", labelled, avail, cond.budget, sel, seed)
         if base == "committee":
             seeds = member_seeds(seed, cfg.committee_size)
             paths, extra_s = [], 0.0
@@ -290,7 +300,7 @@ class Runner:
                 if j > 0:
                     extra_s += ft_s
             t0 = time.perf_counter()
-            pos, info = committee_select(paths, labelled, avail, cfg.budget, seed, sel.shortlist, cfg.eval_batch_size)
+            pos, info = committee_select(paths, labelled, avail, cond.budget, seed, sel.shortlist, cfg.eval_batch_size)
             pred_s = time.perf_counter() - t0
             for p in paths[1:]:
                 self._drop(p, None)
