@@ -4,7 +4,7 @@ Usage::
 
     python -m ntkal.data.make_oc20_like            # writes oc20_<split>.extxyz.gz next to this file
 
-Every structure is a frame of its own short MD trajectory family: a 2x2x3 fcc(111) or fcc(100)
+Every structure is a frame of a short MD trajectory: a 2x2x3 fcc(111) or fcc(100)
 slab (12 metal atoms, 6 A vacuum each side, periodic in-plane only) with 0-2 adsorbates on a
 random site is relaxed for a few FIRE steps, rattled (0.05 A), given Maxwell-Boltzmann velocities
 at 300, 600 or 1200 K and run with Langevin MD (0.5 fs steps, bottom layer fixed); frames are taken
@@ -13,9 +13,10 @@ trajectory contributes to two splits.
 
 Splits (``oc20_<split>.extxyz.gz``):
 
-* ``pretrain``       -- clean slabs of all six metals, plus H and O on Cu and Pt;
-* ``train``          -- initial labelled set, one frame per trajectory;
-* ``pool``, ``test_id`` -- single adsorbates (H, O, OH, C, N, CO, NO, CH, NH) on Cu/Pt/Au/Ni;
+* ``pretrain``       -- clean slabs of all six metals, plus H and O (and, on 1 in 4 adsorbate
+  trajectories, CO or N) on Cu and Pt;
+* ``train``, ``pool``, ``test_id`` -- single adsorbates (H, O, OH, C, N, CO, NO, CH, NH) on
+  Cu/Pt/Au/Ni; ``train`` (the initial labelled set) takes one frame per trajectory;
 * ``test_ood_ads``   -- co-adsorbed pairs (combinations never seen together) on Cu/Pt/Au/Ni;
 * ``test_ood_metal`` -- single adsorbates on Pd/Ag (metals seen only as clean slabs in pretrain).
 
@@ -24,8 +25,9 @@ atoms, fixed ones included), no calculator attached. Provenance in ``info``: ``c
 (``slab``, ``adsorbate`` or ``coadsorbate``), ``metal``, ``facet``, ``site``, ``adsorbate``
 (``none``, one name, or ``A+B``), ``temperature`` (K), ``region``, ``trajectory``, ``frame``.
 ``region`` is ``"target"`` when an adsorbate contains C or N (the chemistry the pretrain set
-lacks), else ``"base"``; adsorbates are drawn so that about half of every non-pretrain split is
-target, which lets a pool-shift study subsample 10 % or 50 % target pools.
+barely covers: only CO and N, on 40 of its frames), else ``"base"``; trajectories alternate between the regions (adsorbates cycle within
+one), so half of every non-pretrain split is target and a pool-shift study can subsample 10 % or
+50 % target pools.
 
 Frames with any force component magnitude |F| above ``--max-force`` (default 10 eV/A) are dropped
 as exploded; the number dropped is printed.
@@ -60,6 +62,9 @@ ADSORBATES = {
     "NO": [("N", 0.0), ("O", 1.15)], "CH": [("C", 0.0), ("H", 1.10)],
     "NH": [("N", 0.0), ("H", 1.03)],
 }
+# pretrain adsorbates (on Cu and Pt only): mostly H and O, and a little C and N so that every
+# element has a trained embedding; 1 in 4 trajectories carries CO or N
+PRETRAIN_ADS = (("H",), ("O",), ("H",), ("CO",), ("O",), ("H",), ("O",), ("N",))
 BASE_ADS = ("H", "O", "OH")
 TARGET_ADS = ("C", "N", "CO", "NO", "CH", "NH")
 # co-adsorbed pairs for test_ood_ads: half base-only pairs, half with C/N
@@ -144,7 +149,7 @@ def split_specs(split: str, rng: np.random.Generator) -> list[dict]:
     """Trajectory specs of one split (see the module docstring for what each split holds)."""
     if split == "pretrain":
         specs = [draw_spec(rng, (m,), ()) for m in METALS_ID + METALS_OOD for _ in range(12)]
-        specs += [draw_spec(rng, ("Cu", "Pt"), (("H",), ("O",))[i % 2]) for i in range(40)]
+        specs += [draw_spec(rng, ("Cu", "Pt"), PRETRAIN_ADS[i % len(PRETRAIN_ADS)]) for i in range(40)]
         return specs
     n_traj = {"train": 24, "pool": 300, "test_id": 75, "test_ood_ads": 50, "test_ood_metal": 50}[split]
     if split == "test_ood_ads":
