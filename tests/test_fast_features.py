@@ -111,3 +111,13 @@ def test_rows_route_through_triton_interpreter(model, monkeypatch):
     fast._taps.route = "rows"
     ats = structures(2, seed=5)
     assert rel(fast(ats).rows, ref(ats).rows) <= 1e-9
+
+
+def test_auto_routes_exact_force_rows_to_the_reference_on_cpu(model):
+    kw = dict(sketch_dim=16, dtype=F64)
+    assert ntkal.MACEFeaturizer(model, kernel="energy", **kw).impl == "fast"
+    assert ntkal.MACEFeaturizer(model, kernel="joint", force_probes=4, **kw).impl == "fast"
+    exact = ntkal.MACEFeaturizer(model, kernel="joint", **kw)
+    assert exact.impl == "reference" and exact.with_kernel("energy").impl == "fast"
+    assert exact.with_kernel("joint", force_probes=2).impl == "fast"
+    assert ntkal.MACEFeaturizer(model, kernel="joint", impl="fast", **kw).impl == "fast"

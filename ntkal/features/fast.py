@@ -28,7 +28,9 @@ import ntk_kernels
 from .rowblock import ENERGY, FORCE, RowBlock
 
 ROUTES = ("auto", "rows", "dense")
-EXACT_BATCH = 16  # structures per batch for exact force rows (3·N_max double backwards each)
+# Structures per batch for force rows on a CPU: the per-projection double backward ran ~1.2x faster on
+# batches of 16 than of 64 there (bench/RESULTS.md); exact-row batches are also grouped by size.
+FORCE_BATCH_CPU = 16
 
 
 class UnsupportedModel(ValueError):
@@ -354,13 +356,17 @@ def _block_rows(t: _Tapped, x: torch.Tensor, y: torch.Tensor):
 
 
 def _segment_outer(a: torch.Tensor, b: torch.Tensor, seg: torch.Tensor, n: int, maxlen: int) -> torch.Tensor:
-    """G[s] = Σ_{rows i with seg_i = s} a_i ⊗ b_i for sorted seg, as one padded batched matmul."""
+    """G[s] = Σ_{rows i with seg_i = s} a_i ⊗ b_i for sorted seg: [n, d_a, d_b].
+
+    On a GPU one padded batched matmul; on a CPU one matmul per structure (no padding to fill).
+    """
     counts = torch.bincount(seg, minlength=n)
+    if not a.is_cuda:
+        sizes = counts.tolist()
+        return torch.stack([x.T @ y for x, y in zip(a.split(sizes), b.split(sizes))])
     starts = torch.cumsum(counts, 0) - counts
     pos = torch.arange(a.shape[0], device=a.device) - starts[seg] + seg * maxlen
-    ap = a.new_zeros(n * maxlen, a.shape[1]).index_copy_(0, pos, a).view(n, maxlen, a.shape[1])
-    bp = b.new_zeros(n * maxlen, b.shape[1]).index_copy_(0, pos, b).view(n, maxlen, b.shape[1])
-    return torch.bmm(ap.transpose(1, 2), bp)
+    return torch.bmm(_pad(a, pos, n, maxlen).transpose(1, 2), _pad(b, pos, n, maxlen))
 
 
 def _tapped_layer_forward(self, x):
@@ -382,12 +388,15 @@ def fast_rows(fz, atoms_list) -> RowBlock:
 
     Exact force rows cost one double backward per row index up to 3·N_max of the batch, so those
     batches are formed from structures of similar size (rows come back in the input order).
+    On a CPU, batches with force rows hold at most FORCE_BATCH_CPU structures.
     """
+    batch = fz.batch_size
+    if fz.kernel in ("force", "joint") and fz.device.type == "cpu":
+        batch = min(batch, FORCE_BATCH_CPU)
     if fz.kernel in ("force", "joint") and fz.force_probes is None:
-        groups = size_groups([len(a) for a in atoms_list], min(fz.batch_size, EXACT_BATCH))
+        groups = size_groups([len(a) for a in atoms_list], batch)
     else:
-        groups = [list(range(s, min(s + fz.batch_size, len(atoms_list))))
-                  for s in range(0, len(atoms_list), fz.batch_size)]
+        groups = [list(range(s, min(s + batch, len(atoms_list)))) for s in range(0, len(atoms_list), batch)]
     blocks = [_fast_batch(fz, [atoms_list[i] for i in g]) for g in groups]
     out = blocks[0] if len(blocks) == 1 else RowBlock.cat(blocks)
     order = [i for g in groups for i in g]
