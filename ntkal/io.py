@@ -219,9 +219,19 @@ def read_structures(path) -> Iterator:
     """
     path = _check_readable(path)
     kind, compression = _file_kind(path)
-    if kind == "db":
-        return _read_db(path)
-    return _read_extxyz(path, compression)
+    raw = _read_db(path) if kind == "db" else _read_extxyz(path, compression)
+    return _normalized(path, raw)
+
+
+def _normalized(path: Path, structures: Iterator) -> Iterator:
+    """Labels moved to the REF_* keys, with one warning per file naming what was moved."""
+    warned = False
+    for atoms in structures:
+        moved = normalize_labels(atoms)
+        if moved and not warned:
+            _warn_moved(path, set(moved))
+            warned = True
+        yield atoms
 
 
 class _FrameError(Exception):
@@ -276,7 +286,6 @@ def _parse_frame(lines: list[str]):
 
 
 def _read_extxyz(path: Path, compression):
-    warned = False
     index = 0
     try:
         fh = _open_text(path, "r", compression)
@@ -297,10 +306,6 @@ def _read_extxyz(path: Path, compression):
                 atoms = _parse_frame(lines)
             except Exception as exc:  # ase raises XYZError, ValueError, KeyError, IndexError, ...
                 raise InputError(f"malformed extxyz frame: {_reason(exc)}", path, index) from exc
-            moved = normalize_labels(atoms)
-            if moved and not warned:
-                _warn_moved(path, set(moved))
-                warned = True
             yield atoms
             index += 1
     finally:
@@ -320,7 +325,6 @@ def _db_error(path, exc, index=None):
 def _read_db(path: Path):
     if path.stat().st_size == 0:  # an empty sqlite file; connecting would write tables into it
         return
-    warned = False
     index = 0
     last_id = 0
     try:
@@ -340,10 +344,6 @@ def _read_db(path: Path):
             except Exception as exc:
                 raise InputError(f"cannot convert database row id={row.id} to a structure "
                                  f"({_reason(exc)})", path, index) from exc
-            moved = normalize_labels(atoms)
-            if moved and not warned:
-                _warn_moved(path, set(moved))
-                warned = True
             yield atoms
             index += 1
         last_id = rows[-1].id
