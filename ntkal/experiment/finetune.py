@@ -72,6 +72,7 @@ def build_args(cfg: FinetuneConfig, foundation: Path, train: Path, valid: Path, 
         "--energy_key=REF_energy",
         "--forces_key=REF_forces",
         f"--foundation_model={foundation}",
+        "--foundation_model_elements=True",   # keep every element of the model (a labelled set may lack some)
         f"--E0s={e0s}",
         "--model=ScaleShiftMACE",
         "--device=cpu",

@@ -158,8 +158,8 @@ def final(cur, method: str):
 
 def shift_table(cur, splits: List[str]) -> List[str]:
     head = "| method | " + " | ".join(f"{s} E MAE | {s} F MAE" for s in splits) + \
-           " | target-region share of picks | acquisition s / round |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(splits) + 1)]
+           " | target-region share of picks | acquisition s / round | acq. s, pool features reused |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(splits) + 2)]
     for m in [m for m in ORDER if m in cur] + sorted(set(cur) - set(ORDER)):
         cell = final(cur, m)
         vals = []
@@ -169,7 +169,9 @@ def shift_table(cur, splits: List[str]) -> List[str]:
         tf = _mean_sd(cell["target_frac"])
         share = f"{tf[0]:.2f} ± {tf[1]:.2f}" if tf[2] > 1 else (f"{tf[0]:.2f}" if tf[2] else "–")
         acq_all = [x for n in cur[m] for x in cur[m][n]["acq"] if x is not None]
-        lines.append(f"| {m} | " + " | ".join(vals) + f" | {share} | {_fmt(*_mean_sd(acq_all))} |")
+        reuse = [x for n in cur[m] for x in cur[m][n]["acq_reuse"]]
+        lines.append(f"| {m} | " + " | ".join(vals) + f" | {share} | {_fmt(*_mean_sd(acq_all))} | "
+                     f"{_fmt(*_mean_sd(reuse))} |")
     return lines
 
 
