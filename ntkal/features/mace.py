@@ -134,7 +134,7 @@ class MACEFeaturizer:
 
         "auto" takes the fast path when it has a rule for every sketched parameter, except for exact
         force rows on a CPU, where the reference's per-structure vmapped double backward measured
-        1.25-1.6x faster (bench/RESULTS.md); impl="fast" forces the fast path there too.
+        1.02-1.6x faster (bench/RESULTS.md, features); impl="fast" forces the fast path there too.
         """
         if self._taps is None:
             return "reference"
