@@ -121,3 +121,11 @@ def test_auto_routes_exact_force_rows_to_the_reference_on_cpu(model):
     assert exact.impl == "reference" and exact.with_kernel("energy").impl == "fast"
     assert exact.with_kernel("joint", force_probes=2).impl == "fast"
     assert ntkal.MACEFeaturizer(model, kernel="joint", impl="fast", **kw).impl == "fast"
+
+
+def test_perturbation_loop_equals_vmapped_call(model, atoms):
+    fast, ref = pair(model, "joint", 3)
+    fast._taps.vmap_perturbation = False
+    a = fast(atoms).rows
+    fast._taps.vmap_perturbation = True
+    assert rel(a, fast(atoms).rows) <= 1e-12 and rel(a, ref(atoms).rows) <= 1e-9

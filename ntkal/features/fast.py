@@ -88,6 +88,7 @@ class FastTaps:
         self.route = "auto"  # sketch route per block: "auto" (fewer flops), "rows" (tensor_sketch) or "dense"
         self.vmap_perturbation = True  # perturbed layers: one vmapped call (True) or a loop over structures
         self.vmap = None  # double backward over projections: vmapped (True), a loop (False), None: vmapped on CUDA
+        self.vec_chunk = 16  # projections sketched together (bounds the [J, rows, features] adjoints held at once)
         self.tapped: Dict[str, _Tapped] = {}
         self.perturbed: Dict[str, _Perturbed] = {}
         blocks_of: Dict[str, List[int]] = {}
@@ -176,8 +177,8 @@ class FastTaps:
         """Energy-row sketches [n, k] and, with forces, force-row sketches [J, n, k] for J projections.
 
         vectors [J, atoms, 3]: projection v_j of the chunk's forces (each structure's part of one
-        probe, or one unit vector per structure); they are pushed through the double backward
-        `vec_chunk` at a time (a vmapped backward).
+        probe, or one unit vector per structure); they are pushed through the double backward and
+        sketched `vec_chunk` at a time.
         """
         sk = self.sketch
         ptr = data["ptr"].cpu()
@@ -227,8 +228,6 @@ class FastTaps:
             parts.append(self._sketch_all(uses, dys, ybar, abar, dd2, deltas, segs, n_struct, J))
         return energy, torch.cat(parts)
 
-    vec_chunk = 16  # projections sketched together (bounds the [J, rows, features] adjoints held at once)
-
     def _sketch_all(self, uses, dys, ybars, abars, dds, deltas, segs, n, J=None):
         """Σ over blocks of the per-structure sketches: [n, k] for the energy (ybars None), else [J, n, k].
 
@@ -266,7 +265,8 @@ class FastTaps:
 
         A term is (a, b, a_batched, b_batched): a batched side has J·R rows (j-major), the other R rows
         shared by every j. Routes: "rows" = the fused tensor sketch over rows (segments j·n + s);
-        "dense" = per-structure outer products (a padded bmm) and the block's dense sketch.
+        "dense" = per-structure outer products (matmuls per structure on CPU, a padded bmm on GPU) and
+        the block's dense sketch.
         """
         sk = self.sketch
         A, B = sk.factors[bi]
@@ -275,6 +275,8 @@ class FastTaps:
         counts = torch.bincount(seg, minlength=n)
         maxlen = int(counts.max()) if counts.numel() else 0
         route = self.route
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
         if route == "auto":
             dense_cost = len(terms) * J * n * maxlen * d1 * d2 + 2 * J * n * d1 * d2 * k
             rows_cost = len(terms) * J * R * (d1 + d2) * k
