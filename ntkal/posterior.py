@@ -39,25 +39,29 @@ class _Accumulator:
         """Add a chunk of training rows; `start` is the chunk's first structure index (keeps LCMD centres in order)."""
         if len(block) == 0:
             return
-        rows = block.rows.detach().to(torch.float64)
-        if not torch.isfinite(rows).all():
-            raise NtkalError("training features contain NaN or inf (check the training structures)")
+        rows = block.rows.detach()
         if self.k is None:
             self.k = rows.shape[1]
         elif rows.shape[1] != self.k:
             raise ValueError(f"training row blocks disagree in width: {rows.shape[1]} != {self.k}")
+        sq = rows.square().sum(1, dtype=torch.float64)
+        if not torch.isfinite(sq).all():  # a NaN or inf anywhere in a row makes its squared norm one
+            raise NtkalError("training features contain NaN or inf (check the training structures)")
         seg = block.seg.to(rows.device)
         natoms = block.natoms.to(torch.float64).to(rows.device)
-        sq = rows.square().sum(1)
-        for kind in torch.unique(block.kind).tolist():
-            m = (block.kind == kind).to(rows.device)
-            g = rows[m]
-            self.gram[kind] = self.gram.get(kind, 0) + g.T @ g
-            per_struct = torch.zeros(len(block), dtype=torch.float64, device=rows.device).index_add_(0, seg[m], sq[m])
+        kinds = torch.unique(block.kind).tolist()
+        for kind in kinds:
+            if len(kinds) == 1:  # no masked copy
+                g, sq_k, seg_k = rows, sq, seg
+            else:
+                m = (block.kind == kind).to(rows.device)
+                g, sq_k, seg_k = rows[m], sq[m], seg[m]
+            self.gram[kind] = self.gram.get(kind, 0) + _gram(g)
+            per_struct = torch.zeros(len(block), dtype=torch.float64, device=rows.device).index_add_(0, seg_k, sq_k)
             if kind == FORCE and self.force_reduce == "mean":
                 per_struct = per_struct / natoms
             self.part[kind] = self.part.get(kind, 0.0) + float(per_struct.sum())
-        self.psi.append(block.lcmd_vectors().detach().cpu().to(torch.float64))
+        self.psi.append(block.lcmd_vectors().detach().cpu())  # float64 in from_accumulator
         first = self.n if start is None else int(start)
         self.psi_index.append(torch.arange(first, first + len(block)))
         self.n += len(block)
@@ -89,6 +93,24 @@ class _Accumulator:
             order = torch.argsort(torch.cat(idx))
             self.psi, self.psi_index = [torch.cat(psi)[order]], [torch.cat(idx)[order]]
         return self
+
+
+_GRAM_BLOCK = 2048  # rows per single-precision Gram product
+
+
+def _gram(g: torch.Tensor) -> torch.Tensor:
+    """gᵀg in float64: float64 rows directly; others as products of 2048-row blocks, each summed in float64.
+
+    Matches the kernels' rule (fp32 products, wider accumulation) and halves the n_train·k² cost of
+    the default float32 features; the precision and its Cholesky stay float64.
+    """
+    if g.dtype == torch.float64:
+        return g.T @ g
+    out = torch.zeros(g.shape[1], g.shape[1], dtype=torch.float64, device=g.device)
+    for r0 in range(0, g.shape[0], _GRAM_BLOCK):
+        gb = g[r0:r0 + _GRAM_BLOCK]
+        out += (gb.T @ gb).to(torch.float64)
+    return out
 
 
 @dataclass
@@ -141,10 +163,10 @@ class Posterior:
         Linv = torch.linalg.solve_triangular(L, torch.eye(k, dtype=torch.float64), upper=False)
         psi, psi_scale = None, 1.0
         if acc.psi:
-            psi = torch.cat(acc.psi).to(torch.float64)
-            ms = float(psi.square().sum(1).mean())
+            psi = torch.cat(acc.psi)
+            ms = float(psi.square().sum(1, dtype=torch.float64).mean())
             psi_scale = 1.0 / math.sqrt(ms) if ms > 0 else 1.0
-            psi = psi * psi_scale
+            psi = psi.to(torch.float64).mul_(psi_scale)
         return cls(L=L, Linv=Linv, scales=scales, sigma_e2=float(sigma_e2), sigma_f2=float(sigma_f2),
                    force_reduce=force_reduce, jitter=jitter, n_train=acc.n, kinds=sorted(scales),
                    psi_scale=psi_scale, train_psi=psi)
