@@ -174,6 +174,25 @@ class FastTaps:
 
     # --- one chunk -----------------------------------------------------------------------------
     def run(self, data: dict, n_struct: int, want_forces: bool, vectors: Optional[torch.Tensor] = None):
+        """Energy-row sketches [n, k] and, with forces, force-row sketches [J, n, k] (see _run)."""
+        try:
+            energy, forces = self._run(data, n_struct, want_forces, vectors)
+            return energy.detach(), None if forces is None else forces.detach()
+        finally:
+            self._release()
+
+    def _release(self):
+        """Drop the chunk's taps. A tap's gradient hook refers back to its input tensor (a reference
+        cycle), so without this each chunk's autograd graph would live until Python's cyclic GC ran:
+        measured +3 GB RSS over one 1,000-structure pool."""
+        for t in self.tapped.values():
+            for use in t.uses:
+                use.x = use.y = use.dx = None
+            t.uses.clear()
+        for p in self.perturbed.values():
+            p.deltas = {}
+
+    def _run(self, data: dict, n_struct: int, want_forces: bool, vectors: Optional[torch.Tensor] = None):
         """Energy-row sketches [n, k] and, with forces, force-row sketches [J, n, k] for J projections.
 
         vectors [J, atoms, 3]: projection v_j of the chunk's forces (each structure's part of one
