@@ -25,7 +25,7 @@ import torch
 
 import ntk_kernels
 
-from .rowblock import ENERGY, FORCE, RowBlock
+from .rowblock import RowBlock, structure_rows
 
 ROUTES = ("auto", "rows", "dense")
 # Structures per batch for force rows on a CPU: the per-projection double backward ran ~1.2x faster on
@@ -315,12 +315,12 @@ class FastTaps:
         for a, b, a_b, b_b in terms:
             if a_b:  # [J·R, d1] -> [R, J·d1]; G[s] = [J·d1, d2] -> [J, n, d1, d2]
                 a = a.view(J, R, d1).permute(1, 0, 2).reshape(R, J * d1)
-                g = _segment_outer(a, b, seg, n, maxlen).view(n, J, d1, d2).transpose(0, 1)
+                g = _segment_outer(a, b, seg, counts, maxlen).view(n, J, d1, d2).transpose(0, 1)
             elif b_b:
                 b = b.view(J, R, d2).permute(1, 0, 2).reshape(R, J * d2)
-                g = _segment_outer(a, b, seg, n, maxlen).view(n, d1, J, d2).permute(2, 0, 1, 3)
+                g = _segment_outer(a, b, seg, counts, maxlen).view(n, d1, J, d2).permute(2, 0, 1, 3)
             else:
-                g = _segment_outer(a, b, seg, n, maxlen)
+                g = _segment_outer(a, b, seg, counts, maxlen)
             G = g if G is None else G + g
         return sk.block_sketch(bi, G.reshape(J * n, d1 * d2))
 
@@ -376,12 +376,13 @@ def _block_rows(t: _Tapped, x: torch.Tensor, y: torch.Tensor):
         yield bi, ins.path_weight, xs, ys
 
 
-def _segment_outer(a: torch.Tensor, b: torch.Tensor, seg: torch.Tensor, n: int, maxlen: int) -> torch.Tensor:
-    """G[s] = Σ_{rows i with seg_i = s} a_i ⊗ b_i for sorted seg: [n, d_a, d_b].
+def _segment_outer(a: torch.Tensor, b: torch.Tensor, seg: torch.Tensor, counts: torch.Tensor,
+                   maxlen: int) -> torch.Tensor:
+    """G[s] = Σ_{rows i with seg_i = s} a_i ⊗ b_i for sorted seg with `counts` rows per segment: [n, d_a, d_b].
 
     On a GPU one padded batched matmul; on a CPU one matmul per structure (no padding to fill).
     """
-    counts = torch.bincount(seg, minlength=n)
+    n = counts.shape[0]
     if not a.is_cuda:
         sizes = counts.tolist()
         return torch.stack([x.T @ y for x, y in zip(a.split(sizes), b.split(sizes))])
@@ -465,24 +466,9 @@ def _fast_batch(fz, atoms_list) -> RowBlock:
                                  for a in atoms_list], dim=1)
     energy, frows = fz._taps.run(data, n, want_forces, vectors)
     psi = (energy / natoms.to(energy)[:, None]).detach()
-    rows, kinds, atoms_idx, counts_out = [], [], [], []
-    scale = 1.0 if fz.force_probes is None else 1.0 / math.sqrt(fz.force_probes)
-    for s in range(n):
-        block, kind, atom = [], [], []
-        if want_energy:
-            block.append(psi[s:s + 1])
-            kind.append(torch.full((1,), ENERGY, dtype=torch.int8))
-            atom.append(torch.full((1,), -1, dtype=torch.int64))
-        if want_forces:
-            r = 3 * int(natoms[s]) if fz.force_probes is None else fz.force_probes
-            block.append(frows[:r, s].detach() * scale)
-            kind.append(torch.full((r,), FORCE, dtype=torch.int8))
-            atom.append(torch.arange(r, dtype=torch.int64) // 3 if fz.force_probes is None
-                        else torch.full((r,), -1, dtype=torch.int64))
-        rows.append(torch.cat(block))
-        kinds.append(torch.cat(kind))
-        atoms_idx.append(torch.cat(atom))
-        counts_out.append(rows[-1].shape[0])
-    ptr = torch.zeros(n + 1, dtype=torch.int64)
-    ptr[1:] = torch.cumsum(torch.tensor(counts_out), 0)
-    return RowBlock(torch.cat(rows), ptr, torch.cat(kinds), natoms, torch.cat(atoms_idx), psi)
+    force_rows = None
+    if want_forces:
+        scale = 1.0 if fz.force_probes is None else 1.0 / math.sqrt(fz.force_probes)
+        counts = (3 * natoms).tolist() if fz.force_probes is None else [fz.force_probes] * n
+        force_rows = [frows[:r, s] * scale for s, r in enumerate(counts)]
+    return structure_rows(psi, force_rows, natoms, want_energy, fz.force_probes is None)

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import InputError, ModelError
 from .fast import FastTaps, UnsupportedModel, fast_rows
-from .rowblock import EMBEDDING, ENERGY, FORCE, RowBlock
+from .rowblock import EMBEDDING, RowBlock, structure_rows
 from .sketch import PARAM_SETS, Sketch
 
 KERNELS = ("embedding", "energy", "force", "joint")
@@ -50,6 +50,23 @@ def load_model(model: Union[str, os.PathLike, torch.nn.Module], device="cpu", dt
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def mace_batch(atoms_list: Sequence, z_table, r_max: float, heads, dtype, device="cpu") -> dict:
+    """One MACE input batch (a dict) of `atoms_list` through MACE's own data path, floats in `dtype`."""
+    from mace import data as mace_data
+    from mace.tools import torch_geometric
+    keys = mace_data.KeySpecification(info_keys={}, arrays_keys={})
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # AtomicData takes positions in the default dtype
+    try:
+        ds = [mace_data.AtomicData.from_config(mace_data.config_from_atoms(a, key_specification=keys),
+                                               z_table=z_table, cutoff=r_max, heads=heads) for a in atoms_list]
+    finally:
+        torch.set_default_dtype(old)
+    loader = torch_geometric.dataloader.DataLoader(dataset=ds, batch_size=len(ds), shuffle=False)
+    data = next(iter(loader)).to(device).to_dict()
+    return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in data.items()}
 
 
 def _is_mace(obj) -> bool:
@@ -168,22 +185,10 @@ class MACEFeaturizer:
 
     def batch(self, atoms_list: Sequence) -> dict:
         """MACE's own data path (config_from_atoms -> AtomicData -> DataLoader), as eval_configs does."""
-        from mace import data as mace_data
-        from mace.tools import AtomicNumberTable, torch_geometric
+        from mace.tools import AtomicNumberTable
         if self._z_table is None:
             self._z_table = AtomicNumberTable(self.atomic_numbers)
-        keys = mace_data.KeySpecification(info_keys={}, arrays_keys={})
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)  # AtomicData takes positions in the default dtype
-        try:
-            ds = [mace_data.AtomicData.from_config(
-                mace_data.config_from_atoms(a, key_specification=keys),
-                z_table=self._z_table, cutoff=self.r_max, heads=self.heads) for a in atoms_list]
-        finally:
-            torch.set_default_dtype(old)
-        loader = torch_geometric.dataloader.DataLoader(dataset=ds, batch_size=len(ds), shuffle=False)
-        data = next(iter(loader)).to(self.device).to_dict()
-        return {k: (v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in data.items()}
+        return mace_batch(atoms_list, self._z_table, self.r_max, self.heads, self.dtype, self.device)
 
     # --- features -------------------------------------------------------------------------------
     def __call__(self, atoms_list: Sequence) -> RowBlock:
@@ -249,37 +254,21 @@ class MACEFeaturizer:
     def _reference_rows(self, atoms_list) -> RowBlock:
         params = self.sketch.parameters
         want_forces = self.kernel in ("force", "joint")
-        rows, kinds, atom_idx, counts, psis = [], [], [], [], []
+        psis, force_rows = [], []
         for atoms in atoms_list:
             n_at = len(atoms)
             data = self.batch([atoms])
             out = self.model(data, training=want_forces, compute_force=want_forces)
-            energy_row = self.sketch.apply(self._grads(out["energy"].sum(), params))[0] / n_at
-            psis.append(energy_row.detach())
-            block, kind, atom = [], [], []
-            if self.kernel in ("energy", "joint"):
-                block.append(energy_row.detach()[None])
-                kind.append(torch.full((1,), ENERGY, dtype=torch.int8))
-                atom.append(torch.full((1,), -1, dtype=torch.int64))
+            psis.append(self.sketch.apply(self._grads(out["energy"].sum(), params))[0].detach() / n_at)
             if want_forces:
                 forces = out["forces"].reshape(-1)
                 if self.force_probes is None:  # rows of the identity: every force component, atom-major
-                    vecs = torch.eye(3 * n_at, dtype=self.dtype, device=self.device)
-                    atom.append(torch.arange(3 * n_at, dtype=torch.int64) // 3)
-                    scale = 1.0
+                    vecs, scale = torch.eye(3 * n_at, dtype=self.dtype, device=self.device), 1.0
                 else:  # F . z_j for Rademacher z_j
                     vecs = self.probe_vectors(atoms, self.force_probes)
-                    atom.append(torch.full((self.force_probes,), -1, dtype=torch.int64))
                     scale = 1.0 / math.sqrt(self.force_probes)
-                frows = torch.cat([self.sketch.apply(self._row_grads(forces, v, params))
-                                   for v in vecs.split(self.row_chunk)]) * scale
-                block.append(frows.detach())
-                kind.append(torch.full((vecs.shape[0],), FORCE, dtype=torch.int8))
-            rows.append(torch.cat(block))
-            kinds.append(torch.cat(kind))
-            atom_idx.append(torch.cat(atom))
-            counts.append(rows[-1].shape[0])
-        ptr = torch.zeros(len(atoms_list) + 1, dtype=torch.int64)
-        ptr[1:] = torch.cumsum(torch.tensor(counts), 0)
+                force_rows.append(torch.cat([self.sketch.apply(self._row_grads(forces, v, params))
+                                             for v in vecs.split(self.row_chunk)]).detach() * scale)
         natoms = torch.tensor([len(a) for a in atoms_list], dtype=torch.int64)
-        return RowBlock(torch.cat(rows), ptr, torch.cat(kinds), natoms, torch.cat(atom_idx), torch.stack(psis))
+        return structure_rows(torch.stack(psis), force_rows if want_forces else None, natoms,
+                              self.kernel in ("energy", "joint"), self.force_probes is None)

@@ -106,3 +106,29 @@ class RowBlock:
                         torch.cat([b.kind for b in blocks]), torch.cat([b.natoms for b in blocks]),
                         torch.cat([b.atom for b in blocks]) if has_atom else None,
                         torch.cat([b.psi for b in blocks]) if has_psi else None)
+
+
+def structure_rows(psi: torch.Tensor, force_rows: Optional[list], natoms: torch.Tensor, with_energy: bool,
+                   exact: bool) -> RowBlock:
+    """RowBlock of per-structure rows: the energy row psi[s] (if with_energy), then force_rows[s].
+
+    psi [n, k] are the energy rows (also the LCMD vectors); force_rows[s] [r_s, k] (None: no force rows);
+    exact force rows are atom-major (row j is atom j // 3), probe rows have no atom.
+    """
+    rows, kinds, atom_idx = [], [], []
+    for s in range(len(natoms)):
+        if with_energy:
+            rows.append(psi[s:s + 1])
+            kinds.append(torch.full((1,), ENERGY, dtype=torch.int8))
+            atom_idx.append(torch.full((1,), -1, dtype=torch.int64))
+        if force_rows is not None:
+            r = force_rows[s].shape[0]
+            rows.append(force_rows[s])
+            kinds.append(torch.full((r,), FORCE, dtype=torch.int8))
+            atom_idx.append(torch.arange(r, dtype=torch.int64) // 3 if exact else torch.full((r,), -1, dtype=torch.int64))
+    n_force = [0] * len(natoms) if force_rows is None else [f.shape[0] for f in force_rows]
+    counts = torch.tensor([int(with_energy) + r for r in n_force], dtype=torch.int64)
+    ptr = torch.zeros(len(natoms) + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(counts, 0)
+    return RowBlock(torch.cat(rows), ptr, torch.cat(kinds), natoms, torch.cat(atom_idx), psi)
+
