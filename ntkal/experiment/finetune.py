@@ -13,7 +13,6 @@ import logging
 import os
 import shlex
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,14 +95,12 @@ def build_args(cfg: FinetuneConfig, foundation: Path, train: Path, valid: Path, 
 
 
 def mace_run_train_path() -> Path:
-    exe = Path(sys.executable).parent / "mace_run_train"
-    if exe.exists():
-        return exe
-    import shutil
-    found = shutil.which("mace_run_train")
-    if found is None:
-        raise FinetuneError(f"mace_run_train not found next to {sys.executable} or on PATH")
-    return Path(found)
+    """The mace_run_train script (ntkal.data.train_model's lookup), a FinetuneError when there is none."""
+    from ..data.train_model import mace_run_train_path as lookup
+    try:
+        return Path(lookup())
+    except FileNotFoundError as exc:
+        raise FinetuneError(str(exc)) from None
 
 
 def finetune(cfg: FinetuneConfig, foundation: Path, train: Sequence, valid: Sequence, workdir: Path,

@@ -43,31 +43,22 @@ def load_model(path, dtype: str = "float64"):
 
 def predict(model, structures: Sequence, batch_size: int = 32) -> Tuple[np.ndarray, List[np.ndarray]]:
     """Total energies [n] (eV) and forces (list of [N_i, 3], eV/Å) of a mace model, batched."""
-    import torch
-    from mace import data as mace_data
-    from mace.tools import AtomicNumberTable, torch_geometric
+    from mace.tools import AtomicNumberTable
+
+    from ..features.mace import mace_batch
     dtype = next(model.parameters()).dtype
     z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
     r_max = float(model.r_max)
     heads = getattr(model, "heads", None)
-    keys = mace_data.KeySpecification(info_keys={}, arrays_keys={})
     energies, forces = [], []
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        for start in range(0, len(structures), batch_size):
-            chunk = structures[start:start + batch_size]
-            ds = [mace_data.AtomicData.from_config(mace_data.config_from_atoms(a, key_specification=keys),
-                                                   z_table=z_table, cutoff=r_max, heads=heads) for a in chunk]
-            loader = torch_geometric.dataloader.DataLoader(dataset=ds, batch_size=len(ds), shuffle=False)
-            batch = next(iter(loader)).to_dict()
-            out = model(batch, training=False, compute_force=True)
-            energies.append(out["energy"].detach().cpu().numpy().astype(np.float64))
-            f = out["forces"].detach().cpu().numpy().astype(np.float64)
-            ptr = batch["ptr"].numpy()
-            forces.extend(f[ptr[i]:ptr[i + 1]] for i in range(len(chunk)))
-    finally:
-        torch.set_default_dtype(old)
+    for start in range(0, len(structures), batch_size):
+        chunk = structures[start:start + batch_size]
+        batch = mace_batch(chunk, z_table, r_max, heads, dtype)
+        out = model(batch, training=False, compute_force=True)
+        energies.append(out["energy"].detach().cpu().numpy().astype(np.float64))
+        f = out["forces"].detach().cpu().numpy().astype(np.float64)
+        ptr = batch["ptr"].numpy()
+        forces.extend(f[ptr[i]:ptr[i + 1]] for i in range(len(chunk)))
     return np.concatenate(energies) if energies else np.zeros(0), forces
 
 
