@@ -115,7 +115,7 @@ def run(a, argv) -> dict:
         row = {"pool_size": n, "command": a.command, "kernel": a.kernel + (f" (m={a.force_probes})" if a.force_probes else ""),
                "rc": r["rc"], "wall_s": r["wall_s"], "peak_rss_mib": r["child_peak_rss_mib"],
                "pool_mib": pool.stat().st_size / 2**20, "structures_per_s_wall": n / r["wall_s"]}
-        rep = out.with_name("scored.json")
+        rep = out.with_name(out.name + ".json")  # the report beside the output (ntkal.cli.report_path)
         if rep.exists():
             report = json.loads(rep.read_text())
             t = report.get("timings_s", {}).get("total")

@@ -82,7 +82,10 @@ def child_ntkal(a) -> dict:
     import numpy as np
     import torch
     import ntkal
-    from ntkal.select import LCMD_DTYPE, _init_from_centres, shortlist_scores
+    from ntkal.acquisition.pipeline import Pipeline, Stream
+    from ntkal.acquisition.scorers import PVScorer
+    from ntkal.acquisition.selectors import LCMD_DTYPE, _init_from_centres
+    from ntkal.options import Options
     from ntkal.posterior import Posterior
     train, pool = datasets(a.n_train, a.pool_size, a.sketch_dim)
     train, pool = train.to(a.device), pool.to(a.device)
@@ -114,9 +117,11 @@ def child_ntkal(a) -> dict:
         return runs[-1][0]
     post = part("posterior", lambda: Posterior.from_rows(tr_block))
     part("pv_scoring", lambda: [post.score(b) for b in chunks])
-    top = part("score_and_shortlist", lambda: shortlist_scores(post, iter(chunks), a.shortlist)[0])
+    pipe = Pipeline(Options(budget=a.budget, shortlist=a.shortlist).validate())
+    state = part("score_and_shortlist", lambda: pipe.scan(Stream(iter(chunks), rows=True), post, PVScorer(post),
+                                                          a.shortlist)[0])
     prof["shortlist_merge_s"] = prof["score_and_shortlist_s"] - prof["pv_scoring_s"]
-    psi = torch.stack([p[1] for p in top.payload]).to(LCMD_DTYPE)  # as pick() does
+    psi = torch.stack([c.psi for c in state.top.payload]).to(LCMD_DTYPE)  # as the LCMD selector does
     centres = post.train_psi.to(psi)
 
     def tp_init():

@@ -1,23 +1,24 @@
 """ntkal: force-aware neural-tangent-kernel active learning for MACE interatomic potentials.
 
 Features from one pretrained model (embeddings, energy NTK, force NTK, joint), a feature-space
-posterior built from the training set, posterior-variance scores streamed over the pool, and LCMD
-batch selection from a PV shortlist. See DESIGN §7 for the public API.
+posterior from the labelled set, the pool scored in chunks, and a diverse batch picked from the
+shortlist (docs/design.md). Names are imported on first use, so `import ntkal` (and the CLI's
+option checks) do not load torch or mace.
 """
 __version__ = "0.1.0"
 
-from .errors import InputError, ModelError, NtkalError
-from .features import EMBEDDING, ENERGY, FORCE, MACEFeaturizer, RowBlock
-from .posterior import Posterior
-from .select import SelectionResult, lcmd, select_rows
+_NAMES = {
+    "select": "api", "score": "api", "select_rows": "api",
+    "MACEFeaturizer": "features", "RowBlock": "features", "ENERGY": "features", "FORCE": "features",
+    "EMBEDDING": "features", "Posterior": "posterior", "SelectionResult": "acquisition.pipeline",
+    "lcmd": "acquisition.selectors", "Options": "options",
+    "NtkalError": "errors", "InputError": "errors", "ModelError": "errors",
+}
+__all__ = sorted(_NAMES) + ["__version__"]
 
-__all__ = ["MACEFeaturizer", "RowBlock", "ENERGY", "FORCE", "EMBEDDING", "Posterior", "select",
-           "select_rows", "score", "lcmd", "SelectionResult", "NtkalError", "InputError", "ModelError",
-           "__version__"]
 
-
-def __getattr__(name):  # the structure-level API pulls in io and tqdm only when used
-    if name in ("select", "score"):
-        from . import api
-        return getattr(api, name)
+def __getattr__(name):
+    if name in _NAMES:
+        import importlib
+        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
     raise AttributeError(f"module 'ntkal' has no attribute {name!r}")

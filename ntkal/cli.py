@@ -1,124 +1,68 @@
-"""Command line: `ntkal select | score | demo` (settings dataclass + parser + main, as mace-torch's CLIs)."""
+"""Command line: `ntkal select | score | demo | experiment` (options + parser + plan + run, as mace-torch's CLIs).
+
+Every option and input/output file is checked before any model is loaded and before anything is
+written; a user error is one line on stderr and exit code 2 (docs/design.md, "Safe on disk").
+"""
 from __future__ import annotations
 
 import argparse
-import platform
-import shutil
+import contextlib
+import dataclasses
+import io
 import sys
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-KERNELS = ("embedding", "energy", "force", "joint")
+from .errors import InputError, NtkalError
+from .options import Options, add_arguments, flag
 
 
-@dataclass
-class Settings:
-    """Everything a run depends on; written into the JSON report."""
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), like every other ntkal error."""
 
-    command: str
-    model: Optional[str] = None
-    train: Optional[str] = None
-    pool: Optional[str] = None
-    out: Optional[str] = None
-    budget: int = 100
-    kernel: str = "joint"
-    method: Optional[str] = None
-    target: Optional[str] = None
-    mode: str = "tp"
-    shortlist: Optional[int] = None
-    sketch_dim: int = 512
-    params: str = "all"
-    force_probes: Optional[int] = None
-    sigma_e2: float = 1e-2
-    sigma_f2: float = 1e-2
-    force_reduce: str = "mean"
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    chunk_size: int = 64
-    memory_gb: Optional[float] = None
-    threads: int = 1
-    checkpoint_every: float = 60.0
-    progress: bool = True
-    debug: bool = False
-    config: Optional[str] = None  # experiment: study YAML (default: the packaged study.yaml)
-    quick: bool = False  # experiment: smoke-sized run
+    def error(self, message):
+        self.exit(2, f"ntkal: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ntkal", description="Force-aware NTK active learning for MACE potentials: pick the structures "
-                                  "worth a DFT calculation.")
-    parser.add_argument("--version", action="version", version=f"ntkal {_version()}")
+    from . import __version__
+    parser = _Parser(prog="ntkal", description="Force-aware NTK active learning for MACE potentials: pick the "
+                                               "structures worth a DFT calculation.")
+    parser.add_argument("--version", action="version", version=f"ntkal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{select,score,demo,experiment}")
 
-    def common(p, need_files=True):
-        g = p.add_argument_group("features and posterior")
-        if need_files:
+    def common(p, files=True, skip=(), defaults=None):
+        if files:
             p.add_argument("--model", required=True, help="pretrained MACE model file (.model)")
             p.add_argument("--train", required=True, help="labelled training structures (extxyz or ASE .db)")
             p.add_argument("--pool", required=True, help="candidate pool (extxyz or ASE .db), streamed")
-        g.add_argument("--kernel", choices=KERNELS, default="joint", help="feature map (default: joint energy-force NTK)")
-        g.add_argument("--sketch-dim", type=int, default=512, help="sketch dimension k (default 512)")
-        g.add_argument("--params", choices=("readout", "last", "all"), default="all",
-                       help="parameters in the NTK (default all)")
-        g.add_argument("--force-probes", type=int, default=None,
-                       help="Rademacher probes per structure for force rows (default: exact 3N rows)")
-        g.add_argument("--sigma-e2", type=float, default=1e-2, help="energy noise variance after scaling")
-        g.add_argument("--sigma-f2", type=float, default=1e-2, help="force noise variance after scaling")
-        g.add_argument("--force-reduce", choices=("mean", "sum"), default="mean",
-                       help="combine a structure's force variances by mean (default) or sum over atoms")
-        g.add_argument("--seed", type=int, default=0, help="sketch, probe and tie-break seed")
-        g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-        g.add_argument("--threads", type=int, default=1,
-                       help="torch intra-op threads (default 1: the per-structure ops are small, and extra "
-                            "threads stall on a busy machine; use torchrun processes for more cores)")
-        g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-        g.add_argument("--chunk-size", type=int, default=64, help="structures per featurisation chunk")
-        g.add_argument("--memory-gb", type=float, default=None,
-                       help="size chunks for this memory budget instead of --chunk-size")
-        p.add_argument("--checkpoint-every", type=float, default=60.0,
-                       help="seconds between checkpoints of the pool scan (rerun the same command to resume)")
+        add_arguments(p.add_argument_group("options"), skip=skip, defaults=defaults)
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    def selection(p, budget_default=None):
-        if budget_default is None:
-            p.add_argument("--budget", type=int, required=True, help="number of structures to pick")
-        else:
-            p.add_argument("--budget", type=int, default=budget_default, help=f"structures to pick (default {budget_default})")
-        p.add_argument("--method", choices=("lcmd", "top", "random", "greedy"), default=None,
-                       help="lcmd: diverse batch from the shortlist (default without --target); top: highest "
-                            "score; random; greedy: sequential target-variance reduction (default with --target)")
-        p.add_argument("--mode", choices=("tp", "p"), default="tp",
-                       help="LCMD centres: training set + picks (tp, default) or picks in posterior space (p)")
-        p.add_argument("--shortlist", type=int, default=None, help="PV shortlist size M (default max(10 B, 2000))")
-
+    target_help = ("unlabelled structures where the model will be used: rank candidates by the expected "
+                   "reduction of their predictive variance")
     p = sub.add_parser("select", help="pick a batch of pool structures to label",
                        description="Pick --budget pool structures to label; writes them as extxyz (input keys kept, "
-                                   "ntkal_* keys added) and a JSON report beside it.")
+                                   "ntkal_* keys added) and a JSON report OUT.json beside it.")
     common(p)
-    selection(p)
     p.add_argument("--out", default=None, help="output extxyz (default: <pool name>_selected.extxyz here)")
-    p.add_argument("--target", default=None,
-                   help="unlabelled structures where the model will be used: rank candidates by the expected "
-                        "reduction of their predictive variance")
+    p.add_argument("--target", default=None, help=target_help)
 
     p = sub.add_parser("score", help="score every pool structure",
-                       description="Write every pool structure with its posterior-variance score (streamed).")
-    common(p)
+                       description="Write every pool structure with its score (streamed) and a report OUT.json.")
+    common(p, skip=("budget", "method", "mode", "shortlist"))
     p.add_argument("--out", required=True, help="output extxyz")
-    p.add_argument("--target", default=None,
-                   help="also write each structure's expected reduction of the target's variance")
+    p.add_argument("--target", default=None, help="also write each structure's expected target-variance reduction")
 
+    # 8 probes keep Spearman 0.97 to exact at 0.28x the cost (bench/RESULTS.md, probes)
     p = sub.add_parser("demo", help="select from the shipped Si data with the shipped model",
                        description="Run `select` on the shipped PyXtal_FF Si pool with the shipped small MACE.")
-    common(p, need_files=False)
-    selection(p, budget_default=20)
+    common(p, files=False, defaults={"budget": 20, "force_probes": 8})
     p.add_argument("--out", default="ntkal-demo", help="output directory (default ./ntkal-demo)")
-    p.set_defaults(force_probes=8)  # 8 probes keep Spearman 0.97 to exact at 0.28x the cost (bench/RESULTS.md)
 
     p = sub.add_parser("experiment", help="active-learning study: select, label, fine-tune, evaluate",
                        description="Rounds of select -> label -> mace_run_train --foundation_model fine-tune -> "
@@ -132,153 +76,172 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _version() -> str:
-    from . import __version__
-    return __version__
+# ------------------------------------------------------------------------------------------------
+# plan: every check that needs no model, before anything is loaded or written
 
+@dataclass
+class Plan:
+    command: str
+    opts: Options
+    inputs: dict = field(default_factory=dict)   # name -> Path (model, train, pool, target)
+    out: Optional[Path] = None
+    report: Optional[Path] = None
+    extra: dict = field(default_factory=dict)    # demo: png path
 
-def versions() -> dict:
-    from importlib import metadata
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in ("ntkal", "torch", "triton", "mace-torch", "e3nn", "ase", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    @property
+    def checkpoint(self) -> Path:
+        return self.out.with_name(self.out.name + ".ntkal-ckpt")
 
 
 def report_path(out: Path) -> Path:
-    return out.with_name(out.name.split(".")[0] + ".json")
+    """The JSON report beside an output: its exact name + '.json' (picks.extxyz -> picks.extxyz.json)."""
+    return out.with_name(out.name + ".json")
 
 
-def _options(s: Settings) -> dict:
-    import torch
-    return dict(kernel=s.kernel, seed=s.seed, sketch_dim=s.sketch_dim, params=s.params, force_probes=s.force_probes,
-                sigma_e2=s.sigma_e2, sigma_f2=s.sigma_f2, force_reduce=s.force_reduce, chunk_size=_chunk_size(s),
-                dtype=getattr(torch, s.dtype), device=s.device, progress=s.progress)
+def _options(args) -> Options:
+    names = {f.name for f in dataclasses.fields(Options)}
+    return Options(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _chunk_size(s: Settings) -> int:
-    from .api import chunk_size_for
-    if s.memory_gb is not None:
-        return chunk_size_for(s.memory_gb, s.sketch_dim)
-    if s.chunk_size < 1:
-        from .errors import InputError
-        raise InputError("--chunk-size must be at least 1")
-    return s.chunk_size
+def _check_input(what: str, path: Path):
+    if not path.exists():
+        raise InputError(f"{flag(what)}: no such file", path=path)
+    if not path.is_file():
+        raise InputError(f"{flag(what)}: not a file", path=path)
+    if what != "model":
+        from .io import read_structures
+        read_structures(path)  # checks the suffix and readability now; reads nothing
 
 
-def _checkpoint(s: Settings, out: Path):
-    """The resumable-state folder beside the output, keyed by the inputs and every setting that matters."""
-    from .runstate import Checkpoint, Dist, file_fingerprint
-    skip = {"out", "progress", "debug", "checkpoint_every", "memory_gb"}
-    key = {k: v for k, v in asdict(s).items() if k not in skip}
-    key["chunk_size"] = _chunk_size(s)
-    key["files"] = [file_fingerprint(p) for p in _inputs(s)]
-    ck = Checkpoint(out.with_name(out.name + ".ntkal-ckpt"), key, Dist.current(), s.checkpoint_every)
-    ck.prepare()
-    return ck
+def _check_output(path: Path, inputs, what: str = "--out") -> Path:
+    from .io import COMPRESSION_SUFFIXES, EXTXYZ_SUFFIXES, check_output_path
+    from .runstate import claim
+    name = path.name.lower()
+    for c in COMPRESSION_SUFFIXES:
+        name = name[: -len(c)] if name.endswith(c) else name
+    if what == "--out" and not name.endswith(EXTXYZ_SUFFIXES):
+        raise InputError(f"{what} must name an extxyz file (.xyz or .extxyz, optionally .gz/.bz2/.xz), "
+                         f"got {path.name!r}", path=path)
+    try:
+        check_output_path(path, inputs)
+    except InputError as exc:
+        raise InputError(f"{what}: {exc}") from None
+    return claim(path, what)
 
 
-def _inputs(s: Settings) -> list:
-    return [p for p in (s.model, s.train, s.pool, s.target) if p is not None]
-
-
-def _check_inputs(s: Settings):
-    from .errors import InputError
-    for what in ("model", "train", "pool", "target"):
-        if getattr(s, what) is None:
-            continue
-        path = Path(getattr(s, what))
-        if not path.exists():
-            raise InputError(f"no such {what} file", path=path)
-    if s.device == "cuda":
+def plan(args) -> Plan:
+    """Options checked, inputs present and readable, outputs writable and not someone else's."""
+    p = Plan(args.command, _options(args).validate(target=getattr(args, "target", None) is not None))
+    if p.command == "demo":
+        from .data import demo_files
+        files = demo_files()
+        p.inputs = {k: files[k] for k in ("model", "train", "pool")}
+        outdir = Path(args.out)
+        if outdir.exists() and not outdir.is_dir():
+            raise InputError("--out of demo must be a directory", path=outdir)
+        p.out = outdir / "selected.extxyz"
+        p.extra["png"] = outdir / "scores.png"
+    else:
+        for what in ("model", "train", "pool", "target"):
+            if getattr(args, what, None) is not None:
+                p.inputs[what] = Path(getattr(args, what)).expanduser()
+                _check_input(what, p.inputs[what])
+        p.out = Path(args.out or (Path(args.pool).name.split(".")[0] + "_selected.extxyz")).expanduser()
+    if p.opts.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise InputError("--device cuda was asked for but no CUDA device is available")
+    inputs = list(p.inputs.values())
+    if p.command != "demo" or p.out.parent.exists():
+        _check_output(p.out, inputs)
+        p.report = _check_output(report_path(p.out), inputs, "report")
+        from .runstate import claim
+        claim(p.checkpoint, "checkpoint folder")
+        if "png" in p.extra:
+            claim(p.extra["png"], "plot")
+    else:
+        p.report = report_path(p.out)
+    return p
 
 
-def run_select(s: Settings) -> dict:
+# ------------------------------------------------------------------------------------------------
+# run
+
+def _checkpoint(p: Plan):
+    from .runstate import Checkpoint, Dist, file_fingerprint
+    key = {"command": p.command, "options": p.opts.key(),
+           "files": {k: file_fingerprint(v) for k, v in p.inputs.items()}}
+    return Checkpoint(p.checkpoint, key, Dist.current(), p.opts.checkpoint_every)
+
+
+def _report(p: Plan, body: dict) -> dict:
+    from . import __version__
+    return {"written_by": f"ntkal {__version__}", "command": p.command, "output": str(p.out),
+            "inputs": {k: str(v) for k, v in p.inputs.items()}, "options": dataclasses.asdict(p.opts),
+            "versions": versions(), **body}
+
+
+def run_select(p: Plan, args) -> dict:
     """ntkal select: the picks as extxyz plus a JSON report."""
-    from .api import select
-    from .io import check_output_path, write_extxyz, write_json
-    _check_inputs(s)
-    inputs = _inputs(s)
-    out = Path(s.out or (Path(s.pool).name.split(".")[0] + "_selected.extxyz"))
-    check_output_path(out, inputs)
-    check_output_path(report_path(out), inputs)
-    from .runstate import Dist
-    opts = _options(s)
-    ckpt = _checkpoint(s, out)
-    res = select(s.model, s.train, s.pool, s.budget, method=s.method, shortlist=s.shortlist, mode=s.mode,
-                 checkpoint=ckpt, target=s.target, **opts)
-    if Dist.current().rank != 0:
-        return {"result": res, "out": out, "report": report_path(out)}
-    write_extxyz(out, res.atoms, inputs)
-    report = {"settings": asdict(s), "versions": versions(), "n_pool": res.n_pool,
-              "n_train": res.posterior.n_train, "timings_s": res.timings, "status": res.status,
-              "jitter": res.posterior.jitter, "coverage": res.info["featurizer"]["coverage"],
-              "posterior": res.posterior.summary(), "featurizer": res.info["featurizer"],
-              "shortlist_size": res.info["shortlist_size"],
-              "method": res.method, "target": res.info.get("target"),
-              "selected": [{"rank": r, "pool_index": int(i), "score": float(sc), "natoms": len(a),
-                            "formula": a.get_chemical_formula(),
-                            "target_reduction": a.info.get("ntkal_target_reduction")}
-                           for r, (i, sc, a) in enumerate(zip(res.indices, res.scores, res.atoms))],
-              "world_size": res.info["world_size"], "output": str(out)}
-    write_json(report_path(out), report, inputs)
-    ckpt.clear()
-    return {"result": res, "out": out, "report": report_path(out)}
+    from .acquisition.pipeline import Pipeline, featurizer_for
+    from .io import write_extxyz, write_json
+    fz = featurizer_for(p.inputs["model"], p.opts)
+    with _checkpoint(p) as ckpt:
+        res = Pipeline(p.opts, fz, args.progress, ckpt).select(p.inputs["train"], p.inputs["pool"],
+                                                               p.inputs.get("target"))
+        if ckpt.dist.rank == 0:
+            inputs = list(p.inputs.values())
+            write_extxyz(p.out, res.atoms, inputs)
+            write_json(p.report, _report(p, {
+                "n_pool": res.n_pool, "n_train": res.posterior.n_train, "timings_s": res.timings,
+                "status": res.status, "method": res.method, "jitter": res.posterior.jitter,
+                "coverage": res.info["featurizer"]["coverage"], "posterior": res.posterior.summary(),
+                "featurizer": res.info["featurizer"], "shortlist_size": res.info["shortlist_size"],
+                "world_size": res.info["world_size"], "target": res.info.get("target"),
+                "selected": [{"rank": r, "pool_index": int(c.index), "formula": a.get_chemical_formula(),
+                              "natoms": len(a), **{k: float(v) for k, v in c.values.items()}}
+                             for r, (c, a) in enumerate(zip(res.picks, res.atoms))]}), inputs)
+    return {"result": res, "out": p.out, "report": p.report}
 
 
-def run_score(s: Settings) -> dict:
+def run_score(p: Plan, args) -> dict:
     """ntkal score: every pool structure with its score, streamed to extxyz, plus a JSON report.
 
-    Each scored chunk is first written as its own part file in the checkpoint folder (so a killed run
-    resumes where it stopped, and torchrun ranks write their own chunks); rank 0 then joins the parts.
+    Each scored chunk is first written as its own part file (named with the run key) in the checkpoint
+    folder, so a killed run resumes where it stopped and torchrun ranks write their own chunks; rank 0
+    then joins the parts.
     """
-    from .api import annotate, featurizer_for, fit_posterior, scan_pool, target_scorer
-    from .io import atomic_output, check_output_path, write_extxyz, write_json
-    from .runstate import Dist
-    _check_inputs(s)
-    inputs = _inputs(s)
-    out = Path(s.out)
-    check_output_path(out, inputs)
-    check_output_path(report_path(out), inputs)
+    import shutil
+    from .acquisition.pipeline import Pipeline, featurizer_for
+    from .api import scored_atoms
+    from .io import atomic_output, write_extxyz, write_json
     t0 = time.perf_counter()
-    opts = _options(s)
-    ckpt = _checkpoint(s, out)
-    fz = featurizer_for(s.model, s.kernel, s.sketch_dim, s.params, s.force_probes, s.seed, "auto",
-                        opts["dtype"], s.device)
-    post = fit_posterior(fz, s.train, s.sigma_e2, s.sigma_f2, s.force_reduce, opts["chunk_size"], s.progress, ckpt)
-    scorer = target_scorer(fz, post, s.target, opts["chunk_size"])[0] if s.target else None
-    done = {int(p.stem.split("-")[1]) for p in ckpt.folder.glob("part-*.extxyz")}
-
-    def write_part(c, start, chunk, scores, atom_var, red):
-        write_extxyz(ckpt.part(c), (annotate(a, start + j, scores[j], atom_var[j], reduction=red[j])
-                                    for j, a in enumerate(chunk)), inputs, verify=False)
-
-    _, _, n_pool = scan_pool(fz, post, s.pool, 0, opts["chunk_size"], 0, s.seed, s.progress, None,
-                               on_chunk=write_part, skip_chunks=done, scorer=scorer)
-    Dist.current().barrier()
-    n_chunks = -(-n_pool // opts["chunk_size"])
-    if Dist.current().rank != 0:
-        return {"out": out, "report": report_path(out), "n": n_pool}
-    missing = [c for c in range(n_chunks) if not ckpt.part(c).exists()]
-    if missing:
-        raise RuntimeError(f"score parts missing for chunks {missing[:5]}")
-    with atomic_output(out, inputs) as tmp:
-        with _open_output(tmp) as fh:
-            for c in range(n_chunks):
-                with open(ckpt.part(c), "rb") as part:
-                    shutil.copyfileobj(part, fh)
-    report = {"settings": asdict(s), "versions": versions(), "n_pool": n_pool, "n_train": post.n_train,
-              "resumed_chunks": len(done), "posterior": post.summary(), "featurizer": fz.settings(), "world_size": Dist.current().world,
-              "timings_s": {"total": time.perf_counter() - t0}, "output": str(out)}
-    write_json(report_path(out), report, inputs)
-    ckpt.clear()
-    return {"out": out, "report": report_path(out), "n": n_pool}
+    inputs = list(p.inputs.values())
+    fz = featurizer_for(p.inputs["model"], p.opts)
+    with _checkpoint(p) as ckpt:
+        pipe = Pipeline(p.opts, fz, args.progress, ckpt)
+        post = pipe.fit(p.inputs["train"])
+        done = ckpt.parts_done()
+        for c, start, atoms, _, scored in pipe.scored_chunks(p.inputs["pool"], pipe.scorer(post, p.inputs.get("target")),
+                                                             skip=done):
+            write_extxyz(ckpt.part(c), scored_atoms(start, atoms, scored), inputs, verify=False)
+            ckpt.saved = True
+        ckpt.dist.barrier()
+        n_chunks = -(-pipe.n_pool // p.opts.chunk())
+        if ckpt.dist.rank == 0:
+            parts = [ckpt.part(c) for c in range(n_chunks)]
+            missing = [c for c, part in enumerate(parts) if not part.exists()]
+            if missing:
+                raise NtkalError(f"score parts missing for chunks {missing[:5]} in {ckpt.folder}")
+            with atomic_output(p.out, inputs) as tmp, _open_output(tmp) as fh:
+                for part in parts:
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, fh)
+            write_json(p.report, _report(p, {
+                "n_pool": pipe.n_pool, "n_train": post.n_train, "resumed_chunks": len(done),
+                "posterior": post.summary(), "featurizer": fz.settings(), "world_size": ckpt.dist.world,
+                "timings_s": {"total": time.perf_counter() - t0}}), inputs)
+    return {"out": p.out, "report": p.report, "n": pipe.n_pool}
 
 
 def _open_output(path: Path):
@@ -290,40 +253,26 @@ def _open_output(path: Path):
     return opener(path, "wb")
 
 
-def run_demo(s: Settings) -> dict:
+def run_demo(p: Plan, args) -> dict:
     """ntkal demo: select on the shipped Si pool with the shipped model; write picks, report and a plot."""
-    from .data import demo_files
-    from .errors import InputError
-    files = demo_files()
-    outdir = Path(s.out)
-    if outdir.exists() and not outdir.is_dir():
-        raise InputError("exists and is not a directory", path=outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    s.model, s.train, s.pool = str(files["model"]), str(files["train"]), str(files["pool"])
-    s.out = str(outdir / "selected.extxyz")
+    p.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    done = run_select(s)
+    done = run_select(p, args)
     res = done["result"]
-    png = outdir / "scores.png"
-    plot_scores(res, png)
+    plot_scores(res, p.extra["png"])
     print(f"ntkal demo: picked {len(res.indices)} of {res.n_pool} Si structures "
-          f"(kernel {s.kernel}, {res.method}) in {time.perf_counter() - t0:.1f} s")
+          f"(kernel {p.opts.kernel}, {res.method}) in {time.perf_counter() - t0:.1f} s")
     print(f"{'rank':>4} {'pool':>5} {'formula':>8} {'score':>10} {'max atom var':>12}")
-    for r, (i, sc, a, av) in enumerate(zip(res.indices, res.scores, res.atoms, res.atom_variances)):
+    for r, (c, a) in enumerate(zip(res.picks, res.atoms)):
+        av = c.atom_values.get("atom_variance")
         mx = "-" if av is None else f"{max(av):.3g}"
-        print(f"{r:>4} {int(i):>5} {a.get_chemical_formula():>8} {sc:>10.4g} {mx:>12}")
-    print(f"wrote {done['out']}, {done['report']}, {png}")
+        print(f"{r:>4} {int(c.index):>5} {a.get_chemical_formula():>8} {c.values['score']:>10.4g} {mx:>12}")
+    print(f"wrote {done['out']}, {done['report']}, {p.extra['png']}")
     return done
 
 
-def run_experiment(s: Settings) -> dict:
-    """ntkal experiment: the active-learning study (ntkal/experiment), then its report."""
-    from .experiment.cli import run
-    return run(s.config, s.quick, Path(s.out))
-
-
 def plot_scores(res, path: Path):
-    """Histogram of the shortlist's PV scores with the picks marked."""
+    """Histogram of the shortlist's scores with the picks marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -340,23 +289,54 @@ def plot_scores(res, path: Path):
     ax.legend(frameon=False)
     fig.tight_layout()
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=120, format="png", metadata={"Software": "ntkal"})
     plt.close(fig)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    s = Settings(**vars(args))
-    from .errors import NtkalError
-    try:
+def _import_quietly():
+    """Import mace and e3nn without their import-time noise (mace prints a line about cuequivariance,
+    e3nn warns about torch.load), so an error stays one line."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
         import mace  # noqa: F401  (before e3nn)
+        import mace.tools  # noqa: F401
+        import e3nn.o3  # noqa: F401
+
+
+def versions() -> dict:
+    import platform
+    from importlib import metadata
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("ntkal", "torch", "triton", "mace-torch", "e3nn", "ase", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed as one line
+        return int(exc.code or 0)
+    try:
+        if args.command == "experiment":
+            _import_quietly()
+            from .experiment.cli import run
+            import torch
+            torch.set_num_threads(max(1, args.threads))
+            run(args.config, args.quick, Path(args.out))
+            return 0
+        p = plan(args)
+        _import_quietly()
         import torch
-        torch.set_num_threads(max(1, s.threads))
+        torch.set_num_threads(p.opts.threads)
         from .runstate import init_distributed
         init_distributed()
-        {"select": run_select, "score": run_score, "demo": run_demo, "experiment": run_experiment}[s.command](s)
+        {"select": run_select, "score": run_score, "demo": run_demo}[p.command](p, args)
     except NtkalError as exc:
-        if s.debug:
+        if args.debug:
             raise
         print(f"ntkal: error: {exc}", file=sys.stderr)
         return 2
@@ -364,7 +344,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("ntkal: interrupted; no output was written", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug or an unexpected failure: one line unless --debug
-        if s.debug:
+        if args.debug:
             raise
         print(f"ntkal: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
         return 1

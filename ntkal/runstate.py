@@ -1,12 +1,14 @@
-"""Run state beyond one process: torch.distributed ranks and resumable checkpoints (issue: scale).
+"""Run state beyond one process: torchrun ranks, a run's own checkpoint folder, and output ownership.
 
 Ranks shard work by chunk (chunk c belongs to rank c % world), so a run over any number of ranks
-processes exactly the same chunks as one process; merging running top-M lists is order-independent.
-Checkpoints hold a rank's running state after whole chunks, keyed by everything the result depends
-on, written atomically; a rerun of the same command continues from them and gives the same result.
+processes exactly the same chunks as one process. A checkpoint folder belongs to one run: rank 0
+holds an exclusive lock on it for the run's whole life (a second run on the same --out stops with a
+clear message), every state file carries the run key (inputs + settings), and state of another key
+is discarded. ntkal replaces a file only if it can tell that ntkal wrote it (docs/design.md, "Safe on disk").
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -15,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
+
+from .errors import InputError
 
 
 @dataclass
@@ -67,39 +71,133 @@ def file_fingerprint(path) -> dict:
     return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def run_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# output ownership
+
+def written_by_ntkal(path: Path) -> bool:
+    """Whether an existing file carries ntkal's mark: a report's "written_by", an extxyz whose first frame
+    has ntkal_pool_index, a PNG whose metadata names ntkal, a checkpoint folder with ntkal's meta.json."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return written_by_ntkal(path / "meta.json")
+        name = path.name.lower()
+        if name.endswith(".json"):
+            return str(json.loads(path.read_text()).get("written_by", "")).startswith("ntkal")
+        if name.endswith(".png"):
+            with open(path, "rb") as fh:
+                return b"ntkal" in fh.read(4096)
+        import logging
+        from .io import read_structures
+        log = logging.getLogger("ntkal")
+        disabled, log.disabled = log.disabled, True  # no label warnings for a file we only look at
+        try:
+            first = next(iter(read_structures(path)), None)
+        finally:
+            log.disabled = disabled
+        return first is not None and "ntkal_pool_index" in first.info
+    except Exception:  # unreadable, not JSON, not a structure file: not ours
+        return False
+
+
+def claim(path: Path, what: str) -> Path:
+    """Refuse (InputError naming `what`) to replace anything at `path` that ntkal did not write."""
+    path = Path(path)
+    if path.exists() and not written_by_ntkal(path):
+        kind = "folder" if path.is_dir() else "file"
+        raise InputError(f"{what}: {path} is a {kind} ntkal did not write; ntkal never replaces it "
+                         f"(move it away or choose another output name)")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+
 class Checkpoint:
-    """A folder of per-rank state files; valid only for the same inputs, settings and world size."""
+    """`<out>.ntkal-ckpt/`: lock, meta.json, and state files that each carry the run key."""
 
     def __init__(self, folder, key: dict, dist: Dist, every_s: float = 60.0):
         self.folder = Path(folder)
         self.dist = dist
         self.every_s = float(every_s)
-        blob = json.dumps({"key": key, "world": dist.world}, sort_keys=True, default=str)
-        self.key = hashlib.sha256(blob.encode()).hexdigest()
+        self.key = run_key({"key": key, "world": dist.world})
         self._last = time.monotonic()
+        self._lock = None
+        self.saved = False  # resumable work exists (a state file was written by this run or an earlier one)
 
-    def prepare(self):
-        """Rank 0 empties a folder left by a run with other inputs or settings; then everyone proceeds."""
-        meta = self.folder / "meta.json"
+    def open(self):
+        """Rank 0 takes the folder's lock (InputError if another run holds it) and drops state of other keys."""
+        error = None
         if self.dist.rank == 0:
-            if self.folder.exists():
-                try:
-                    same = json.loads(meta.read_text()).get("key") == self.key
-                except (OSError, ValueError):
-                    same = False
-                if not same:
-                    shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder.mkdir(parents=True, exist_ok=True)
-            meta.write_text(json.dumps({"key": self.key, "world": self.dist.world}))
-        self.dist.barrier()
+            try:
+                self._take()
+            except InputError as exc:
+                error = str(exc)
+        errors = [e for e in self.dist.gather(error) if e]
+        if errors:
+            raise InputError(errors[0])
+        self.saved = bool(self.dist.gather(any(self.folder.glob(f"*{self.key}*")))[0])
+        return self
 
-    def _file(self, name: str) -> Path:
-        return self.folder / f"{name}-rank{self.dist.rank}of{self.dist.world}.pt"
+    def _take(self):
+        claim(self.folder, "checkpoint folder")
+        for _ in range(3):  # the folder may vanish between mkdir and open when another run just finished
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+                break
+            except FileNotFoundError:
+                continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise InputError(f"another ntkal run (pid {holder}) is writing this output ({self.folder}); "
+                             "wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock = fd
+        meta = self.folder / "meta.json"
+        try:
+            same = json.loads(meta.read_text()).get("key") == self.key
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            for p in self.folder.iterdir():
+                if p.name not in ("lock", "meta.json"):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            tmp = meta.with_name(".meta.json.tmp")
+            tmp.write_text(json.dumps({"written_by": "ntkal checkpoint", "key": self.key}))
+            os.replace(tmp, meta)
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, kind, exc, tb):
+        """Success, or an error in the inputs or settings (a rerun has another key): remove the folder.
+        A crash or an interrupt: keep it if it holds resumable work, so the same command continues."""
+        from .errors import NtkalError
+        if kind is None:
+            self.dist.barrier()
+        if self.dist.rank == 0 and self._lock is not None:
+            if kind is None or issubclass(kind, NtkalError) or not self.saved:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            os.close(self._lock)
+            self._lock = None
+        return False
+
+    def _file(self, name: str, shared: bool) -> Path:
+        return self.folder / (f"{name}.pt" if shared else f"{name}-rank{self.dist.rank}of{self.dist.world}.pt")
 
     def load(self, name: str, shared: bool = False) -> Optional[dict]:
-        """The saved state `name` if it was written for this key, else None."""
+        """The saved state `name` if it was written for this run key, else None."""
         import torch
-        f = self.folder / f"{name}.pt" if shared else self._file(name)
+        f = self._file(name, shared)
         if not f.exists():
             return None
         try:
@@ -113,16 +211,16 @@ class Checkpoint:
 
     def save(self, name: str, state: dict, shared: bool = False):
         import torch
-        self.folder.mkdir(parents=True, exist_ok=True)
-        f = self.folder / f"{name}.pt" if shared else self._file(name)
+        f = self._file(name, shared)
         tmp = f.with_name(f".{f.name}.tmp")
         torch.save({**state, "key": self.key}, tmp)
         os.replace(tmp, f)
+        self.saved = True
         self._last = time.monotonic()
 
     def part(self, chunk: int) -> Path:
-        return self.folder / f"part-{chunk:08d}.extxyz"
+        """A chunk's output part; its name carries the run key."""
+        return self.folder / f"part-{self.key}-{chunk:08d}.extxyz"
 
-    def clear(self):
-        if self.dist.rank == 0:
-            shutil.rmtree(self.folder, ignore_errors=True)
+    def parts_done(self) -> set:
+        return {int(p.stem.rsplit("-", 1)[1]) for p in self.folder.glob(f"part-{self.key}-*.extxyz")}

@@ -32,8 +32,8 @@ import torch
 import ntk_kernels
 
 from .errors import NtkalError
-from .features.rowblock import FORCE, KIND_NAMES, RowBlock
-from .posterior import Posterior, robust_cholesky
+from .features.rowblock import RowBlock
+from .posterior import Posterior, cholesky_inverse
 
 __all__ = ["target_matrix", "TargetScorer", "greedy_select"]
 
@@ -46,27 +46,7 @@ _MAX_ELEMS = 1 << 22
 def _check_rows(post: Posterior, rows: RowBlock, what: str) -> None:
     if rows.k != post.k:
         raise NtkalError(f"{what} features have width {rows.k}, the posterior {post.k} (different sketch_dim?)")
-    for k_id in torch.unique(rows.kind).tolist():
-        name = KIND_NAMES.get(int(k_id))
-        if name is None:
-            raise NtkalError(f"{what} rows have an unknown kind {k_id}")
-        if name not in post.scales:
-            raise NtkalError(f"{what} rows contain {name} rows but the posterior was fitted without them "
-                             f"(it knows {', '.join(sorted(post.scales)) or 'nothing'}; use the same kernel)")
-
-
-def _noise(post: Posterior, kind: torch.Tensor) -> torch.Tensor:
-    """sigma^2 of each row: sigma_F^2 for force rows, sigma_E^2 for energy and embedding rows."""
-    return torch.where(kind == FORCE, torch.tensor(post.sigma_f2, dtype=F64), torch.tensor(post.sigma_e2, dtype=F64))
-
-
-def _scale(post: Posterior, kind: torch.Tensor) -> torch.Tensor:
-    """c_kind of each row (the posterior's per-kind feature scale)."""
-    c = torch.ones(kind.numel(), dtype=F64)
-    for k_id, name in KIND_NAMES.items():
-        if name in post.scales:
-            c[kind == k_id] = post.scales[name]
-    return c
+    post.row_scale(rows.kind)  # an error for a row kind the posterior was fitted without
 
 
 def target_matrix(post: Posterior, target_rows: Union[RowBlock, Iterable[RowBlock]]) -> torch.Tensor:
@@ -128,7 +108,7 @@ class _Prepared:
         self.n = len(rows)
         self.device = rows.rows.device
         G = rows.rows.detach()
-        fac = (_scale(post, rows.kind) / _noise(post, rows.kind).sqrt()).to(device=G.device, dtype=G.dtype)
+        fac = (post.row_scale(rows.kind) / post.row_noise(rows.kind).sqrt()).to(device=G.device, dtype=G.dtype)
         self.flat = G * fac[:, None]  # noise-normalised scaled rows, the input dtype (for condition)
         if not torch.isfinite(self.flat).all():
             raise NtkalError("candidate features contain NaN or inf")
@@ -235,12 +215,10 @@ class TargetScorer:
         if G.shape[0] == 0:
             return
         if self._lam is None:
-            X = torch.linalg.solve(self.Linv, torch.eye(self.k, dtype=F64))  # X X^T = Lam
-            self._lam = X @ X.T
+            self._lam = self.post.L @ self.post.L.T
         G = G.to(F64)
         self._lam = self._lam + (G.T @ G).cpu()
-        L, _ = robust_cholesky(self._lam)
-        self.Linv = torch.linalg.solve_triangular(L, torch.eye(self.k, dtype=F64), upper=False)
+        self.Linv, _ = cholesky_inverse(self._lam)
         self.n_conditioned += 1
         self._refresh()
 

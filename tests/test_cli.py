@@ -63,11 +63,11 @@ def test_select_writes_picks_that_mace_reads(files, tmp_path):
     _, configs = load_from_xyz(str(out), key_specification=ks)
     assert len(configs) == 3
     assert configs[0].properties["energy"] == pytest.approx(picks[0].info["REF_energy"])
-    report = json.loads((tmp_path / "picked.json").read_text())
+    report = json.loads((tmp_path / "picked.extxyz.json").read_text())
     assert [s["pool_index"] for s in report["selected"]] == [a.info["ntkal_pool_index"] for a in picks]
     assert report["coverage"] == 1.0 and report["jitter"] == 0.0 and report["n_pool"] == 9
     assert {"torch", "mace-torch", "ase", "triton"} <= set(report["versions"])
-    assert report["settings"]["kernel"] == "joint" and report["timings_s"]["total"] > 0
+    assert report["options"]["kernel"] == "joint" and report["timings_s"]["total"] > 0
 
 
 def test_same_seed_same_selection(files, tmp_path):
@@ -84,7 +84,7 @@ def test_score_writes_every_pool_structure_in_order(files, tmp_path):
     scored = ase.io.read(out, ":")
     assert [a.info["ntkal_pool_index"] for a in scored] == list(range(9))
     assert all(a.info["ntkal_score"] > 0 for a in scored)
-    assert json.loads((tmp_path / "scored.json").read_text())["n_pool"] == 9
+    assert json.loads((tmp_path / "scored.extxyz.json").read_text())["n_pool"] == 9
 
 
 def _bad(files, tmp_path, capsys, argv, *needles):
@@ -95,7 +95,7 @@ def _bad(files, tmp_path, capsys, argv, *needles):
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     for n in needles:
         assert str(n) in err, err
-    assert not out.exists() and not (tmp_path / "out.json").exists()
+    assert not out.exists() and not (tmp_path / "out.extxyz.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ntkal-tmp")]
     return err
 
@@ -186,7 +186,7 @@ def test_select_and_score_with_target(files, tmp_path):
     picks = ase.io.read(out, ":")
     reds = [a.info["ntkal_target_reduction"] for a in picks]
     assert all(r > 0 for r in reds) and all(a.info["ntkal_score"] > 0 for a in picks)
-    report = json.loads((tmp_path / "t.json").read_text())
+    report = json.loads((tmp_path / "t.extxyz.json").read_text())
     assert report["method"] == "greedy"
     t = report["target"]
     assert t["variance_after"] == pytest.approx(t["variance_before"] - sum(reds), rel=1e-6)
@@ -202,7 +202,7 @@ def test_demo_on_the_shipped_data(tmp_path, capsys):
     picks = ase.io.read(out / "selected.extxyz", ":")
     assert len(picks) == 5 and all(set(a.get_chemical_symbols()) == {"Si"} for a in picks)
     assert all("REF_energy" in a.info and "REF_forces" in a.arrays for a in picks)
-    report = json.loads((out / "selected.json").read_text())
+    report = json.loads((out / "selected.extxyz.json").read_text())
     assert report["n_pool"] == 600 and report["n_train"] == 40
     assert (out / "scores.png").stat().st_size > 1000
     assert "picked 5 of 600" in capsys.readouterr().out

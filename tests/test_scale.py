@@ -58,7 +58,7 @@ def test_two_gloo_ranks_select_and_score_like_one_process(files, tmp_path):
         assert [i for i, _ in a] == [i for i, _ in b]
         np.testing.assert_allclose([s for _, s in a], [s for _, s in b], rtol=1e-5)
         import json
-        assert json.loads(two.with_suffix(".json").read_text())["world_size"] == 2
+        assert json.loads(two.with_name(two.name + ".json").read_text())["world_size"] == 2
     one, two = tmp_path / "s1.extxyz", tmp_path / "s2.extxyz"
     _run(_args(files, "score", one, "--kernel", "energy"))
     _run(_args(files, "score", two, "--kernel", "energy"), torchrun=2)

@@ -5,7 +5,10 @@ import torch
 
 import ntkal
 from ntkal import RowBlock
-from ntkal.select import Shortlist, TopM, shortlist_scores
+from ntkal.acquisition.candidates import Shortlist, TopM, random_keys
+from ntkal.acquisition.pipeline import Pipeline, Stream
+from ntkal.acquisition.scorers import PVScorer
+from ntkal.options import Options
 
 F64 = torch.float64
 
@@ -140,56 +143,63 @@ def _unfiltered(m, keys, index, payload):
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 500])
 def test_prefiltered_shortlist_equals_unfiltered_with_ties(chunk):
-    """Shortlist builds payloads only for rows that can still enter; the top-m and the reservoir are unchanged."""
+    """Shortlist builds records only for rows that can still enter; the top-m and the reservoir are unchanged."""
     rng = np.random.default_rng(1)
     n, m, n_random = 500, 37, 11
-    keys = rng.integers(0, 40, size=n).astype(float)  # many ties in both key streams
-    rkeys = rng.integers(0, 60, size=n) / 60.0
+    keys = rng.integers(0, 40, size=n).astype(float)  # many ties
+    rkeys = random_keys(5, 0, n)
     built = []
-    state, ref_top, ref_rnd = Shortlist(m, n_random), TopM(m), TopM(n_random)
+    state, ref_top, ref_rnd = Shortlist(m, n_random, seed=5), TopM(m), TopM(n_random)
     for a in range(0, n, chunk):
         idx = np.arange(a, min(a + chunk, n))
         payload = [("row", int(i)) for i in idx]
         ref_top.add(keys[idx], idx, payload)
         ref_rnd.add(rkeys[idx], idx, payload)
-        state.add(keys[idx], idx, lambda pos, idx=idx: [built.append(int(idx[p])) or ("row", int(idx[p])) for p in pos],
-                  rkeys[idx])
+        state.add(keys[idx], a, lambda pos, idx=idx: [built.append(int(idx[p])) or ("row", int(idx[p])) for p in pos])
     for got, ref in ((state.top, ref_top), (state.rnd, ref_rnd)):
         np.testing.assert_array_equal(got.index, ref.index)
         np.testing.assert_array_equal(got.keys, ref.keys)
         assert got.payload == ref.payload
-    assert len(built) == len(set(built))  # each row's payload built at most once, shared by both lists
+    assert len(built) == len(set(built))  # each row's record built at most once, shared by both lists
     if chunk > m:
         assert len(built) < n
-    zero = Shortlist(0)  # `ntkal score` scans with m = 0: no payload is ever built
-    zero.add(keys, np.arange(n), lambda pos: pytest.fail("payload built for m = 0"))
+    zero = Shortlist(0)  # `ntkal score` scans with m = 0: no record is ever built
+    zero.add(keys, 0, lambda pos: pytest.fail("record built for m = 0"))
     assert len(zero.top) == 0
 
 
-def test_shortlist_scores_prefiltered_equals_unfiltered_payloads():
-    """Same indices, keys and payloads (score, float64 scaled psi) as adding every pool row; ties included."""
+def test_random_keys_do_not_depend_on_chunking():
+    whole = random_keys(9, 0, 103)
+    parts = np.concatenate([random_keys(9, a, min(10, 103 - a)) for a in range(0, 103, 10)])
+    np.testing.assert_array_equal(whole, parts)
+    assert not np.array_equal(whole, random_keys(10, 0, 103))
+
+
+def test_scan_prefiltered_equals_unfiltered_records():
+    """Same indices, keys and records (score, float64 scaled psi) as adding every pool row; ties included."""
     train, base = _rowblocks(7, 20), _rowblocks(8, 60)
     pool = RowBlock.cat([base, base, base])  # every structure three times: tied scores across chunks
     post = ntkal.Posterior.from_rows(train)
     blocks = [pool.select(range(i, min(i + 25, len(pool)))) for i in range(0, len(pool), 25)]
-    top, rnd, n = shortlist_scores(post, iter(blocks), 40, np.random.default_rng(3))
+    pipe = Pipeline(Options(budget=1, seed=3).validate())
+    state, n = pipe.scan(Stream(iter(blocks), rows=True), post, PVScorer(post), 40, 40)
     assert n == len(pool)
-    draws = np.random.default_rng(3)
+    draws = random_keys(3, 0, len(pool))
     ref_top, ref_rnd, off = TopM(40), TopM(40), 0
     for b in blocks:
         s = post.score(b).numpy()
         psi = b.lcmd_vectors().double() * post.psi_scale
         idx = np.arange(off, off + len(b))
         ref_top.add(s, idx, list(zip(s, psi)))
-        ref_rnd.add(draws.random(len(b)), idx, list(zip(s, psi)))
+        ref_rnd.add(draws[idx], idx, list(zip(s, psi)))
         off += len(b)
     assert len(np.unique(ref_top.keys)) < len(ref_top.keys)  # the case has ties
-    for got, ref in ((top, ref_top), (rnd, ref_rnd)):
+    for got, ref in ((state.top, ref_top), (state.rnd, ref_rnd)):
         np.testing.assert_array_equal(got.index, ref.index)
         np.testing.assert_array_equal(got.keys, ref.keys)
-        assert [p[0] for p in got.payload] == [p[0] for p in ref.payload]
-        for (_, a), (_, b) in zip(got.payload, ref.payload):
-            assert a.dtype == F64 and torch.equal(a, b) and a.untyped_storage().nbytes() == a.numel() * 8
+        assert [c.values["score"] for c in got.payload] == [p[0] for p in ref.payload]
+        for c, (_, b) in zip(got.payload, ref.payload):
+            assert c.psi.dtype == F64 and torch.equal(c.psi, b) and c.psi.untyped_storage().nbytes() == c.psi.numel() * 8
 
 
 @pytest.mark.parametrize("mode", ["tp", "p"])

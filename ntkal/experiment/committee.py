@@ -17,7 +17,9 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..select import default_shortlist, lcmd
+from ..acquisition.scorers import CommitteeScorer
+from ..api import select_rows
+from ..features.rowblock import EMBEDDING, RowBlock
 from .metrics import load_model, predict
 
 
@@ -69,15 +71,21 @@ def committee_select(member_paths: Sequence, labelled: Sequence, pool: Sequence,
     scale_f = float(var_f_l.mean()) if var_f_l.mean() > 0 else 1.0
     s_lab, psi_lab = scores_and_psi(pl, [len(a) for a in labelled], scale_e, scale_f)
     s_pool, psi_pool = scores_and_psi(pp, [len(a) for a in pool], scale_e, scale_f)
-    m = max(int(shortlist or default_shortlist(budget)), budget)
-    order = np.lexsort((np.arange(len(pool)), -s_pool))[:m]                 # ties to the lower index
-    picks, status = lcmd(torch.from_numpy(psi_pool[order]), torch.from_numpy(psi_lab), budget, mode="tp",
-                         seed=seed, return_status=True)
-    positions = order[picks]
-    info = {"scale_e": scale_e, "scale_f": scale_f, "shortlist_size": int(len(order)), "status": status,
+    res = select_rows(_rows(psi_lab), _rows(psi_pool), budget, shortlist=shortlist, seed=seed,
+                      scorer=CommitteeScorer())
+    positions = res.indices
+    info = {"scale_e": scale_e, "scale_f": scale_f, "shortlist_size": int(len(res.shortlist)), "status": res.status,
             "mean_score_labelled": float(s_lab.mean()), "mean_score_pool": float(s_pool.mean()),
-            "scores": [float(s_pool[i]) for i in positions]}
+            "scores": [float(s_pool[i]) for i in positions], "pool_scores": s_pool.tolist()}
     return np.asarray(positions, dtype=np.int64), info
+
+
+def _rows(psi: np.ndarray) -> RowBlock:
+    """One row per structure: the member-deviation vector (also its LCMD vector)."""
+    t = torch.from_numpy(psi)
+    n = t.shape[0]
+    return RowBlock(t, torch.arange(n + 1), torch.full((n,), EMBEDDING, dtype=torch.int8),
+                    torch.ones(n, dtype=torch.int64), psi=t)
 
 
 def member_seeds(seed: int, size: int) -> List[int]:

@@ -1,0 +1,318 @@
+"""The one acquisition pipeline every entry point uses (docs/design.md, "Pipeline").
+
+featurise (or take precomputed RowBlocks) -> fit the posterior on the labelled rows -> score the pool
+chunk by chunk with a scorer -> running shortlist of Candidate records -> a selector picks B.
+`ntkal.select`, `ntkal.score`, `ntkal.select_rows`, the CLI, torchrun sharding, checkpoints and
+`ntkal experiment` all run through `Pipeline`. Options are validated before it is built.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..features.rowblock import RowBlock
+from ..options import Options
+from ..posterior import Accumulator, Posterior
+from ..runstate import Checkpoint, Dist
+from . import scorers
+from .candidates import Candidate, Shortlist
+from .selectors import SELECTORS, SelectContext
+
+
+@dataclass
+class Stream:
+    """Structures (a path, a list, an iterator) or precomputed RowBlock chunks, with their count if known."""
+
+    items: Iterable
+    total: Optional[int] = None
+    path: Optional[Path] = None
+    rows: bool = False  # items are RowBlock chunks
+
+    @classmethod
+    def of(cls, obj, what: str) -> "Stream":
+        from ase import Atoms
+        if isinstance(obj, Stream):
+            return obj
+        if isinstance(obj, RowBlock):
+            return cls([obj], len(obj), None, True)
+        if isinstance(obj, (str, os.PathLike)):
+            from ..io import count_structures, read_structures
+            path = Path(obj)
+            return cls(read_structures(path), count_structures(path), path)
+        if isinstance(obj, Atoms):
+            return cls([obj], 1)
+        if isinstance(obj, (list, tuple)):
+            return cls(list(obj), None if obj and isinstance(obj[0], RowBlock) else len(obj),
+                       rows=bool(obj) and isinstance(obj[0], RowBlock))
+        if hasattr(obj, "__iter__"):
+            it = iter(obj)
+            first = next(it, None)
+            if first is None:
+                return cls([], 0)
+            import itertools
+            return cls(itertools.chain([first], it), None, rows=isinstance(first, RowBlock))
+        raise TypeError(f"{what} must be a path, ase.Atoms, a list or iterator of them, or RowBlocks")
+
+
+@dataclass
+class SelectionResult:
+    """What a selection returns: picks (pool indices, in pick order), their scores, the shortlist, timings."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+    shortlist: np.ndarray
+    shortlist_scores: np.ndarray
+    timings: Dict[str, float]
+    status: Optional[str]
+    n_pool: int
+    method: str
+    mode: str
+    posterior: Optional[Posterior] = None
+    picks: List[Candidate] = field(default_factory=list)
+    atoms: Optional[list] = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def atom_variances(self):
+        return [c.atom_values.get("atom_variance") for c in self.picks]
+
+
+def featurizer_for(model, opts: Options):
+    from ..features import MACEFeaturizer
+    return MACEFeaturizer(model, kernel=opts.kernel, sketch_dim=opts.sketch_dim, params=opts.params,
+                          force_probes=opts.force_probes, seed=opts.seed, impl=opts.impl,
+                          dtype=getattr(torch, opts.dtype), device=opts.device)
+
+
+def annotate(c: Candidate, rank: Optional[int] = None):
+    """A copy of the candidate's structure with ntkal's keys (never energy/forces keys)."""
+    out = c.atoms.copy()
+    out.calc = None
+    for name, v in c.values.items():
+        out.info[f"ntkal_{name}"] = float(v)
+    out.info["ntkal_pool_index"] = int(c.index)
+    if rank is not None:
+        out.info["ntkal_rank"] = int(rank)
+    for name, v in c.atom_values.items():
+        if v is not None:
+            out.arrays[f"ntkal_{name}"] = np.asarray(v, dtype=np.float64)
+    return out
+
+
+class Pipeline:
+    """One run: options, the featurizer (None for precomputed rows), progress, checkpoint, ranks."""
+
+    def __init__(self, opts: Options, featurizer=None, progress: bool = False,
+                 checkpoint: Optional[Checkpoint] = None, exact_rows: Optional[Callable] = None):
+        self.opts, self.fz, self.progress, self.ckpt = opts, featurizer, progress, checkpoint
+        self.dist = Dist.current()
+        self.exact_rows = exact_rows  # row-level runs: pool indices -> exact RowBlock (greedy, atom variances)
+        self.timings: Dict[str, float] = {}
+
+    # --- featurising ------------------------------------------------------------------------------
+    def _exact(self):
+        fz = self.fz
+        return fz if fz.force_probes is None else fz.with_kernel(fz.kernel, None)
+
+    def chunks(self, src: Stream, what: str) -> Iterator:
+        """(chunk number, first structure index, chunk) over the stream; structures are checked on every
+        rank (so counts and errors agree), RowBlock items are chunks as given."""
+        if src.rows:
+            start = 0
+            for c, block in enumerate(src.items):
+                yield c, start, block
+                start += len(block)
+            return
+        from ..io import check_structure, iter_chunks
+        known = set(self.fz.atomic_numbers) if self.fz is not None else None
+
+        def checked():
+            for i, atoms in enumerate(src.items):
+                check_structure(atoms, i, src.path, known)
+                yield atoms
+        start = 0
+        for c, chunk in enumerate(iter_chunks(checked(), self.opts.chunk())):
+            yield c, start, chunk
+            start += len(chunk)
+
+    def _bar(self, total, desc):
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, unit="struct", smoothing=0.05,
+                    disable=not (self.progress and self.dist.rank == 0))
+
+    # --- posterior --------------------------------------------------------------------------------
+    def fit(self, train) -> Posterior:
+        """Fit the posterior on the labelled structures (exact force rows; sharded over ranks)."""
+        if self.ckpt is not None:
+            saved = self.ckpt.load("posterior", shared=True)
+            if saved is not None:
+                return saved["posterior"]
+        t = time.perf_counter()
+        src = Stream.of(train, "train")
+        acc = Accumulator(self.opts.force_reduce)
+        featurise = None if src.rows else self._exact()
+        bar = self._bar(src.total, "train features")
+        for c, start, chunk in self.chunks(src, "train"):
+            if self.dist.owns(c):
+                acc.add(chunk if featurise is None else featurise(chunk), start=start)
+            bar.update(len(chunk))
+        bar.close()
+        if self.dist.world > 1:
+            shards = self.dist.gather(acc)
+            acc = shards[0].merge(shards[1:])
+        if acc.n == 0:
+            raise InputError("the training set is empty", path=src.path)
+        post = Posterior.from_accumulator(acc, self.opts.sigma_e2, self.opts.sigma_f2)
+        if self.fz is not None:
+            post.info["featurizer"] = self.fz.settings()
+        if self.ckpt is not None and self.dist.rank == 0:
+            self.ckpt.save("posterior", {"posterior": post}, shared=True)
+        self.timings["train_features_and_posterior"] = time.perf_counter() - t
+        return post
+
+    # --- scoring ----------------------------------------------------------------------------------
+    def scorer(self, post: Posterior, target=None):
+        """The scorer of --score (and --target); a given scorer object is used as it is."""
+        if target is None:
+            return scorers.PVScorer(post)
+        from ..target import TargetScorer, target_matrix
+        t = time.perf_counter()
+        src = Stream.of(target, "target")
+        featurise = None if src.rows else self._exact()
+        blocks = (chunk if featurise is None else featurise(chunk) for _, _, chunk in self.chunks(src, "target"))
+        out = scorers.TargetScorer(post, TargetScorer(post, target_matrix(post, blocks)))
+        self.timings["target_features"] = time.perf_counter() - t
+        return out
+
+    def scored_chunks(self, pool, scorer, skip=frozenset(), done: int = -1):
+        """(chunk number, first index, atoms or None, rows, Scored) for every chunk this rank owns; the pool
+        count is in self.n_pool when the generator ends (every rank counts every chunk)."""
+        src = Stream.of(pool, "pool")
+        self.n_pool = 0
+        bar = self._bar(src.total, "pool")
+        try:
+            for c, start, chunk in self.chunks(src, "pool"):
+                self.n_pool = start + len(chunk)
+                bar.update(len(chunk))
+                if c <= done or c in skip or not self.dist.owns(c):
+                    continue
+                rows = chunk if src.rows else self.fz(chunk)
+                yield c, start, None if src.rows else chunk, rows, scorer(rows)
+        finally:
+            bar.close()
+        if self.n_pool == 0:
+            raise InputError("the pool is empty", path=src.path)
+
+    def scan(self, pool, post: Posterior, scorer, m: int, n_random: int = 0, on_chunk=None, skip=frozenset()):
+        """Stream the pool into the shortlist (top-m by key) and a seeded reservoir of n_random; merged over ranks."""
+        t = time.perf_counter()
+        state, done = Shortlist(m, n_random, self.opts.seed), -1
+        if self.ckpt is not None:
+            saved = self.ckpt.load("scan")
+            if saved is not None:
+                state, done = saved["state"], saved["done"]
+        for c, start, atoms, rows, scored in self.scored_chunks(pool, scorer, skip, done):
+            psi = None
+
+            def build(pos):
+                nonlocal psi
+                if psi is None:
+                    psi = rows.lcmd_vectors().detach().cpu().to(torch.float64) * post.psi_scale
+                return [Candidate(start + j, float(scored.key[j]), psi[j].clone(), None if atoms is None else atoms[j],
+                                  {n: float(v[j]) for n, v in scored.values.items()},
+                                  {n: v[j] for n, v in scored.atom_values.items()}) for j in pos.tolist()]
+            state.add(scored.key, start, build)
+            if on_chunk is not None:
+                on_chunk(c, start, atoms, scored)
+            done = c
+            if self.ckpt is not None and self.ckpt.due():
+                self.ckpt.save("scan", {"state": state, "done": done})
+        if self.dist.world > 1:
+            shards = self.dist.gather(state)
+            state = shards[0].merge(shards[1:])
+        self.timings["pool_features_and_scores"] = time.perf_counter() - t
+        return state, self.n_pool
+
+    # --- selection --------------------------------------------------------------------------------
+    def select(self, train, pool, target=None, scorer=None, on_chunk=None) -> SelectionResult:
+        """Pick opts.budget pool structures: fit, scan, select; picks annotated when structures are given."""
+        opts, t0 = self.opts, time.perf_counter()
+        src = Stream.of(pool, "pool")
+        if src.total is not None and opts.budget > src.total:
+            raise InputError(f"budget {opts.budget} is larger than the pool ({src.total} structures)"
+                             if src.total else "the pool is empty", path=src.path)
+        post = self.fit(train)
+        scorer = scorer or self.scorer(post, target)
+        selector = SELECTORS[opts.method]
+        state, n_pool = self.scan(src, post, scorer, opts.m, opts.budget if selector.uses == "reservoir" else 0,
+                                  on_chunk)
+        if opts.budget > n_pool:
+            raise InputError(f"budget {opts.budget} is larger than the pool ({n_pool} structures)", path=src.path)
+        t = time.perf_counter()
+        cands = (state.top if selector.uses == "shortlist" else state.rnd).payload
+        ctx = SelectContext(post, opts.mode, opts.seed, greedy=self._greedy(post, scorer))
+        pos, status = selector.pick(cands, opts.budget, ctx)
+        picks = [cands[i] for i in pos]
+        self.timings["select"] = time.perf_counter() - t
+        self._exact_atom_variances(post, picks)
+        self.timings["total"] = time.perf_counter() - t0
+        atoms = [annotate(c, r) for r, c in enumerate(picks)] if picks and picks[0].atoms is not None else None
+        info = {"shortlist_size": len(state.top), "world_size": self.dist.world,
+                "pool_path": None if src.path is None else str(src.path)}
+        if self.fz is not None:
+            info["featurizer"] = self.fz.settings()
+        if isinstance(scorer, scorers.TargetScorer):
+            before = scorer.target.target_variance()
+            reds = [c.values["target_reduction"] for c in picks]
+            info["target"] = {"variance_before": before, "variance_after": before - float(np.sum(reds))}
+        return SelectionResult(
+            indices=np.asarray([c.index for c in picks], dtype=np.int64),
+            scores=np.asarray([c.values.get("score", c.key) for c in picks], dtype=np.float64),
+            shortlist=state.top.index.copy(), shortlist_scores=state.top.keys.copy(), timings=dict(self.timings),
+            status=status, n_pool=n_pool, method=opts.method, mode=opts.mode, posterior=post, picks=picks,
+            atoms=atoms, info=info)
+
+    def _rows_of(self, cands: List[Candidate]) -> Optional[RowBlock]:
+        """Exact feature rows of candidates: re-featurised structures, or the caller's exact_rows."""
+        if cands and cands[0].atoms is not None and self.fz is not None:
+            from ..io import iter_chunks
+            exact = self._exact()
+            return RowBlock.cat([exact(c) for c in iter_chunks([c.atoms for c in cands], self.opts.chunk())])
+        if self.exact_rows is not None:
+            return self.exact_rows([c.index for c in cands])
+        return None
+
+    def _greedy(self, post, scorer):
+        """Target-aware sequential picks on the shortlist's exact rows; each pick's reduction at pick time."""
+        def pick(cands, budget):
+            if not isinstance(scorer, scorers.TargetScorer):
+                raise InputError("--method greedy needs --target (structures where the model will be used)")
+            from ..target import greedy_select
+            pos, reds = greedy_select(post, scorer.target.C_T, self._rows_of(cands), budget)
+            for j, r in zip(pos, reds):
+                cands[j].values["target_reduction"] = float(r)
+            return pos, None
+        return pick
+
+    def _exact_atom_variances(self, post, picks):
+        """Probe rows have no per-atom split: the B picks get exact force rows for their atom variances."""
+        fz = self.fz
+        if fz is None or fz.force_probes is None or fz.kernel not in ("force", "joint") or not picks:
+            return
+        t = time.perf_counter()
+        for c, v in zip(picks, post.atom_variances(self._rows_of(picks))):
+            c.atom_values["atom_variance"] = v
+        self.timings["exact_atom_variances_of_picks"] = time.perf_counter() - t
+
+
+def fit_posterior(featurizer, train, sigma_e2, sigma_f2, force_reduce="mean", chunk_size=64, progress=False):
+    """Posterior.fit's body: the pipeline's fit with a given featurizer."""
+    opts = Options(sigma_e2=sigma_e2, sigma_f2=sigma_f2, force_reduce=force_reduce, chunk_size=chunk_size)
+    return Pipeline(opts.validate(), featurizer, progress).fit(train)
