@@ -12,24 +12,27 @@ from .acquisition.pipeline import Pipeline, SelectionResult, Stream, annotate, f
 from .options import Options
 
 
-def select(model, train, pool, budget: int = 100, *, target=None, progress: bool = False, checkpoint=None,
-           **options) -> SelectionResult:
+def select(model, train, pool, budget: int = 100, *, target=None, pretrain=None, progress: bool = False,
+           checkpoint=None, **options) -> SelectionResult:
     """Pick `budget` pool structures worth labelling: features, posterior, scored shortlist, selector.
 
     model: a MACE nn.Module or .model path; train / pool / target: paths (extxyz, ASE .db), lists or
     iterators of ase.Atoms. Returns a SelectionResult whose .atoms are the picks annotated with ntkal_* keys.
     target: unlabelled structures from where the model will be used; the shortlist is then ranked by the
     expected reduction of their total predictive variance and the default method is "greedy".
+    pretrain: a sample of the structures the model was trained on (labels optional): it enters the
+    posterior so that what the model already knows is not novel.
     """
     opts = Options.from_kwargs(budget=budget, **options).validate(target=target is not None)
-    return Pipeline(opts, featurizer_for(model, opts), progress, checkpoint).select(train, pool, target)
+    return Pipeline(opts, featurizer_for(model, opts), progress, checkpoint).select(train, pool, target,
+                                                                                    pretrain=pretrain)
 
 
-def score(model, train, pool, *, target=None, progress: bool = False, **options) -> Iterator:
+def score(model, train, pool, *, target=None, pretrain=None, progress: bool = False, **options) -> Iterator:
     """Every pool structure, in pool order, annotated with its score (a generator: streams any pool size)."""
     opts = Options.from_kwargs(**options).validate(target=target is not None)
     pipe = Pipeline(opts, featurizer_for(model, opts), progress)
-    post = pipe.fit(train)
+    post = pipe.fit(train, pretrain)
     for _, start, atoms, _, scored in pipe.scored_chunks(pool, pipe.scorer(post, target)):
         yield from scored_atoms(start, atoms, scored)
 
@@ -44,16 +47,22 @@ def scored_atoms(start: int, atoms, scored):
 
 def select_rows(train_rows, pool_rows, budget: int, method: str = "lcmd", shortlist: Optional[int] = None,
                 sigma_e2: float = 1e-2, sigma_f2: float = 1e-2, force_reduce: str = "mean", mode: str = "tp",
-                seed: int = 0, target_rows=None, scorer=None, exact_rows=None, on_chunk=None) -> SelectionResult:
+                seed: int = 0, target_rows=None, scorer=None, exact_rows=None, on_chunk=None, score: str = "pv",
+                train_residuals=None, pretrain_rows=None, pretrain_residuals=None) -> SelectionResult:
     """Row-level selection (any MLIP, precomputed features): posterior from train rows, scored pool chunks, pick B.
 
     pool_rows: a RowBlock or an iterable of RowBlock chunks. target_rows: rows of a target sample (ranks by
     expected target-variance reduction); scorer: a scorer object (default PV, or target reduction);
     exact_rows(indices) -> RowBlock gives exact rows of pool structures (greedy picks, atom variances);
-    on_chunk(c, start, atoms, scored) sees every scored chunk.
+    on_chunk(c, start, atoms, scored) sees every scored chunk. score="error" needs train_residuals (float64
+    per train row, label − prediction; a tensor for one RowBlock or one per chunk); pretrain_rows (and
+    pretrain_residuals) enter the posterior as a pretraining sample.
     """
     opts = Options(budget=budget, method=method, shortlist=shortlist, sigma_e2=sigma_e2, sigma_f2=sigma_f2,
-                   force_reduce=force_reduce, mode=mode, seed=seed).validate(target=target_rows is not None)
+                   force_reduce=force_reduce, mode=mode, seed=seed, score=score).validate(target=target_rows is not None)
     target = None if target_rows is None else Stream.of(target_rows, "target")
+    pretrain = None if pretrain_rows is None else Stream.of(pretrain_rows, "pretrain")
+    residuals = {k: [v] if hasattr(v, "shape") else list(v)  # one tensor for one RowBlock, or one per chunk
+                 for k, v in (("train", train_residuals), ("pretrain", pretrain_residuals)) if v is not None}
     return Pipeline(opts, exact_rows=exact_rows).select(Stream.of(train_rows, "train"), Stream.of(pool_rows, "pool"),
-                                                        target, scorer, on_chunk)
+                                                        target, scorer, on_chunk, pretrain, residuals)

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ntkal", description="Force-aware NTK active learning for MACE potentials: pick the "
                                                "structures worth a DFT calculation.")
     parser.add_argument("--version", action="version", version=f"ntkal {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{select,score,demo,experiment}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{select,score,evaluate,demo,experiment}")
 
     def common(p, files=True, skip=(), defaults=None):
         if files:
@@ -45,18 +45,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     target_help = ("unlabelled structures where the model will be used: rank candidates by the expected "
                    "reduction of their predictive variance")
+    pretrain_help = ("a sample of the structures the model was trained on (labels optional, streamed): it enters "
+                     "the posterior, so what the model already knows is not novel")
     p = sub.add_parser("select", help="pick a batch of pool structures to label",
                        description="Pick --budget pool structures to label; writes them as extxyz (input keys kept, "
                                    "ntkal_* keys added) and a JSON report OUT.json beside it.")
     common(p)
     p.add_argument("--out", default=None, help="output extxyz (default: <pool name>_selected.extxyz here)")
     p.add_argument("--target", default=None, help=target_help)
+    p.add_argument("--pretrain", default=None, help=pretrain_help)
 
     p = sub.add_parser("score", help="score every pool structure",
                        description="Write every pool structure with its score (streamed) and a report OUT.json.")
     common(p, skip=("budget", "method", "mode", "shortlist"))
     p.add_argument("--out", required=True, help="output extxyz")
     p.add_argument("--target", default=None, help="also write each structure's expected target-variance reduction")
+    p.add_argument("--pretrain", default=None, help=pretrain_help)
+
+    p = sub.add_parser("evaluate", help="how good are the predicted errors on a labelled validation set",
+                       description="Fit on --train, predict the model's errors on the labelled --valid structures "
+                                   "with each kernel and score, and compare with the real errors: Spearman, "
+                                   "miscalibration area, 95 %% coverage, binned RMSE (OUT/evaluate.json, .png).")
+    p.add_argument("--model", required=True, help="pretrained MACE model file (.model)")
+    p.add_argument("--train", required=True, help="labelled training structures (extxyz or ASE .db)")
+    p.add_argument("--valid", required=True, help="labelled validation structures (extxyz or ASE .db)")
+    p.add_argument("--pretrain", default=None, help=pretrain_help)
+    p.add_argument("--kernels", default="energy,force,joint", help="comma-separated kernels (default energy,force,joint)")
+    p.add_argument("--scores", default="error,pv", help="comma-separated scores (default error,pv)")
+    add_arguments(p.add_argument_group("options"), skip=("budget", "method", "mode", "shortlist", "kernel", "score",
+                                                         "checkpoint_every"))
+    p.add_argument("--out", default="ntkal-evaluate", help="output directory (default ./ntkal-evaluate)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     # 8 probes keep Spearman 0.97 to exact at 0.28x the cost (bench/RESULTS.md, probes)
     p = sub.add_parser("demo", help="select from the shipped Si data with the shipped model",
@@ -132,34 +152,43 @@ def _check_output(path: Path, inputs, what: str = "--out") -> Path:
 def plan(args) -> Plan:
     """Options checked, inputs present and readable, outputs writable and not someone else's."""
     p = Plan(args.command, _options(args).validate(target=getattr(args, "target", None) is not None))
+    if p.command in ("demo", "evaluate"):
+        outdir = Path(args.out)
+        if outdir.exists() and not outdir.is_dir():
+            raise InputError(f"--out of {p.command} must be a directory", path=outdir)
     if p.command == "demo":
         from .data import demo_files
         files = demo_files()
         p.inputs = {k: files[k] for k in ("model", "train", "pool")}
-        outdir = Path(args.out)
-        if outdir.exists() and not outdir.is_dir():
-            raise InputError("--out of demo must be a directory", path=outdir)
         p.out = outdir / "selected.extxyz"
-        p.extra["png"] = outdir / "scores.png"
+        p.extra = {"png": outdir / "scores.png", "errors_png": outdir / "errors.png"}
     else:
-        for what in ("model", "train", "pool", "target"):
+        for what in ("model", "train", "pool", "target", "pretrain", "valid"):
             if getattr(args, what, None) is not None:
                 p.inputs[what] = Path(getattr(args, what)).expanduser()
                 _check_input(what, p.inputs[what])
-        p.out = Path(args.out or (Path(args.pool).name.split(".")[0] + "_selected.extxyz")).expanduser()
+        if p.command == "evaluate":
+            p.out, p.extra = outdir / "evaluate.json", {"png": outdir / "evaluate.png"}
+        else:
+            p.out = Path(args.out or (Path(args.pool).name.split(".")[0] + "_selected.extxyz")).expanduser()
     if p.opts.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise InputError("--device cuda was asked for but no CUDA device is available")
     inputs = list(p.inputs.values())
-    if p.command != "demo" or p.out.parent.exists():
-        _check_output(p.out, inputs)
-        p.report = _check_output(report_path(p.out), inputs, "report")
+    if p.command == "evaluate":
+        p.report = p.out
+    if p.command in ("select", "score") or p.out.parent.exists():
         from .runstate import claim
-        claim(p.checkpoint, "checkpoint folder")
-        if "png" in p.extra:
-            claim(p.extra["png"], "plot")
-    else:
+        if p.command != "evaluate":
+            _check_output(p.out, inputs)
+            p.report = _check_output(report_path(p.out), inputs, "report")
+            claim(p.checkpoint, "checkpoint folder")
+        else:
+            claim(p.out, "report")
+        for path in p.extra.values():
+            claim(path, "plot")
+    elif p.command == "demo":
         p.report = report_path(p.out)
     return p
 
@@ -181,20 +210,21 @@ def _report(p: Plan, body: dict) -> dict:
             "versions": versions(), **body}
 
 
-def run_select(p: Plan, args) -> dict:
+def run_select(p: Plan, args, on_chunk=None) -> dict:
     """ntkal select: the picks as extxyz plus a JSON report."""
     from .acquisition.pipeline import Pipeline, featurizer_for
     from .io import write_extxyz, write_json
     fz = featurizer_for(p.inputs["model"], p.opts)
     with _checkpoint(p) as ckpt:
         res = Pipeline(p.opts, fz, args.progress, ckpt).select(p.inputs["train"], p.inputs["pool"],
-                                                               p.inputs.get("target"))
+                                                               p.inputs.get("target"), on_chunk=on_chunk,
+                                                               pretrain=p.inputs.get("pretrain"))
         if ckpt.dist.rank == 0:
             inputs = list(p.inputs.values())
             write_extxyz(p.out, res.atoms, inputs)
             write_json(p.report, _report(p, {
-                "n_pool": res.n_pool, "n_train": res.posterior.n_train, "timings_s": res.timings,
-                "status": res.status, "method": res.method, "jitter": res.posterior.jitter,
+                "n_pool": res.n_pool, "n_train": res.posterior.n_train, "score": res.info["score"],
+                "timings_s": res.timings, "status": res.status, "method": res.method, "jitter": res.posterior.jitter,
                 "coverage": res.info["featurizer"]["coverage"], "posterior": res.posterior.summary(),
                 "featurizer": res.info["featurizer"], "shortlist_size": res.info["shortlist_size"],
                 "world_size": res.info["world_size"], "target": res.info.get("target"),
@@ -202,6 +232,28 @@ def run_select(p: Plan, args) -> dict:
                               "natoms": len(a), **{k: float(v) for k, v in c.values.items()}}
                              for r, (c, a) in enumerate(zip(res.picks, res.atoms))]}), inputs)
     return {"result": res, "out": p.out, "report": p.report}
+
+
+def run_evaluate(p: Plan, args) -> dict:
+    """ntkal evaluate: predicted vs real errors on a labelled validation set (JSON + reliability plot)."""
+    from .evaluate import evaluate, plot
+    from .io import write_json
+    opts = {k: v for k, v in dataclasses.asdict(p.opts).items()
+            if k not in ("budget", "method", "mode", "shortlist", "kernel", "score", "checkpoint_every")}
+    results = evaluate(p.inputs["model"], p.inputs["train"], p.inputs["valid"], args.kernels.split(","),
+                       args.scores.split(","), p.inputs.get("pretrain"), args.progress, **opts)
+    p.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(p.out, _report(p, {"results": results}), list(p.inputs.values()))
+    plot(results, p.extra["png"], f"{p.inputs['valid'].name}: real vs predicted errors")
+    for kernel, by_score in results.items():
+        for score, parts in by_score.items():
+            if score == "calibration":
+                continue
+            line = "  ".join(f"{part} Spearman {m['spearman']:.2f} cov95 {m['coverage_95']:.2f} "
+                             f"miscal {m['miscalibration_area']:.3f}" for part, m in parts.items())
+            print(f"{kernel:>9} {score:>5}: {line}")
+    print(f"wrote {p.out}, {p.extra['png']}")
+    return {"results": results}
 
 
 def run_score(p: Plan, args) -> dict:
@@ -220,7 +272,7 @@ def run_score(p: Plan, args) -> dict:
     fz = featurizer_for(p.inputs["model"], p.opts)
     with _checkpoint(p) as ckpt:
         pipe = Pipeline(p.opts, fz, args.progress, ckpt)
-        post = pipe.fit(p.inputs["train"])
+        post = pipe.fit(p.inputs["train"], p.inputs.get("pretrain"))
         done = ckpt.parts_done()
         for c, start, atoms, _, scored in pipe.scored_chunks(p.inputs["pool"], pipe.scorer(post, p.inputs.get("target")),
                                                              skip=done):
@@ -254,21 +306,67 @@ def _open_output(path: Path):
 
 
 def run_demo(p: Plan, args) -> dict:
-    """ntkal demo: select on the shipped Si pool with the shipped model; write picks, report and a plot."""
+    """ntkal demo: select on the shipped Si pool with the shipped model; the pool is labelled, so each pick's
+    predicted force error is printed beside the real one, and the whole pool's are plotted."""
+    import numpy as np
     p.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    done = run_select(p, args)
+    seen = []
+    done = run_select(p, args, on_chunk=lambda c, start, atoms, scored: seen.append(scored.values))
     res = done["result"]
     plot_scores(res, p.extra["png"])
+    real = real_force_errors(p.inputs["model"], p.inputs["pool"], p.opts)
     print(f"ntkal demo: picked {len(res.indices)} of {res.n_pool} Si structures "
-          f"(kernel {p.opts.kernel}, {res.method}) in {time.perf_counter() - t0:.1f} s")
-    print(f"{'rank':>4} {'pool':>5} {'formula':>8} {'score':>10} {'max atom var':>12}")
+          f"(kernel {p.opts.kernel}, score {res.info['score']}, {res.method}) in {time.perf_counter() - t0:.1f} s")
+    print(f"{'rank':>4} {'pool':>5} {'formula':>8} {'score':>10} {'predicted F err':>16} {'real F err':>11}")
     for r, (c, a) in enumerate(zip(res.picks, res.atoms)):
-        av = c.atom_values.get("atom_variance")
-        mx = "-" if av is None else f"{max(av):.3g}"
-        print(f"{r:>4} {int(c.index):>5} {a.get_chemical_formula():>8} {c.values['score']:>10.4g} {mx:>12}")
-    print(f"wrote {done['out']}, {done['report']}, {p.extra['png']}")
+        pred = c.values.get("force_error")
+        print(f"{r:>4} {int(c.index):>5} {a.get_chemical_formula():>8} {c.values['score']:>10.4g} "
+              f"{'-' if pred is None else f'{pred:.0f} meV/A':>16} {real[c.index]:>6.0f} meV/A")
+    print(f"real force error (RMS per structure, meV/A): picks {np.mean(real[res.indices]):.0f}, "
+          f"pool {np.mean(real):.0f} (x{np.mean(real[res.indices]) / np.mean(real):.2f})")
+    if seen and "force_error" in seen[0]:
+        predicted = np.concatenate([v["force_error"] for v in seen])
+        plot_errors(predicted, real, res.indices, p.extra["errors_png"])
+        print(f"wrote {done['out']}, {done['report']}, {p.extra['png']}, {p.extra['errors_png']}")
+    else:
+        print(f"wrote {done['out']}, {done['report']}, {p.extra['png']}")
     return done
+
+
+def real_force_errors(model, pool, opts):
+    """RMS force-component error (meV/Å) of the model on every labelled pool structure, in pool order."""
+    import numpy as np
+    from .acquisition.pipeline import featurizer_for
+    from .io import read_structures
+    atoms = list(read_structures(pool))
+    _, forces = featurizer_for(model, opts).predict(atoms)
+    return np.array([1e3 * np.sqrt(np.mean((a.arrays["REF_forces"] - f) ** 2)) for a, f in zip(atoms, forces)])
+
+
+def plot_errors(predicted, real, picks, path: Path):
+    """Predicted vs real force error of every pool structure, picks marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import spearmanr
+    from .io import atomic_output
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.scatter(predicted, real, s=6, color="0.6", label=f"pool (Spearman {spearmanr(predicted, real)[0]:.2f})")
+    ax.scatter(predicted[picks], real[picks], s=14, color="C3", label=f"picked ({len(picks)})")
+    lo, hi = 1.0, max(predicted.max(), real.max())  # below 1 meV/Å: symmetric cells with zero forces
+    ax.plot([lo, hi], [lo, hi], color="0.3", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, 2 * hi)
+    ax.set_ylim(lo, 2 * hi)
+    ax.set_xlabel("predicted force error (meV/Å)")
+    ax.set_ylabel("real force error of the model (meV/Å)")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png", metadata={"Software": "ntkal"})
+    plt.close(fig)
 
 
 def plot_scores(res, path: Path):
@@ -284,7 +382,7 @@ def plot_scores(res, path: Path):
     ax.hist(scores, bins=bins, color="0.7", label=f"shortlisted pool ({len(scores)})")
     ax.hist(res.scores, bins=bins, color="C3", label=f"picked by {res.method} ({len(res.scores)})")
     ax.set_xscale("log")
-    ax.set_xlabel("posterior-variance score")
+    ax.set_xlabel(f"{res.info['score']} score")
     ax.set_ylabel("structures")
     ax.legend(frameon=False)
     fig.tight_layout()
@@ -334,7 +432,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(p.opts.threads)
         from .runstate import init_distributed
         init_distributed()
-        {"select": run_select, "score": run_score, "demo": run_demo}[p.command](p, args)
+        {"select": run_select, "score": run_score, "demo": run_demo, "evaluate": run_evaluate}[p.command](p, args)
     except NtkalError as exc:
         if args.debug:
             raise

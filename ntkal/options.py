@@ -17,7 +17,7 @@ from .errors import InputError
 KERNELS = ("embedding", "energy", "force", "joint")
 METHODS = ("lcmd", "top", "random", "greedy")
 MODES = ("tp", "p")
-SCORES = ("pv",)
+SCORES = ("pv", "error")
 PARAM_SETS = ("readout", "last", "all")
 FORCE_REDUCE = ("mean", "sum")
 DEVICES = ("cpu", "cuda")
@@ -43,7 +43,7 @@ class Options:
 
     budget: int = 100
     kernel: str = "joint"
-    score: str = "pv"
+    score: Optional[str] = None         # None: error when the training structures are labelled, else pv
     method: Optional[str] = None        # None: lcmd, or greedy with a target
     mode: str = "tp"
     shortlist: Optional[int] = None     # None: default_shortlist(budget)
@@ -64,11 +64,13 @@ class Options:
 
     def validate(self, target: bool = False) -> "Options":
         """Raise InputError naming the flag of the first bad setting; fill the derived defaults."""
-        choices = {"kernel": KERNELS, "score": SCORES, "mode": MODES, "params": PARAM_SETS,
+        choices = {"kernel": KERNELS, "mode": MODES, "params": PARAM_SETS,
                    "force_reduce": FORCE_REDUCE, "device": DEVICES, "dtype": DTYPES, "impl": IMPLS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 _bad(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.score is not None and self.score not in SCORES:
+            _bad("score", f"must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.method is not None and self.method not in METHODS:
             _bad("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("budget", "sketch_dim", "chunk_size", "threads"):
@@ -147,7 +149,10 @@ def _positive(opts: Options, name: str):
 HELP = {
     "budget": "number of structures to pick",
     "kernel": "feature map (default joint: energy + force NTK rows)",
-    "score": "what ranks the pool: pv = posterior variance (novelty)",
+    "score": "what ranks the pool: error = the model's expected error (posterior mean of the labelled "
+             "residuals + calibrated variance, in meV/atom and meV/A; default when the training structures have "
+             "REF_energy/REF_forces labels); pv = posterior variance (novelty relative to the labelled set, the "
+             "paper's score; default otherwise)",
     "method": "lcmd: diverse batch from the shortlist (default without --target); top: highest score; random; "
               "greedy: sequential target-variance reduction (default with --target)",
     "mode": "LCMD centres: training set + picks (tp, default) or picks in posterior space (p)",
@@ -174,7 +179,7 @@ CHOICES = {"kernel": KERNELS, "score": SCORES, "method": METHODS, "mode": MODES,
 def add_arguments(parser, skip=(), defaults=None):
     """One argparse option per Options field (type from the default, choices from CHOICES)."""
     defaults = defaults or {}
-    types = {"shortlist": int, "force_probes": int, "memory_gb": float, "method": str}
+    types = {"shortlist": int, "force_probes": int, "memory_gb": float, "method": str, "score": str}
     for f in dataclasses.fields(Options):
         if f.name in skip:
             continue

@@ -37,8 +37,12 @@ def _gram(g: torch.Tensor) -> torch.Tensor:
     return out
 
 
+KEEP_FOR_CALIBRATION = 2000  # labelled structures whose rows are kept for cross-fitting the error scale
+
+
 class Accumulator:
-    """Sums over training rows, chunk by chunk: per-kind Grams, per-kind score parts, LCMD vectors."""
+    """Sums over training rows, chunk by chunk: per-kind Grams, per-kind score parts, LCMD vectors and,
+    with residuals, per-kind Σ g ε, Σ ε², Σ |g|² (the labelled structures' rows are kept for calibration)."""
 
     def __init__(self, force_reduce: str = "mean"):
         self.force_reduce = force_reduce
@@ -48,9 +52,16 @@ class Accumulator:
         self.k: Optional[int] = None
         self.psi: List[torch.Tensor] = []
         self.psi_index: List[torch.Tensor] = []
+        self.psi_parts: Optional[List[int]] = None  # sizes of ψ's parts (energy, force), each scaled on its own
+        self.b: Dict[int, torch.Tensor] = {}  # Σ g ε per kind (unscaled rows)
+        self.res: Dict[int, List[float]] = {}  # per kind: Σ ε², Σ |g|², Σ_structures ε²/components (labelled)
+        self.kept: List[tuple] = []  # (rows, residuals) of labelled structures, for cross-fitting
 
-    def add(self, block: RowBlock, start: Optional[int] = None, psi: Optional[torch.Tensor] = None):
-        """Add a chunk of training rows; `start` is its first structure index (keeps LCMD centres in order)."""
+    def add(self, block: RowBlock, start: Optional[int] = None, psi: Optional[torch.Tensor] = None,
+            residuals: Optional[torch.Tensor] = None, labelled: bool = True):
+        """Add a chunk of rows. `start`: its first structure index (keeps LCMD centres in order); `residuals`:
+        float64 [R] label − prediction per row (NaN: unknown); labelled=False (a pretraining sample): the rows
+        enter the precision and Σ g ε only, not the scales, the LCMD centres or the calibration."""
         if len(block) == 0:
             return
         rows = block.rows.detach()
@@ -70,10 +81,28 @@ class Accumulator:
                 m = (block.kind == kind).to(rows.device)
                 g, sq_k, seg_k = rows[m], sq[m], seg[m]
             self.gram[kind] = self.gram.get(kind, 0) + _gram(g)
+            if residuals is not None:
+                r = residuals.to(device=rows.device, dtype=F64)
+                r_k = r if len(kinds) == 1 else r[m]
+                ok = torch.isfinite(r_k)
+                self.b[kind] = self.b.get(kind, 0) + g[ok].to(F64).T @ r_k[ok]
+            if not labelled:
+                continue
             per_struct = torch.zeros(len(block), dtype=F64, device=rows.device).index_add_(0, seg_k, sq_k)
             if kind == FORCE and self.force_reduce == "mean":
                 per_struct = per_struct / block.natoms.to(per_struct)
             self.part[kind] = self.part.get(kind, 0.0) + float(per_struct.sum())
+            if residuals is not None:
+                comps = 3 * block.natoms.to(F64) if kind == FORCE else torch.ones(len(block), dtype=F64)
+                per_s = torch.zeros(len(block), dtype=F64).index_add_(0, seg_k.cpu(), r_k.cpu().nan_to_num().square())
+                acc = self.res.setdefault(kind, [0.0, 0.0, 0.0])
+                acc[0] += float(r_k[ok].square().sum())
+                acc[1] += float(sq_k[ok].sum())
+                acc[2] += float((per_s / comps.to(per_s)).sum())
+        if not labelled:
+            return
+        if residuals is not None and self.n < KEEP_FOR_CALIBRATION:
+            self.kept.append((block.to("cpu"), residuals.detach().cpu().to(F64)))
         self.psi.append((block.lcmd_vectors() if psi is None else psi).detach().cpu())
         first = self.n if start is None else int(start)
         self.psi_index.append(torch.arange(first, first + len(block)))
@@ -82,16 +111,23 @@ class Accumulator:
     def merge(self, others: Iterable["Accumulator"]) -> "Accumulator":
         """The sum of several accumulators (torchrun ranks' shards), LCMD vectors back in structure order."""
         out = Accumulator(self.force_reduce)
+        out.psi_parts = self.psi_parts
         for acc in [self, *others]:
             if acc.k is None:
                 continue
             out.k = acc.k
             for kind, g in acc.gram.items():
                 out.gram[kind] = out.gram.get(kind, 0) + g.cpu()
-                out.part[kind] = out.part.get(kind, 0.0) + acc.part[kind]
+            for kind, p in acc.part.items():
+                out.part[kind] = out.part.get(kind, 0.0) + p
+            for kind, b in acc.b.items():
+                out.b[kind] = out.b.get(kind, 0) + b.cpu()
+            for kind, r in acc.res.items():
+                out.res[kind] = [x + y for x, y in zip(out.res.get(kind, [0.0, 0.0, 0.0]), r)]
             out.n += acc.n
             out.psi += acc.psi
             out.psi_index += acc.psi_index
+            out.kept += acc.kept[: max(0, KEEP_FOR_CALIBRATION - sum(len(b) for b, _ in out.kept))]
         if out.psi:
             order = torch.argsort(torch.cat(out.psi_index))
             out.psi, out.psi_index = [torch.cat(out.psi)[order]], [torch.cat(out.psi_index)[order]]
@@ -111,9 +147,16 @@ class Posterior:
     jitter: float
     n_train: int
     kinds: List[str]
-    psi_scale: float = 1.0
+    psi_scale: Union[float, torch.Tensor] = 1.0  # per ψ part (energy, force) when ψ has several
     train_psi: Optional[torch.Tensor] = None  # scaled LCMD vectors of the training structures
     info: dict = field(default_factory=dict)
+    # the residual model (error-aware score): posterior mean of ε/ρ, and per kind ρ (residual scale),
+    # α² (cross-fitted variance calibration) and the labelled set's mean squared residual per structure
+    mean: Optional[torch.Tensor] = None
+    rho: Dict[str, float] = field(default_factory=dict)
+    alpha2: Dict[str, float] = field(default_factory=dict)
+    alpha2_pv: Dict[str, float] = field(default_factory=dict)  # the same calibration for a zero mean (PV alone)
+    resid_ms: Dict[str, float] = field(default_factory=dict)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -142,13 +185,90 @@ class Posterior:
         L, jitter = robust_cholesky(lam)
         psi, psi_scale = None, 1.0
         if acc.psi:
-            psi = torch.cat(acc.psi)
-            ms = float(psi.square().sum(1, dtype=F64).mean())
-            psi_scale = 1.0 / math.sqrt(ms) if ms > 0 else 1.0
-            psi = psi.to(F64).mul_(psi_scale)
-        return cls(L=L, Linv=_tril_inverse(L), scales=scales, sigma_e2=float(sigma_e2), sigma_f2=float(sigma_f2),
+            psi = torch.cat(acc.psi).to(F64)
+            parts = acc.psi_parts or [psi.shape[1]]
+            factors = []
+            for block in psi.split(parts, dim=1):  # each part's mean squared norm over the labelled set is 1
+                ms = float(block.square().sum(1).mean())
+                factors.append(1.0 / math.sqrt(ms) if ms > 0 else 1.0)
+            psi_scale = factors[0] if len(parts) == 1 else torch.repeat_interleave(
+                torch.tensor(factors, dtype=F64), torch.tensor(parts))
+            psi = psi.mul_(psi_scale)
+        post = cls(L=L, Linv=_tril_inverse(L), scales=scales, sigma_e2=float(sigma_e2), sigma_f2=float(sigma_f2),
                    force_reduce=acc.force_reduce, jitter=jitter, n_train=acc.n, kinds=sorted(scales),
                    psi_scale=psi_scale, train_psi=psi)
+        if acc.res:
+            post.fit_residuals(acc)
+        return post
+
+    def fit_residuals(self, acc: Accumulator, rho: Optional[Dict[str, float]] = None):
+        """ρ_κ² = Σε²/Σ|c g|² (the prior matches the labelled residuals' size; or the given ρ),
+        m = Λ⁻¹ Σ_κ c_κ b_κ/(ρ_κ σ_κ²), then α² by cross-fitting."""
+        b = torch.zeros(self.k, dtype=F64)
+        for kind, (ss, gg, per_struct) in acc.res.items():
+            name, c = KIND_NAMES[kind], self.scales[KIND_NAMES[kind]]
+            self.rho[name] = math.sqrt(ss / (c * c * gg)) if ss > 0 and gg > 0 else 0.0
+            if rho is not None and name in rho:
+                self.rho[name] = float(rho[name])
+            self.resid_ms[name] = per_struct / acc.n
+            if self.rho[name] > 0:
+                b += c / (self.rho[name] * self.noise(kind)) * acc.b[kind].cpu()
+        self.mean = self.Linv.T @ (self.Linv @ b)
+        self.alpha2 = {name: 1.0 for name in self.rho}
+        self.alpha2_pv = dict(self.alpha2)
+        if acc.kept:
+            self.calibrate(acc.kept)
+
+    def residual_mean(self, rows: RowBlock) -> torch.Tensor:
+        """μ = ρ_κ c_κ gᵀm per row: the residual (label − prediction) the residual model predicts, in the
+        rows' physical units (eV/atom for energy rows, eV/Å for force components)."""
+        G = rows.rows.detach()
+        rho = torch.tensor([self.rho.get(KIND_NAMES[int(k)], 0.0) for k in rows.kind.tolist()], dtype=F64)
+        return (G @ self.mean.to(device=G.device, dtype=G.dtype)).cpu().to(F64) * self.row_scale(rows.kind) * rho
+
+    def noise(self, kind: int) -> float:
+        return self.sigma_f2 if kind == FORCE else self.sigma_e2
+
+    def calibrate(self, kept, folds: int = 5, seed: int = 0):
+        """α_κ² by K-fold cross-fitting over the kept labelled structures: with each fold's rows removed from Λ
+        and from Σ g ε, the held-out rows' squared normalised residuals (ε/ρ − μ̂)² against their predictive
+        variance c²gᵀΛ_f⁻¹g + σ²; α² = Σ (ε/ρ − μ̂)² / Σ (PV + σ²) per kind (moment matching). alpha2_pv is
+        the same for predictions of zero error (what posterior variance alone would claim)."""
+        rows = RowBlock.cat([b for b, _ in kept])
+        eps = torch.cat([r for _, r in kept])
+        n = len(rows)
+        if n < 2:
+            self.info["calibration"] = "uncalibrated: fewer than 2 labelled structures with labels"
+            return
+        g = rows.rows.detach().to(F64).cpu() * self.row_scale(rows.kind)[:, None]  # c g
+        rho = torch.tensor([self.rho.get(KIND_NAMES[int(k)], 0.0) for k in rows.kind.tolist()], dtype=F64)
+        noise = self.row_noise(rows.kind)
+        ok = torch.isfinite(eps) & (rho > 0)
+        target = torch.where(ok, eps / rho.clamp_min(1e-300), torch.zeros_like(eps))  # ε/ρ
+        hat = g / noise.sqrt()[:, None]  # noise-normalised rows: Λ = I + Σ ĝĝᵀ, b = Σ ĝ (ε/ρ)/σ
+        lam = self.L @ self.L.T
+        b = lam @ self.mean
+        fold_of = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) % min(folds, n)
+        fold = fold_of[rows.seg.cpu()]
+        num = torch.zeros(len(KIND_NAMES), dtype=F64)
+        num_pv = torch.zeros(len(KIND_NAMES), dtype=F64)
+        den = torch.zeros(len(KIND_NAMES), dtype=F64)
+        for f in range(min(folds, n)):
+            sel = (fold == f) & ok
+            h = hat[sel]
+            Linv_f, _ = cholesky_inverse(lam - h.T @ h)
+            m_f = Linv_f.T @ (Linv_f @ (b - h.T @ (target[sel] / noise[sel].sqrt())))
+            mu = g[sel] @ m_f
+            pv = (g[sel] @ Linv_f.T).square().sum(1)
+            kinds = rows.kind[sel].long()
+            num.index_add_(0, kinds, (target[sel] - mu).square())
+            num_pv.index_add_(0, kinds, target[sel].square())
+            den.index_add_(0, kinds, pv + noise[sel])
+        for kind, name in KIND_NAMES.items():
+            if name in self.alpha2 and den[kind] > 0:
+                self.alpha2[name] = float(num[kind] / den[kind])
+                self.alpha2_pv[name] = float(num_pv[kind] / den[kind])
+        self.info["calibration"] = f"{min(folds, n)}-fold cross-fitted over {n} labelled structures"
 
     @classmethod
     def fit(cls, featurizer, train_atoms, sigma_e2: float = SIGMA2, sigma_f2: float = SIGMA2,

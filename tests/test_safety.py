@@ -3,6 +3,7 @@ with one line naming the flag or file; files ntkal did not write are never repla
 --out never mix (one result consistent with its report, or a clear refusal)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -152,7 +153,7 @@ def test_two_runs_with_other_settings_on_one_out_never_mix(files, tmp_path):
     """B starts while A holds the output: B is refused with a clear message, A's output is complete and
     consistent with A's report; a run after A finished replaces A's output whole."""
     pool = tmp_path / "pool.extxyz"
-    ase.io.write(pool, structures(200, seed=56))  # long enough for B to start while A runs
+    ase.io.write(pool, structures(40, seed=56))
     out = tmp_path / "scored.extxyz"
     ck = out.with_name(out.name + ".ntkal-ckpt")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -163,14 +164,19 @@ def test_two_runs_with_other_settings_on_one_out_never_mix(files, tmp_path):
     while not list(ck.glob("part-*")) and a.poll() is None and time.time() - t0 < 300:
         time.sleep(0.05)
     assert a.poll() is None, "run A ended before it could be raced"
-    b = subprocess.run([str(BIN / "ntkal"), "score", *common, "--seed", "1"], env=env, capture_output=True, text=True)
+    a.send_signal(signal.SIGSTOP)  # A holds the output while B starts, however fast A would have been
+    try:
+        b = subprocess.run([str(BIN / "ntkal"), "score", *common, "--seed", "1"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    finally:
+        a.send_signal(signal.SIGCONT)
     assert a.wait(timeout=600) == 0, a.stderr.read()
     assert b.returncode == 2 and "another ntkal run" in b.stderr and len(b.stderr.strip().splitlines()) == 1, b.stderr
     ref = tmp_path / "ref.extxyz"
     assert main(["score", *_args(files, ref, "--chunk-size", "2", "--seed", "0", "--kernel", "energy", pool=pool)]) == 0
-    assert _scores(out) == _scores(ref) and len(_scores(out)) == 200
+    assert _scores(out) == _scores(ref) and len(_scores(out)) == 40
     report = json.loads(out.with_name(out.name + ".json").read_text())
-    assert report["options"]["seed"] == 0 and report["n_pool"] == 200 and not ck.exists()
+    assert report["options"]["seed"] == 0 and report["n_pool"] == 40 and not ck.exists()
     assert main(["score", *_args(files, out, "--chunk-size", "2", "--seed", "1", "--kernel", "energy", pool=pool)]) == 0
     assert json.loads(out.with_name(out.name + ".json").read_text())["options"]["seed"] == 1
     assert _scores(out) != _scores(ref)

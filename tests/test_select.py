@@ -6,6 +6,7 @@ import torch
 import ntkal
 from ntkal import RowBlock
 from ntkal.acquisition.candidates import Shortlist, TopM, random_keys
+from ntkal.acquisition.distances import lcmd_vectors
 from ntkal.acquisition.pipeline import Pipeline, Stream
 from ntkal.acquisition.scorers import PVScorer
 from ntkal.options import Options
@@ -124,15 +125,17 @@ def test_select_rows_lcmd_tp_uses_the_training_centres():
     train, pool = _rowblocks(5, 20), _rowblocks(6, 200)
     res = ntkal.select_rows(train, pool, 8, shortlist=60)
     post = res.posterior
-    psi = pool.lcmd_vectors().double() * post.psi_scale
-    centres = train.lcmd_vectors().double() * post.psi_scale
+    psi = lcmd_vectors(pool)[0] * post.psi_scale  # joint rows: energy row | force-kernel sketch, each part scaled
+    centres = lcmd_vectors(train)[0] * post.psi_scale
     torch.testing.assert_close(post.train_psi, centres)
+    for part in (slice(0, 10), slice(10, 20)):  # each part has mean squared norm 1 over the training set
+        assert float(centres[:, part].square().sum(1).mean()) == pytest.approx(1.0, rel=1e-12)
     sl = torch.as_tensor(res.shortlist)
-    f32 = torch.float32  # LCMD runs on float32 vectors (select.LCMD_DTYPE); the posterior transform in float64
+    f32 = torch.float32  # LCMD runs on float32 vectors (selectors.LCMD_DTYPE); the posterior in float64
     np.testing.assert_array_equal(res.indices, res.shortlist[ntkal.lcmd(psi[sl].to(f32), centres.to(f32), 8)])
     p_mode = ntkal.select_rows(train, pool, 8, shortlist=60, mode="p")
-    np.testing.assert_array_equal(p_mode.indices,
-                                  res.shortlist[ntkal.lcmd(post.transform(psi[sl]).to(f32), None, 8, mode="p")])
+    psi_p = lcmd_vectors(pool, linv=post.Linv)[0] * post.psi_scale  # P mode: vectors of L^-1 g
+    np.testing.assert_array_equal(p_mode.indices, res.shortlist[ntkal.lcmd(psi_p[sl].to(f32), None, 8, mode="p")])
 
 
 def _unfiltered(m, keys, index, payload):
@@ -188,7 +191,7 @@ def test_scan_prefiltered_equals_unfiltered_records():
     ref_top, ref_rnd, off = TopM(40), TopM(40), 0
     for b in blocks:
         s = post.score(b).numpy()
-        psi = b.lcmd_vectors().double() * post.psi_scale
+        psi = lcmd_vectors(b, seed=3)[0] * post.psi_scale
         idx = np.arange(off, off + len(b))
         ref_top.add(s, idx, list(zip(s, psi)))
         ref_rnd.add(draws[idx], idx, list(zip(s, psi)))

@@ -23,6 +23,8 @@ from ..posterior import Accumulator, Posterior
 from ..runstate import Checkpoint, Dist
 from . import scorers
 from .candidates import Candidate, Shortlist
+from .distances import lcmd_vectors
+from .residuals import residual_rows
 from .selectors import SELECTORS, SelectContext
 
 
@@ -115,6 +117,7 @@ class Pipeline:
         self.dist = Dist.current()
         self.exact_rows = exact_rows  # row-level runs: pool indices -> exact RowBlock (greedy, atom variances)
         self.timings: Dict[str, float] = {}
+        self.score = opts.score  # resolved by fit() when opts.score is None
 
     # --- featurising ------------------------------------------------------------------------------
     def _exact(self):
@@ -148,40 +151,74 @@ class Pipeline:
                     disable=not (self.progress and self.dist.rank == 0))
 
     # --- posterior --------------------------------------------------------------------------------
-    def fit(self, train) -> Posterior:
-        """Fit the posterior on the labelled structures (exact force rows; sharded over ranks)."""
+    def psi(self, rows: RowBlock, post: Optional[Posterior] = None):
+        """LCMD vectors of a chunk (distances.py); P mode transforms the rows by L⁻¹ first."""
+        linv = post.Linv if post is not None and self.opts.mode == "p" else None
+        return lcmd_vectors(rows, self.opts.seed, linv)
+
+    def fit(self, train, pretrain=None, residuals=None) -> Posterior:
+        """Fit the posterior on the labelled structures (exact force rows; sharded over ranks) and a
+        pretraining sample (pool featurisation, labels optional). With --score error, the labelled
+        residuals (label − model prediction) fit the residual model too: computed with the model's
+        predictions, or given per chunk for precomputed rows (residuals = {"train": [...], "pretrain": [...]})."""
         if self.ckpt is not None:
             saved = self.ckpt.load("posterior", shared=True)
             if saved is not None:
+                self.score = saved["score"]
                 return saved["posterior"]
         t = time.perf_counter()
-        src = Stream.of(train, "train")
         acc = Accumulator(self.opts.force_reduce)
-        featurise = None if src.rows else self._exact()
-        bar = self._bar(src.total, "train features")
-        for c, start, chunk in self.chunks(src, "train"):
-            if self.dist.owns(c):
-                acc.add(chunk if featurise is None else featurise(chunk), start=start)
-            bar.update(len(chunk))
-        bar.close()
+        need = self.opts.score != "pv"
+        n_labelled, unlabelled = 0, 0
+        for what, stream in (("train", train), ("pretrain", pretrain)):
+            if stream is None:
+                continue
+            src = Stream.of(stream, what)
+            labelled = what == "train"
+            fz = None if src.rows else (self._exact() if labelled else self.fz)
+            given = (residuals or {}).get(what)
+            given = None if given is None else iter(given)
+            bar = self._bar(src.total, f"{what} features")
+            for c, start, chunk in self.chunks(src, what):
+                res = next(given) if given is not None else None
+                if self.dist.owns(c):
+                    rows = chunk if fz is None else fz(chunk)
+                    if need and fz is not None:
+                        e, f = fz.predict(chunk)
+                        res = residual_rows(rows, chunk, e, f, lambda a, fz=fz: fz.probe_vectors(a, fz.force_probes),
+                                            required=labelled and self.opts.score == "error", path=src.path,
+                                            start=start)
+                        unlabelled += labelled and bool(torch.isnan(res).any())
+                    psi, acc.psi_parts = self.psi(rows) if labelled else (None, acc.psi_parts)
+                    acc.add(rows, start, psi, res, labelled)
+                n_labelled += len(chunk) if labelled else 0
+                bar.update(len(chunk))
+            bar.close()
+            if labelled and n_labelled == 0:
+                raise InputError("the training set is empty", path=src.path)
         if self.dist.world > 1:
             shards = self.dist.gather(acc)
             acc = shards[0].merge(shards[1:])
-        if acc.n == 0:
-            raise InputError("the training set is empty", path=src.path)
+            unlabelled = sum(self.dist.gather(unlabelled))
+        if self.opts.score is None:  # auto: the error-aware score when every training structure is labelled
+            self.score = "error" if need and acc.res and not unlabelled else "pv"
+            if self.score == "pv":
+                acc.res, acc.b, acc.kept = {}, {}, []
+        elif need and not acc.res:
+            raise InputError("--score error needs residuals of the labelled structures (labels, or train_residuals)")
         post = Posterior.from_accumulator(acc, self.opts.sigma_e2, self.opts.sigma_f2)
         if self.fz is not None:
             post.info["featurizer"] = self.fz.settings()
         if self.ckpt is not None and self.dist.rank == 0:
-            self.ckpt.save("posterior", {"posterior": post}, shared=True)
+            self.ckpt.save("posterior", {"posterior": post, "score": self.score}, shared=True)
         self.timings["train_features_and_posterior"] = time.perf_counter() - t
         return post
 
     # --- scoring ----------------------------------------------------------------------------------
     def scorer(self, post: Posterior, target=None):
-        """The scorer of --score (and --target); a given scorer object is used as it is."""
+        """The scorer of --score, or the target scorer with --target."""
         if target is None:
-            return scorers.PVScorer(post)
+            return scorers.ErrorScorer(post) if self.score == "error" else scorers.PVScorer(post)
         from ..target import TargetScorer, target_matrix
         t = time.perf_counter()
         src = Stream.of(target, "target")
@@ -224,7 +261,7 @@ class Pipeline:
             def build(pos):
                 nonlocal psi
                 if psi is None:
-                    psi = rows.lcmd_vectors().detach().cpu().to(torch.float64) * post.psi_scale
+                    psi = self.psi(rows, post)[0] * post.psi_scale
                 return [Candidate(start + j, float(scored.key[j]), psi[j].clone(), None if atoms is None else atoms[j],
                                   {n: float(v[j]) for n, v in scored.values.items()},
                                   {n: v[j] for n, v in scored.atom_values.items()}) for j in pos.tolist()]
@@ -241,14 +278,15 @@ class Pipeline:
         return state, self.n_pool
 
     # --- selection --------------------------------------------------------------------------------
-    def select(self, train, pool, target=None, scorer=None, on_chunk=None) -> SelectionResult:
+    def select(self, train, pool, target=None, scorer=None, on_chunk=None, pretrain=None,
+               residuals=None) -> SelectionResult:
         """Pick opts.budget pool structures: fit, scan, select; picks annotated when structures are given."""
         opts, t0 = self.opts, time.perf_counter()
         src = Stream.of(pool, "pool")
         if src.total is not None and opts.budget > src.total:
             raise InputError(f"budget {opts.budget} is larger than the pool ({src.total} structures)"
                              if src.total else "the pool is empty", path=src.path)
-        post = self.fit(train)
+        post = self.fit(train, pretrain, residuals)
         scorer = scorer or self.scorer(post, target)
         selector = SELECTORS[opts.method]
         state, n_pool = self.scan(src, post, scorer, opts.m, opts.budget if selector.uses == "reservoir" else 0,
@@ -264,7 +302,7 @@ class Pipeline:
         self._exact_atom_variances(post, picks)
         self.timings["total"] = time.perf_counter() - t0
         atoms = [annotate(c, r) for r, c in enumerate(picks)] if picks and picks[0].atoms is not None else None
-        info = {"shortlist_size": len(state.top), "world_size": self.dist.world,
+        info = {"shortlist_size": len(state.top), "world_size": self.dist.world, "score": scorer.name,
                 "pool_path": None if src.path is None else str(src.path)}
         if self.fz is not None:
             info["featurizer"] = self.fz.settings()

@@ -60,3 +60,60 @@ class CommitteeScorer:
             0, rows.seg.cpu(), rows.rows.detach().cpu().to(torch.float64).square().sum(1))
         s = sq.numpy()
         return Scored(s, {"score": s}, {})
+
+
+class ErrorScorer:
+    """Expected squared error of the model at each structure, in physical units (docs/design.md, "Error-aware score").
+
+    Per row: the posterior mean of the labelled residuals μ = ρ c gᵀm (what linearised fine-tuning on them
+    predicts the model's error to be) and the calibrated variance α²ρ²(c²gᵀΛ⁻¹g + σ²), so
+    E[err²] = μ² + α²ρ²(PV + σ²). A structure's energy error is its energy (or embedding) row's; its force
+    error is the mean over its 3N components (probe rows: an unbiased estimate of the same sum). The key is
+    Σ_κ E[err_κ²] / (the labelled set's mean squared residual of kind κ): 1 = as wrong as a typical labelled
+    structure.
+    """
+
+    name = "error"
+
+    def __init__(self, post):
+        if post.mean is None:
+            from ..errors import NtkalError
+            raise NtkalError("the error-aware score needs labelled training structures (REF_energy, REF_forces)")
+        self.post = post
+
+    def __call__(self, rows: RowBlock) -> Scored:
+        from ..features.rowblock import FORCE, KIND_NAMES
+        post, F64 = self.post, torch.float64
+        pv_seg, row_out = post.variances(rows)
+        kind = rows.kind
+        c = post.row_scale(kind)
+        names = [KIND_NAMES[int(k)] for k in kind.tolist()]
+        rho = torch.tensor([post.rho.get(n, 0.0) for n in names], dtype=F64)
+        alpha2 = torch.tensor([post.alpha2.get(n, 1.0) for n in names], dtype=F64)
+        mu = post.residual_mean(rows)
+        spread = mu.square() + alpha2 * rho.square() * c.square() * row_out  # per row, without the noise floor
+        floor = alpha2 * rho.square() * post.row_noise(kind)
+        n, seg = len(rows), rows.seg.cpu()
+        is_f = kind == FORCE
+        comps = 3 * rows.natoms.to(F64)
+        e2_f = torch.zeros(n, dtype=F64).index_add_(0, seg[is_f], spread[is_f]) / comps
+        e2_e = torch.zeros(n, dtype=F64).index_add_(0, seg[~is_f], (spread + floor)[~is_f])
+        has_f = torch.zeros(n, dtype=torch.bool).index_fill_(0, seg[is_f], True)
+        has_e = torch.zeros(n, dtype=torch.bool).index_fill_(0, seg[~is_f], True)
+        key = torch.zeros(n, dtype=F64)
+        values = {"pv": pv_seg.numpy()}
+        atom_values = {}
+        if bool(has_e.any()):
+            e_name = next(nm for nm in names if nm != "force")
+            key += e2_e / max(post.resid_ms.get(e_name, 1.0), 1e-300)
+            values["energy_error"] = 1e3 * e2_e.sqrt().numpy()  # meV/atom
+        if bool(has_f.any()):
+            f_floor = post.alpha2.get("force", 1.0) * post.rho.get("force", 0.0) ** 2 * post.sigma_f2
+            e2_f = e2_f + f_floor
+            key += e2_f / max(post.resid_ms.get("force", 1.0), 1e-300)
+            values["force_error"] = 1e3 * e2_f.sqrt().numpy()  # meV/Å
+            per_atom = post.atom_split(rows, torch.where(is_f, spread / (c.square() / post.sigma_f2 * 3), spread))
+            atom_values["atom_force_error"] = [None if a is None else 1e3 * np.sqrt(a + f_floor) for a in per_atom]
+        atom_values["atom_variance"] = post.atom_split(rows, row_out)
+        values["score"] = key.numpy()
+        return Scored(key.numpy(), values, atom_values)

@@ -98,10 +98,10 @@ def _init_from_centres(psi, centres, dmin2, owner, chunk: int = 1024) -> int:
 
 
 def _lcmd(cands: List[Candidate], budget: int, ctx: SelectContext):
-    psi = torch.stack([c.psi for c in cands])
+    psi = torch.stack([c.psi for c in cands])  # P mode: already posterior-transformed (pipeline.psi)
     post = ctx.posterior
     if ctx.mode == "p":
-        return lcmd(post.transform(psi).to(LCMD_DTYPE), None, budget, mode="p", seed=ctx.seed, return_status=True)
+        return lcmd(psi.to(LCMD_DTYPE), None, budget, mode="p", seed=ctx.seed, return_status=True)
     train = post.train_psi if post.train_psi is not None else torch.zeros(0, psi.shape[1])
     return lcmd(psi.to(LCMD_DTYPE), train.to(LCMD_DTYPE), budget, mode="tp", seed=ctx.seed, return_status=True)
 

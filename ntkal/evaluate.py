@@ -1,0 +1,139 @@
+"""How good are the predicted errors? `ntkal evaluate` scores a labelled validation set with every
+kernel and score and compares the predicted errors with the model's real ones (docs/design.md,
+"Evaluating the uncertainty").
+
+Per structure: the predicted energy error sqrt(μ² + s²) (meV/atom) and RMS force-component error
+(meV/Å) against the real |E_ref − E|/N and RMS(F_ref − F). Per energy row and force component: the
+standardised residual z = (ε − μ)/s of the predictive distribution N(μ, s²), s² = α²ρ²(PV + σ²).
+"pv" is the posterior variance alone (μ = 0), calibrated the same way. Reported: Spearman(predicted,
+real), miscalibration area (mean |observed − expected| coverage of the central intervals), 95 %
+coverage, and RMSE in bins of predicted error (the reliability plot).
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import numpy as np
+import torch
+
+from .acquisition.pipeline import Pipeline, Stream, featurizer_for
+from .acquisition.residuals import residual_rows
+from .errors import InputError
+from .features.rowblock import FORCE, KIND_NAMES, RowBlock
+from .options import KERNELS, Options
+
+SCORES = ("error", "pv")
+N_BINS = 8
+
+
+def evaluate(model, train, valid, kernels: Sequence[str] = ("energy", "force", "joint"),
+             scores: Sequence[str] = SCORES, pretrain=None, progress: bool = False, **options) -> dict:
+    """{kernel: {score: {"energy": metrics, "force": metrics}}} on the labelled structures `valid`."""
+    for k in kernels:
+        if k not in KERNELS:
+            raise InputError(f"--kernels: {k!r} is not one of {', '.join(KERNELS)}")
+    for s in scores:
+        if s not in SCORES:
+            raise InputError(f"--scores: {s!r} is not one of {', '.join(SCORES)}")
+    valid = list(Stream.of(valid, "valid").items)
+    if not valid:
+        raise InputError("the validation set is empty")
+    out: Dict[str, dict] = {}
+    fz0 = None
+    for kernel in kernels:
+        opts = Options.from_kwargs(**{**options, "kernel": kernel, "score": "error"}).validate()
+        fz = featurizer_for(model, opts) if fz0 is None else fz0.with_kernel(kernel, opts.force_probes)
+        fz0 = fz0 or fz
+        post = Pipeline(opts, fz, progress).fit(train, pretrain)
+        exact = fz.with_kernel(kernel, None)
+        rows = RowBlock.cat([exact(valid[i:i + opts.chunk()]) for i in range(0, len(valid), opts.chunk())])
+        e, f = fz.predict(valid)
+        eps = residual_rows(rows, valid, e, f, required=True, path="valid")
+        out[kernel] = {s: _metrics(post, rows, eps, s) for s in scores}
+        out[kernel]["calibration"] = {"rho": post.rho, "alpha2": post.alpha2, "alpha2_pv": post.alpha2_pv,
+                                      "how": post.info.get("calibration")}
+    return out
+
+
+def predictive(post, rows: RowBlock, score: str):
+    """(μ, s²) per row in physical units: the predictive distribution of the residual."""
+    names = [KIND_NAMES[int(k)] for k in rows.kind.tolist()]
+    alpha2 = post.alpha2 if score == "error" else post.alpha2_pv
+    a2 = torch.tensor([alpha2.get(n, 1.0) for n in names], dtype=torch.float64)
+    rho2 = torch.tensor([post.rho.get(n, 0.0) ** 2 for n in names], dtype=torch.float64)
+    _, row_out = post.variances(rows)
+    s2 = a2 * rho2 * (post.row_scale(rows.kind) ** 2 * row_out + post.row_noise(rows.kind))
+    mu = post.residual_mean(rows) if score == "error" else torch.zeros_like(s2)
+    return mu, s2
+
+
+def _metrics(post, rows: RowBlock, eps: torch.Tensor, score: str) -> dict:
+    mu, s2 = predictive(post, rows, score)
+    seg, n = rows.seg.cpu(), len(rows)
+    out = {}
+    for part, mask in (("energy", rows.kind != FORCE), ("force", rows.kind == FORCE)):
+        if not bool(mask.any()):
+            continue
+        count = torch.zeros(n, dtype=torch.float64).index_add_(0, seg[mask], torch.ones(int(mask.sum()), dtype=torch.float64))
+        has = count > 0
+        pred = torch.zeros(n, dtype=torch.float64).index_add_(0, seg[mask], (mu.square() + s2)[mask]) / count.clamp_min(1)
+        real = torch.zeros(n, dtype=torch.float64).index_add_(0, seg[mask], eps.square()[mask]) / count.clamp_min(1)
+        z = ((eps - mu) / s2.sqrt())[mask].numpy()
+        out[part] = summary(1e3 * pred[has].sqrt().numpy(), 1e3 * real[has].sqrt().numpy(), z)
+        out[part]["units"] = "meV/atom" if part == "energy" else "meV/A"
+    return out
+
+
+def summary(predicted: np.ndarray, real: np.ndarray, z: np.ndarray) -> dict:
+    """Spearman, miscalibration area, 95 % coverage and the binned reliability curve."""
+    from scipy.stats import norm, spearmanr
+    levels = np.linspace(0.01, 0.99, 99)
+    observed = np.array([(np.abs(z) <= norm.ppf(0.5 + p / 2)).mean() for p in levels])
+    order = np.argsort(predicted, kind="stable")
+    bins = [b for b in np.array_split(order, min(N_BINS, len(order))) if len(b)]
+    return {"n": int(len(predicted)),
+            "spearman": float(spearmanr(predicted, real)[0]) if len(predicted) > 2 else None,
+            "miscalibration_area": float(np.abs(observed - levels).mean()),
+            "coverage_95": float((np.abs(z) <= norm.ppf(0.975)).mean()),
+            "rms_predicted": float(np.sqrt(np.mean(predicted ** 2))), "rmse_real": float(np.sqrt(np.mean(real ** 2))),
+            "bins": [{"rms_predicted": float(np.sqrt(np.mean(predicted[b] ** 2))),
+                      "rmse_real": float(np.sqrt(np.mean(real[b] ** 2))), "n": int(len(b))} for b in bins]}
+
+
+def plot(results: dict, path, title: str = ""):
+    """Reliability plot: RMSE of the real errors in bins of predicted error, per kernel, score and part."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .io import atomic_output
+    parts = ("energy", "force")
+    kernels = list(results)
+    fig, axes = plt.subplots(len(parts), len(kernels), figsize=(3.2 * len(kernels), 5.6), squeeze=False)
+    for j, kernel in enumerate(kernels):
+        for i, part in enumerate(parts):
+            ax = axes[i, j]
+            lo, hi = np.inf, 0.0
+            for c, score in enumerate(s for s in results[kernel] if s in SCORES):
+                m = results[kernel][score].get(part)
+                if m is None:
+                    continue
+                x = [b["rms_predicted"] for b in m["bins"]]
+                y = [b["rmse_real"] for b in m["bins"]]
+                lo, hi = min(lo, *x, *y), max(hi, *x, *y)
+                ax.plot(x, y, "o-", color=f"C{c}", ms=3,
+                        label=f"{score} (ρ_s {m['spearman']:.2f}, cov95 {m['coverage_95']:.2f})")
+            if hi > 0:
+                ax.plot([lo, hi], [lo, hi], color="0.6", lw=0.8)
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.legend(fontsize=6, frameon=False)
+            ax.set_title(f"{kernel}: {part}", fontsize=8)
+            unit = "meV/atom" if part == "energy" else "meV/Å"
+            ax.set_xlabel(f"predicted RMS error ({unit})", fontsize=7)
+            ax.set_ylabel(f"real RMSE ({unit})", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png", metadata={"Software": "ntkal"})
+    plt.close(fig)
