@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import ntkal
+from ntkal.features import fast as fastmod
 from ntkal.features.fast import size_groups
 from tiny import structures, tiny_mace
 
@@ -33,10 +34,10 @@ def rel(a, b):
 @pytest.mark.parametrize("route", ["dense", "rows"])
 @pytest.mark.parametrize("kernel,probes", [("energy", None), ("force", None), ("force", 3), ("joint", None),
                                            ("joint", 5)])
-def test_fast_equals_reference(model, atoms, kernel, probes, route):
+def test_fast_equals_reference(model, atoms, kernel, probes, route, monkeypatch):
+    monkeypatch.setattr(fastmod, "_ROUTE", route)
     fast, ref = pair(model, kernel, probes)
     assert fast.impl == "fast" and ref.impl == "reference"
-    fast._taps.route = route
     a, b = fast(atoms), ref(atoms)
     for name in ("ptr", "kind", "natoms", "atom"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
@@ -62,26 +63,29 @@ def test_fast_path_covers_every_parameter(model):
     sketched = sum(b.numel for b in fast.sketch.blocks)
     assert sketched == sum(p.numel() for p in model.parameters() if p.requires_grad)
     taps = fast._taps
-    routed = {i for t in taps.tapped.values() for i in t.blocks}
-    perturbed = {j for p in taps.perturbed.values() for j in p.locals_.values()}
-    for i, b in enumerate(fast.sketch.blocks):
-        assert i in routed or fast.sketch.block_param[i] in perturbed, b.param
+    ruled = {i for layer in taps.layers.values() for blocks in layer.blocks.values() for i in blocks}
+    assert ruled == set(range(len(fast.sketch.blocks)))
+    # skip_tp and the symmetric contractions go through the element-group rules, not the per-structure one
+    counts = taps.rule_counts()
+    assert counts.get("ElementTPRule", 0) > 0 and counts.get("GroupedContraction", 0) > 0
+    assert "PerStructure" not in counts
 
 
-def test_double_backward_loop_equals_vmapped(model, atoms):
+def test_double_backward_loop_equals_vmapped(model, atoms, monkeypatch):
     fast, _ = pair(model, "force", 3)
-    fast._taps.vmap = False
+    monkeypatch.setattr(fastmod, "_VMAP", False)
     a = fast(atoms).rows
-    fast._taps.vmap = True
+    monkeypatch.setattr(fastmod, "_VMAP", True)
     b = fast(atoms).rows
     assert rel(a, b) <= 1e-12
 
 
-def test_rows_do_not_depend_on_batching(model, atoms):
+def test_rows_do_not_depend_on_batching(model, atoms, monkeypatch):
     one, _ = pair(model, "joint", None, batch_size=1)
     many, _ = pair(model, "joint", None, batch_size=5)
-    many._taps.vec_chunk = 4
-    a, b = one(atoms), many(atoms)
+    a = one(atoms)
+    monkeypatch.setattr(fastmod, "_VEC_CHUNK", 4)
+    b = many(atoms)
     assert torch.equal(a.ptr, b.ptr) and rel(a.rows, b.rows) <= 1e-12
 
 
@@ -107,28 +111,36 @@ def test_rows_route_through_triton_interpreter(model, monkeypatch):
     """The fused Triton tensor_sketch (interpreted on CPU) inside the featurizer, on two small structures."""
     pytest.importorskip("triton")
     monkeypatch.setenv("NTK_KERNELS_IMPL", "triton")
+    monkeypatch.setattr(fastmod, "_ROUTE", "rows")
     fast, ref = pair(model, "force", 2, k=16, params="readout")
-    fast._taps.route = "rows"
     ats = structures(2, seed=5)
     assert rel(fast(ats).rows, ref(ats).rows) <= 1e-9
 
 
-def test_auto_routes_exact_force_rows_to_the_reference_on_cpu(model):
+def test_auto_takes_the_fast_path_for_every_force_kernel(model):
+    """Exact rows included: with the element-group rules the fast path is not slower than the reference
+    on CPU (bench/RESULTS.md, features), so "auto" no longer sends exact rows to the reference."""
     kw = dict(sketch_dim=16, dtype=F64)
     assert ntkal.MACEFeaturizer(model, kernel="energy", **kw).impl == "fast"
     assert ntkal.MACEFeaturizer(model, kernel="joint", force_probes=4, **kw).impl == "fast"
     exact = ntkal.MACEFeaturizer(model, kernel="joint", **kw)
-    assert exact.impl == "reference" and exact.with_kernel("energy").impl == "fast"
-    assert exact.with_kernel("joint", force_probes=2).impl == "fast"
-    assert ntkal.MACEFeaturizer(model, kernel="joint", impl="fast", **kw).impl == "fast"
+    assert exact.impl == "fast" and exact.with_kernel("energy").impl == "fast"
+    assert ntkal.MACEFeaturizer(model, kernel="joint", impl="reference", **kw).impl == "reference"
 
 
-def test_perturbation_loop_equals_vmapped_call(model, atoms):
+def test_old_per_structure_route_equals_the_element_groups(model, atoms, monkeypatch):
+    """The per-structure perturbation (the route before element groups, still the fallback for other
+    tensor products) gives the same rows, as one vmapped call and as a loop over structures."""
     fast, ref = pair(model, "joint", 3)
-    fast._taps.vmap_perturbation = False
-    a = fast(atoms).rows
-    fast._taps.vmap_perturbation = True
-    assert rel(a, fast(atoms).rows) <= 1e-12 and rel(a, ref(atoms).rows) <= 1e-9
+    new = fast(atoms).rows
+    monkeypatch.setattr(fastmod, "_LEGACY_ROUTE", True)
+    old, _ = pair(model, "joint", 3)
+    assert set(old._taps.rule_counts()) == {"LinearRule", "DenseRule", "PerStructure"}
+    monkeypatch.setattr(fastmod, "_PERTURB_VMAP", False)
+    a = old(atoms).rows
+    monkeypatch.setattr(fastmod, "_PERTURB_VMAP", True)
+    b = old(atoms).rows
+    assert rel(a, b) <= 1e-12 and rel(b, new) <= 1e-9 and rel(new, ref(atoms).rows) <= 1e-9
 
 
 def test_a_call_leaves_no_graph_behind(model, atoms, monkeypatch):
@@ -136,18 +148,45 @@ def test_a_call_leaves_no_graph_behind(model, atoms, monkeypatch):
     (without it RSS grew by ~3 GB over a 1,000-structure pool until Python's cyclic GC ran)."""
     import gc
     import weakref
-    from ntkal.features.fast import FastTaps
+    from ntkal.features.rules import TapRule
     fast, _ = pair(model, "joint", 2)
     seen = []
-    record = FastTaps._record
+    record = TapRule.record
 
-    def spy(self, t, x, y):
+    def spy(self, x, y, groups=None):
         seen.append(weakref.ref(x))
-        return record(self, t, x, y)
-    monkeypatch.setattr(FastTaps, "_record", spy)
+        return record(self, x, y, groups)
+    monkeypatch.setattr(TapRule, "record", spy)
     gc.disable()
     try:
         fast(atoms)
         assert seen and all(r() is None for r in seen)
     finally:
         gc.enable()
+
+
+def _hooked(module):
+    """Forward hooks, pre-hooks and rerouted forwards (rules.GroupedContraction) on the model."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + hasattr(m, "_ntkal_grouped")
+               for m in module.modules())
+
+
+def test_hooks_go_with_the_featurizer(model, atoms):
+    """close() (or the with-block) removes every hook and rerouted forward; so does dropping the last
+    featurizer that shares the taps; a copy whose taps were closed takes the reference path."""
+    import gc
+    fz = ntkal.MACEFeaturizer(model, kernel="joint", sketch_dim=8, dtype=F64, force_probes=2)
+    m = fz.model
+    assert _hooked(m) > 0
+    copy = fz.with_kernel("energy")
+    with fz:
+        fz(atoms[:2])
+    assert _hooked(m) == 0 and copy.impl == "reference" and fz.impl == "reference"
+    fz2 = ntkal.MACEFeaturizer(model, kernel="energy", sketch_dim=8, dtype=F64)
+    m2, copy2 = fz2.model, fz2.with_kernel("joint", 2)
+    del fz2
+    gc.collect()
+    assert _hooked(m2) > 0  # the copy still holds the taps
+    del copy2
+    gc.collect()
+    assert _hooked(m2) == 0

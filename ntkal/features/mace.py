@@ -20,11 +20,16 @@ import torch
 
 from ..errors import InputError, ModelError
 from .fast import FastTaps, UnsupportedModel, fast_rows
+from .memory import MemoryPlan
 from .rowblock import EMBEDDING, RowBlock, structure_rows
 from .sketch import PARAM_SETS, Sketch
 
 KERNELS = ("embedding", "energy", "force", "joint")
 IMPLS = ("auto", "fast", "reference")
+PT_HEAD = "pt_head"  # the pretraining head mace_run_train --multiheads_finetuning adds
+
+# Private: the probes' seed when not None (tests redraw probes without changing the sketch).
+_PROBE_SEED: Optional[int] = None
 
 
 def load_model(model: Union[str, os.PathLike, torch.nn.Module], device="cpu", dtype=torch.float32) -> torch.nn.Module:
@@ -52,21 +57,33 @@ def load_model(model: Union[str, os.PathLike, torch.nn.Module], device="cpu", dt
     return model
 
 
-def mace_batch(atoms_list: Sequence, z_table, r_max: float, heads, dtype, device="cpu") -> dict:
-    """One MACE input batch (a dict) of `atoms_list` through MACE's own data path, floats in `dtype`."""
+def atomic_data(atoms_list: Sequence, z_table, r_max: float, heads, dtype) -> list:
+    """MACE's AtomicData of each structure (config_from_atoms -> AtomicData), floats in `dtype`."""
     from mace import data as mace_data
-    from mace.tools import torch_geometric
     keys = mace_data.KeySpecification(info_keys={}, arrays_keys={})
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # AtomicData takes positions in the default dtype
     try:
-        ds = [mace_data.AtomicData.from_config(mace_data.config_from_atoms(a, key_specification=keys),
-                                               z_table=z_table, cutoff=r_max, heads=heads) for a in atoms_list]
+        return [mace_data.AtomicData.from_config(mace_data.config_from_atoms(a, key_specification=keys),
+                                                 z_table=z_table, cutoff=r_max, heads=heads) for a in atoms_list]
     finally:
         torch.set_default_dtype(old)
-    loader = torch_geometric.dataloader.DataLoader(dataset=ds, batch_size=len(ds), shuffle=False)
+
+
+def collate(data_list: Sequence, dtype, device="cpu", head: Optional[int] = None) -> dict:
+    """One MACE input batch (a dict) of AtomicData through MACE's DataLoader; every structure on `head`."""
+    from mace.tools import torch_geometric
+    loader = torch_geometric.dataloader.DataLoader(dataset=list(data_list), batch_size=len(data_list), shuffle=False)
     data = next(iter(loader)).to(device).to_dict()
-    return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in data.items()}
+    out = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in data.items()}
+    if head is not None:
+        out["head"] = torch.full_like(out["head"], head)
+    return out
+
+
+def mace_batch(atoms_list: Sequence, z_table, r_max: float, heads, dtype, device="cpu", head: Optional[int] = None) -> dict:
+    """One MACE input batch (a dict) of `atoms_list` through MACE's own data path, floats in `dtype`."""
+    return collate(atomic_data(atoms_list, z_table, r_max, heads, dtype), dtype, device, head)
 
 
 def _is_mace(obj) -> bool:
@@ -79,12 +96,16 @@ class MACEFeaturizer:
 
     kernel: "embedding" | "energy" | "force" | "joint"; sketch_dim k; params "readout" | "last" |
     "all"; force_probes None (exact 3N force rows) or m (Rademacher probe rows); seed fixes the
-    sketch and the probes; impl "auto" | "fast" | "reference".
+    sketch and the probes; impl "auto" | "fast" | "reference"; head: the head of a multi-head model
+    (None: the fine-tuned one, i.e. the only head that is not "pt_head"); memory_gb: a peak-memory
+    budget (process RSS on a CPU, allocated memory on a GPU) from which every call sizes its batches
+    (memory.py), None: batches of batch_size.
     """
 
     def __init__(self, model, kernel: str = "joint", sketch_dim: int = 512, params: str = "all",
                  force_probes: Optional[int] = None, seed: int = 0, impl: str = "auto",
-                 dtype=torch.float32, device: Union[str, torch.device] = "cpu", batch_size: int = 32):
+                 dtype=torch.float32, device: Union[str, torch.device] = "cpu", batch_size: int = 32,
+                 head: Optional[str] = None, memory_gb: Optional[float] = None):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if params not in PARAM_SETS:
@@ -95,8 +116,9 @@ class MACEFeaturizer:
             raise ValueError("force_probes must be a positive integer or None")
         if int(sketch_dim) < 1:
             raise ValueError("sketch_dim must be positive")
+        if memory_gb is not None and not float(memory_gb) > 0:
+            raise ValueError("memory_gb must be positive or None")
         self.kernel, self.params, self.seed = kernel, params, int(seed)
-        self.probe_seed = int(seed)  # the probes' own seed (tests redraw probes without changing the sketch)
         self.sketch_dim = int(sketch_dim)
         self.force_probes = None if force_probes is None else int(force_probes)
         self.dtype, self.device, self.batch_size = dtype, torch.device(device), int(batch_size)
@@ -104,7 +126,11 @@ class MACEFeaturizer:
         self.model_source = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
         self.atomic_numbers = [int(z) for z in self.model.atomic_numbers]
         self.r_max = float(self.model.r_max)
-        self.heads = getattr(self.model, "heads", None)
+        self.heads = list(getattr(self.model, "heads", None) or ["Default"])
+        self.head = select_head(self.heads, head, self.model_source)
+        self.head_index = self.heads.index(self.head)
+        self.memory_gb = memory_gb
+        self.memory = MemoryPlan(memory_gb, self.device)
         self.requested_impl = impl
         self.sketch = None
         self.coverage = None
@@ -113,17 +139,23 @@ class MACEFeaturizer:
         if kernel != "embedding":
             self._make_sketch()
         self._z_table = None
-        self.row_chunk = 64  # force rows per vmapped double backward (bounds memory: rows x parameters)
+        self.row_chunk = 64  # reference path: force rows per vmapped double backward (rows x parameters memory)
 
     # --- settings -------------------------------------------------------------------------------
     def settings(self) -> dict:
         return {"kernel": self.kernel, "sketch_dim": self.sketch_dim, "params": self.params,
-                "force_probes": self.force_probes, "seed": self.seed, "probe_seed": self.probe_seed, "impl": self.impl,
-                "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
-                "coverage": self.coverage, "model": self.model_source}
+                "force_probes": self.force_probes, "seed": self.seed, "probe_seed": self.probe_seed,
+                "impl": self.impl, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+                "coverage": self.coverage, "model": self.model_source, "head": self.head,
+                "memory_gb": self.memory_gb}
+
+    @property
+    def probe_seed(self) -> int:
+        return self.seed if _PROBE_SEED is None else int(_PROBE_SEED)
 
     def with_kernel(self, kernel: str, force_probes="same") -> "MACEFeaturizer":
-        """A shallow copy sharing the model and sketch, with another kernel or probe setting."""
+        """A shallow copy sharing the model, sketch, fast-path taps and memory plan, with another kernel
+        or probe setting."""
         other = copy.copy(self)
         other.kernel = kernel
         if force_probes != "same":
@@ -145,18 +177,24 @@ class MACEFeaturizer:
                 raise ValueError(f"impl='fast' cannot handle this model: {exc}") from None
             self.fallback_reason = str(exc)
 
+    def close(self):
+        """Remove the fast path's hooks from the model (shared with with_kernel copies, which then take
+        the reference path). Dropping every featurizer that shares them does the same."""
+        if self._taps is not None:
+            self._taps.close()
+        self._taps = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     @property
     def impl(self) -> str:
-        """The path __call__ takes: "fast" or "reference".
-
-        "auto" takes the fast path when it has a rule for every sketched parameter, except for exact
-        force rows on a CPU, where the reference's per-structure vmapped double backward measured
-        1.02-1.6x faster (bench/RESULTS.md, features); impl="fast" forces the fast path there too.
-        """
-        if self._taps is None:
-            return "reference"
-        exact_forces = self.kernel in ("force", "joint") and self.force_probes is None
-        if self.requested_impl == "auto" and exact_forces and self.device.type == "cpu":
+        """The path __call__ takes: "fast" or "reference" ("auto": fast whenever every sketched parameter
+        has a fast-path rule)."""
+        if self._taps is None or not self._taps.alive:
             return "reference"
         return "fast"
 
@@ -173,22 +211,47 @@ class MACEFeaturizer:
 
     # --- batching -------------------------------------------------------------------------------
     def check_elements(self, atoms_list: Sequence, path=None, start: int = 0):
-        known = set(self.atomic_numbers)
+        """InputError naming the first structure with an element the model does not know (one pass)."""
+        known = np.asarray(sorted(self.atomic_numbers))
+        if not atoms_list:
+            return
+        numbers = np.concatenate([np.asarray(a.numbers) for a in atoms_list])
+        if np.isin(numbers, known).all():
+            return
+        from ase.data import chemical_symbols
         for i, atoms in enumerate(atoms_list):
-            bad = sorted(set(int(z) for z in atoms.numbers) - known)
+            bad = sorted(set(int(z) for z in atoms.numbers) - set(known.tolist()))
             if bad:
-                from ase.data import chemical_symbols
                 raise InputError(
                     f"element(s) {', '.join(chemical_symbols[z] for z in bad)} not in the model "
-                    f"(it knows {', '.join(chemical_symbols[z] for z in sorted(known))})",
-                    path=path, index=start + i)
+                    f"(it knows {', '.join(chemical_symbols[z] for z in known)})", path=path, index=start + i)
 
-    def batch(self, atoms_list: Sequence) -> dict:
-        """MACE's own data path (config_from_atoms -> AtomicData -> DataLoader), as eval_configs does."""
+    def atomic_data(self, atoms_list: Sequence) -> list:
+        """MACE's AtomicData of each structure (neighbour lists built once per call)."""
         from mace.tools import AtomicNumberTable
         if self._z_table is None:
             self._z_table = AtomicNumberTable(self.atomic_numbers)
-        return mace_batch(atoms_list, self._z_table, self.r_max, self.heads, self.dtype, self.device)
+        return atomic_data(atoms_list, self._z_table, self.r_max, self.heads, self.dtype)
+
+    def collate(self, data_list: Sequence) -> dict:
+        """One input batch of AtomicData, every structure on the featurizer's head."""
+        return collate(data_list, self.dtype, self.device, self.head_index)
+
+    def batch(self, atoms_list: Sequence) -> dict:
+        """MACE's own data path (config_from_atoms -> AtomicData -> DataLoader), as eval_configs does."""
+        return self.collate(self.atomic_data(atoms_list))
+
+    def units(self, data_list: Sequence) -> list:
+        """Size of each structure for the memory plan: atoms + edges / avg_num_neighbors."""
+        avg = max(float(getattr(self.model.interactions[0], "avg_num_neighbors", 1.0)), 1.0)
+        return [int(d.num_nodes) + int(d.edge_index.shape[1]) / avg for d in data_list]
+
+    def _batches(self, key: str, atoms_list, data_list, cap: Optional[int] = None):
+        """(indices, collated batch) in input order, sized from the memory budget, each measured."""
+        units = self.units(data_list)
+        for idx in self.memory.batches(key, list(range(len(atoms_list))), units, cap or self.batch_size):
+            with self.memory.measure(key, sum(units[i] for i in idx)):
+                yield idx, self.collate([data_list[i] for i in idx])
 
     # --- features -------------------------------------------------------------------------------
     def __call__(self, atoms_list: Sequence) -> RowBlock:
@@ -200,29 +263,47 @@ class MACEFeaturizer:
                             torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
                             torch.zeros(0, k, dtype=self.dtype, device=self.device))
         self.check_elements(atoms_list)
+        data_list = self.atomic_data(atoms_list)
         if self.kernel == "embedding":
-            return self._embedding_rows(atoms_list)
+            return self._embedding_rows(atoms_list, data_list)
         if self.impl == "fast":
-            return fast_rows(self, atoms_list)
-        return self._reference_rows(atoms_list)
+            return fast_rows(self, atoms_list, data_list)
+        return self._reference_rows(atoms_list, data_list)
 
-    def _embedding_rows(self, atoms_list) -> RowBlock:
+    def predict(self, atoms_list: Sequence):
+        """The model's energies (float64 [n], eV) and forces (list of float64 [N_i, 3], eV/Å) on the
+        featurizer's head, dtype and device, in memory-sized batches."""
+        atoms_list = list(atoms_list)
+        energies, forces = np.zeros(len(atoms_list)), [None] * len(atoms_list)
+        if not atoms_list:
+            return energies, []
+        self.check_elements(atoms_list)
+        for idx, data in self._batches("predict", atoms_list, self.atomic_data(atoms_list)):
+            out = self.model(data, training=False, compute_force=True)
+            e = out["energy"].detach().double().cpu().numpy()
+            f = out["forces"].detach().double().cpu().numpy()
+            ptr = data["ptr"].cpu().numpy()
+            for j, i in enumerate(idx):
+                energies[i] = e[j]
+                forces[i] = f[ptr[j]:ptr[j + 1]].copy()
+        return energies, forces
+
+    def _embedding_rows(self, atoms_list, data_list) -> RowBlock:
         from mace.modules.utils import extract_invariant
         from e3nn import o3
         irreps_out = o3.Irreps(str(self.model.products[0].linear.irreps_out))
         lmax = irreps_out.lmax
         n_inv = irreps_out.dim // (lmax + 1) ** 2
-        rows = []
-        for start in range(0, len(atoms_list), self.batch_size):
-            chunk = atoms_list[start:start + self.batch_size]
-            data = self.batch(chunk)
-            out = self.model(data, training=False, compute_force=False)
-            inv = extract_invariant(out["node_feats"].detach(), len(self.model.interactions), n_inv, lmax)
-            n = len(chunk)
-            summed = torch.zeros(n, inv.shape[1], dtype=inv.dtype, device=inv.device).index_add_(0, data["batch"], inv)
+        rows = [None] * len(atoms_list)
+        for idx, data in self._batches("embedding", atoms_list, data_list):
+            with torch.no_grad():
+                out = self.model(data, training=False, compute_force=False)
+            inv = extract_invariant(out["node_feats"], len(self.model.interactions), n_inv, lmax)
+            summed = torch.zeros(len(idx), inv.shape[1], dtype=inv.dtype, device=inv.device).index_add_(0, data["batch"], inv)
             counts = (data["ptr"][1:] - data["ptr"][:-1]).to(inv.dtype)
-            rows.append(summed / counts[:, None])
-        rows = torch.cat(rows)
+            for j, i in enumerate(idx):
+                rows[i] = summed[j] / counts[j]
+        rows = torch.stack(rows)
         n = len(atoms_list)
         natoms = torch.tensor([len(a) for a in atoms_list], dtype=torch.int64)
         return RowBlock(rows, torch.arange(n + 1), torch.full((n,), EMBEDDING, dtype=torch.int8), natoms,
@@ -251,13 +332,14 @@ class MACEFeaturizer:
         return [torch.zeros(r, p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(r, -1)
                 for g, p in zip(gs, params)]
 
-    def _reference_rows(self, atoms_list) -> RowBlock:
+    def _reference_rows(self, atoms_list, data_list) -> RowBlock:
         params = self.sketch.parameters
         want_forces = self.kernel in ("force", "joint")
         psis, force_rows = [], []
-        for atoms in atoms_list:
+        key = f"reference:{self.kernel}:{self.force_probes}"
+        for (s,), data in self._batches(key, atoms_list, data_list, cap=1):
+            atoms = atoms_list[s]
             n_at = len(atoms)
-            data = self.batch([atoms])
             out = self.model(data, training=want_forces, compute_force=want_forces)
             psis.append(self.sketch.apply(self._grads(out["energy"].sum(), params))[0].detach() / n_at)
             if want_forces:
@@ -268,7 +350,31 @@ class MACEFeaturizer:
                     vecs = self.probe_vectors(atoms, self.force_probes)
                     scale = 1.0 / math.sqrt(self.force_probes)
                 force_rows.append(torch.cat([self.sketch.apply(self._row_grads(forces, v, params))
-                                             for v in vecs.split(self.row_chunk)]).detach() * scale)
+                                             for v in vecs.split(self._row_chunk())]).detach() * scale)
         natoms = torch.tensor([len(a) for a in atoms_list], dtype=torch.int64)
         return structure_rows(torch.stack(psis), force_rows if want_forces else None, natoms,
                               self.kernel in ("energy", "joint"), self.force_probes is None)
+
+    def _row_chunk(self) -> int:
+        """Reference path: rows per vmapped double backward; with a budget, what a quarter of it holds
+        at three copies of every sketched parameter per row (gradients and their sketch transients)."""
+        if self.memory.limit is None:
+            return self.row_chunk
+        per_row = 3 * sum(p.numel() for p in self.sketch.parameters) * self.sketch.factors[0][0].element_size()
+        return int(min(self.row_chunk, max(1, 0.25 * self.memory.available() // per_row)))
+
+
+def select_head(heads: Sequence[str], head: Optional[str], source: str = "model") -> str:
+    """The head to use: `head` if given (InputError listing the heads otherwise), else the only head,
+    else the only one that is not the pretraining head "pt_head" (ModelError if that is ambiguous)."""
+    heads = list(heads)
+    if head is not None:
+        if head not in heads:
+            raise InputError(f"head {head!r} is not in the model (its heads: {', '.join(heads)})", path=source)
+        return head
+    if len(heads) == 1:
+        return heads[0]
+    tuned = [h for h in heads if h != PT_HEAD]
+    if len(tuned) == 1:
+        return tuned[0]
+    raise ModelError(f"{source}: the model has heads {', '.join(heads)}; choose one with head=NAME")

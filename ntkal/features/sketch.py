@@ -78,26 +78,43 @@ def _in_set(name: str, params: str, num_interactions: int) -> bool:
     return name.startswith(f"interactions.{last}.") or name.startswith(f"products.{last}.")
 
 
+def head_share(name: str, n_heads: int) -> float:
+    """Fraction of parameter `name` that one head of an n-head MACE model uses: readout weights hold
+    one output column (and one hidden block) per head, as mace's remove_pt_head slices them
+    (mace/tools/scripts_utils.py); every other parameter is shared by all heads."""
+    if n_heads <= 1 or not (name.startswith("readouts.") or name.startswith("embedding_readout.")):
+        return 1.0
+    if name.endswith("linear_2.weight") or name.endswith("linear_mid.weight"):
+        return 1.0 / n_heads**2  # [heads x hidden] -> heads: one hidden block, one output
+    return 1.0 / n_heads  # linear.weight ([in] -> heads), linear_1 ([in] -> heads x hidden), biases
+
+
 def parameter_blocks(model: torch.nn.Module, params: str = "all") -> Tuple[List[Tuple[str, torch.Tensor]], List[Block], float]:
-    """(selected named parameters, their blocks, coverage = selected / all trainable parameters)."""
+    """(selected named parameters, their blocks, coverage = selected / all trainable parameters).
+
+    For a multi-head model both counts are of the parameters one head uses (head_share): the other
+    heads' readout columns get zero gradients, so they add nothing to a head's sketch either.
+    """
     if params not in PARAM_SETS:
         raise ValueError(f"params must be one of {PARAM_SETS}, got {params!r}")
     num_interactions = len(getattr(model, "interactions", [])) or 1
-    chosen, blocks, total, covered = [], [], 0, 0
+    n_heads = len(getattr(model, "heads", None) or [None])
+    chosen, blocks, total, covered = [], [], 0.0, 0.0
     for prefix, module in model.named_modules():
         for local, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
             name = f"{prefix}.{local}" if prefix else local
-            total += p.numel()
+            used = p.numel() * head_share(name, n_heads)
+            total += used
             if not _in_set(name, params, num_interactions):
                 continue
             chosen.append((name, p))
             blocks.extend(_module_blocks(module, local, prefix, p))
-            covered += p.numel()
+            covered += used
     if not chosen:
         raise ValueError(f"no trainable parameters selected with params={params!r}")
-    return chosen, blocks, covered / max(total, 1)
+    return chosen, blocks, covered / max(total, 1.0)
 
 
 def _gaussian(seed: int, key: str, shape: Tuple[int, ...]) -> torch.Tensor:
