@@ -6,6 +6,11 @@ both see the same machine load) x kernels embedding, energy, force exact, force 
 force rows). The floor is MACE's own evaluation of the same batches,
 `model(fz.batch(chunk), compute_force=True)` (batch construction included on both sides). Reported:
 structures/s, time / floor, and the hours a 200k-structure pool would take at that rate.
+
+With --arch NAME (bench/archs.py: tiny, mp0-small, mp0-medium, mp0-large, off-small) it runs on that
+foundation-shaped model with random weights and --n-structures generated structures of about --atoms
+atoms, each case in its own child process (CPU time of one featurisation call and that call's peak RSS,
+the floor measured the same way), so memory figures are per case.
 """
 from __future__ import annotations
 
@@ -60,11 +65,20 @@ def floor_fn(fz):
 
 
 def add_args(p: argparse.ArgumentParser):
+    p.add_argument("--arch", default=None, help="foundation-shaped model of bench/archs.py (tiny, mp0-small, "
+                   "mp0-medium, mp0-large, off-small): per-case child processes, CPU time and peak RSS")
+    p.add_argument("--atoms", default="38", help="--arch: atoms per structure; comma-separated sizes for "
+                   "the 'labelled' cases (default 38)")
+    p.add_argument("--cases", default=None, help="--arch: comma-separated cases (default: all of "
+                   "ARCH_CASES but 'labelled')")
+    p.add_argument("--exact-structures", type=int, default=2,
+                   help="--arch: structures for exact force rows (3N double backwards each; default 2)")
+    p.add_argument("--memory-gb", type=float, default=None, help="--arch: MACEFeaturizer(memory_gb=...)")
     p.add_argument("--model", default=None, help="MACE model file (default: the shipped si_mace.model)")
     p.add_argument("--pool", default=None, help="structures to featurise (default: the shipped Si pool)")
-    p.add_argument("--n-structures", type=int, default=128,
-                   help="structures timed per kernel, spread evenly over the pool file (default 128)")
-    p.add_argument("--batch", type=int, default=64, help="structures per batch (default 64)")
+    p.add_argument("--n-structures", type=int, default=None,
+                   help="structures timed per kernel, spread evenly over the pool file (default 128; --arch: 8)")
+    p.add_argument("--batch", type=int, default=None, help="structures per batch (default 64; --arch: 8)")
     p.add_argument("--sketch-dim", type=int, default=512, help="k (default 512)")
     p.add_argument("--probes", type=int, default=8, help="Rademacher probes m for 'force probes' (default 8)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -75,7 +89,12 @@ def add_args(p: argparse.ArgumentParser):
 
 
 def run(a, argv) -> dict:
+    if a.arch:
+        from . import features_arch
+        return features_arch.run(a, argv)
     from ntkal.data import demo_files
+    a.n_structures = a.n_structures or 128
+    a.batch = a.batch or 64
     files = demo_files()
     model = a.model or str(files["model"])
     pool_path = a.pool or str(files["pool"])
@@ -136,6 +155,9 @@ HEADERS = ["impl", "kernel", "structures/s", "time / floor", "fast / reference s
 
 
 def table(doc) -> str:
+    if doc["settings"].get("arch"):
+        from . import features_arch
+        return features_arch.table(doc)
     s = doc["settings"]
     head = (f"{s['n_structures']} structures (mean {s['mean_natoms']:.1f} atoms, max {s['max_natoms']}) from "
             f"`{s['pool']}`, batches of {s['batch']}, k={s['sketch_dim']}, {s['dtype']}, model `{s['model']}`\n")
