@@ -1,7 +1,7 @@
-"""`python -m bench {select,features,end2end,kernels} [options] [--json PATH]`.
+"""`python -m bench {select,features,end2end,kernels,acquisition} [options] [--json PATH]`.
 
 Each stage prints a markdown table to stdout and, with --json, writes a JSON record (command, machine,
-versions, timestamp, results). See bench/RESULTS.md for the measured figures and DESIGN §10.
+versions, timestamp, results). See bench/RESULTS.md for the measured figures and docs/design.md, Measuring.
 """
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import argparse
 import os
 import sys
 
-import mace  # noqa: E402,F401  (before e3nn: research/deps.md §3)
+import mace  # noqa: E402,F401  (before e3nn: docs/design.md, Imports)
 
-from . import bench_end2end, bench_features, bench_kernels, bench_select, utils  # noqa: E402
+from . import bench_acquisition, bench_end2end, bench_features, bench_kernels, bench_select, utils  # noqa: E402
 
-STAGES = {"select": bench_select, "features": bench_features, "end2end": bench_end2end, "kernels": bench_kernels}
+STAGES = {"select": bench_select, "features": bench_features, "end2end": bench_end2end, "kernels": bench_kernels,
+          "acquisition": bench_acquisition}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -148,7 +148,7 @@ def _clocked(fn):
 
 def child_bmdal(a) -> dict:
     import numpy as np
-    np.Inf = getattr(np, "Inf", np.inf)  # bmdal_reg 3.0.2 uses np.Inf (removed in NumPy 2): research/deps.md §5
+    np.Inf = getattr(np, "Inf", np.inf)  # bmdal_reg 3.0.2 uses np.Inf (removed in NumPy 2): its np.Inf is gone in NumPy 2
     import torch
     from bmdal_reg.bmdal.algorithms import select_batch
     from bmdal_reg.bmdal.feature_data import TensorFeatureData

@@ -8,7 +8,7 @@ variance reduction (Hübotter et al. 2024, "Transductive active learning"):
   C_T          = sum_{target rows t} w_t g~_t g~_t^T                      (k x k)
   reduction(x) = tr( (S_x + G~_x Lam^-1 G~_x^T)^-1  G~_x Lam^-1 C_T Lam^-1 G~_x^T )
 
-with g~ = c_kind g the scaled rows of DESIGN §3, w_t = 1/sigma^2_kind (x 1/N_t for force rows with
+with g~ = c_kind g the scaled rows (docs/design.md, Posterior), w_t = 1/sigma^2_kind (x 1/N_t for force rows with
 force_reduce='mean'), so that sum_t w_t g~_t^T Lam^-1 g~_t is the sum of the target structures' scores,
 and S_x = diag(sigma^2_kind) the candidate rows' noise. By Woodbury, reduction(x) is exactly the drop
 of that sum when Lam gains G~_x^T S_x^-1 G~_x. Everything is linear in the pool, train and target
@@ -52,7 +52,7 @@ def _check_rows(post: Posterior, rows: RowBlock, what: str) -> None:
 def target_matrix(post: Posterior, target_rows: Union[RowBlock, Iterable[RowBlock]]) -> torch.Tensor:
     """C_T = sum_t w_t g~_t g~_t^T over the target rows (one RowBlock or an iterable of chunks), float64 [k, k].
 
-    Weighted like the structure score (DESIGN §3), so tr(C_T Lam^-1) = sum of the target structures'
+    Weighted like the structure score (docs/design.md, Posterior), so tr(C_T Lam^-1) = sum of the target structures'
     scores. Use exact force rows if you can (probe rows give an unbiased estimate of the same matrix).
     """
     C: Optional[torch.Tensor] = None

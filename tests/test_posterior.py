@@ -1,4 +1,4 @@
-"""Posterior (DESIGN §3) in float64: feature-space PV equals the kernel-space GP posterior variance."""
+"""Posterior (docs/design.md, Posterior) in float64: feature-space PV equals the kernel-space GP posterior variance."""
 import numpy as np
 import pytest
 import torch

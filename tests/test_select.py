@@ -1,4 +1,4 @@
-"""Shortlist and batch selection (DESIGN §4-5): LCMD equals bmdal_reg's, streaming is chunk-independent."""
+"""Shortlist and batch selection (docs/design.md, Pipeline): LCMD equals bmdal_reg's, streaming is chunk-independent."""
 import numpy as np
 import pytest
 import torch

@@ -185,7 +185,7 @@ def _errors(de, df, e_ref_pa, f_ref) -> dict:
 
 def evaluate(model_path: pathlib.Path, path: pathlib.Path) -> dict:
     """Energy/force errors of the saved model on an extxyz file (REF_ labels), also per info["region"]."""
-    import mace  # noqa: F401  (must precede e3nn, see research/deps.md section 3)
+    import mace  # noqa: F401  (must precede e3nn: docs/design.md, Imports)
     from ase.io import read
     from mace.calculators import MACECalculator
 

@@ -1,10 +1,14 @@
 """One round's picks for every method, with the acquisition time it costs — all through ntkal's pipeline.
 
 Methods: "random"; "embedding" / "energy" / "force" / "joint" (PV shortlist + LCMD on the pretrained
-model's cached rows, `ntkal.select_rows`); "top" (top-PV of `selection.top_kernel`, no LCMD: the
-ablation); "committee" (committee.py, scored by member disagreement); "<kernel>+target" (shortlist
-ranked by the expected reduction of the target set's predictive variance, then greedy variance
-reduction on exact rows, as `ntkal select --target` does).
+model's cached rows, `ntkal.select_rows`: the paper's method); "top" (top-PV of `selection.top_kernel`,
+no LCMD: the ablation); "committee" (committee.py, scored by member disagreement); "<kernel>+target"
+(shortlist ranked by the expected reduction of the target set's predictive variance, then greedy
+variance reduction on exact rows, as `ntkal select --target` does); "error:<kernel>" (the error-aware
+score: the labelled residuals' posterior mean + calibrated variance, shortlist + LCMD, as
+`ntkal select --score error`); "error+pretrain:<kernel>" (the same with a pretraining sample in the
+posterior, `--pretrain`); "llpr" (PV of the readout parameters alone: a last-layer posterior, the
+LLPR-style peer baseline).
 
 Acquisition seconds = what a fresh selection call would spend at that round beyond the fine-tune every
 method does anyway: for feature methods, featurising the labelled set (exact rows), the pool (probe
@@ -33,11 +37,24 @@ class Picks:
     detail: dict = field(default_factory=dict)
 
 
+KERNELS = ("embedding", "energy", "force", "joint")
+
+
+def known_methods():
+    """Every method name the study accepts."""
+    return (["random", "committee", "top", "llpr"] + list(KERNELS) + [f"{k}+target" for k in KERNELS[1:]]
+            + [f"error:{k}" for k in KERNELS] + [f"error+pretrain:{k}" for k in KERNELS])
+
+
 def parse_method(method: str):
-    """(base, kernel, with_target): 'joint+target' -> ('joint', 'joint', True); 'top' -> ('top', None, False)."""
+    """(base, kernel, with_target): 'joint+target' -> ('joint', 'joint', True); 'top' -> ('top', None, False);
+    'error+pretrain:force' -> ('error+pretrain', 'force', False)."""
+    if ":" in method:
+        base, kernel = method.split(":", 1)
+        return base, kernel, False
     with_target = method.endswith("+target")
     base = method[: -len("+target")] if with_target else method
-    kernel = base if base in ("embedding", "energy", "force", "joint") else None
+    kernel = base if base in KERNELS else None
     return base, kernel, with_target
 
 
@@ -54,17 +71,29 @@ def _collect(keys: list):
 
 
 def feature_picks(store: FeatureStore, kernel: str, method: str, labelled: Sequence, pool: Sequence,
-                  budget: int, sel: SelectionConfig, seed: int) -> Picks:
-    """PV shortlist + LCMD ('lcmd') or top-PV ('top') with one kernel of the pretrained model."""
-    train_rows, t_train = store.rows(kernel, labelled, exact=True)
+                  budget: int, sel: SelectionConfig, seed: int, score: str = "pv", pretrain: Sequence = (),
+                  shortlist=None) -> Picks:
+    """PV (or error-aware, score="error") shortlist + LCMD ('lcmd') or the top of the shortlist ('top') with
+    one kernel of the pretrained model; `pretrain`: a pretraining sample entering the posterior."""
+    kw, t_extra = {}, 0.0
+    if score == "error":
+        train_rows, kw["train_residuals"], t_train = store.residuals(kernel, labelled, exact=True)
+    else:
+        train_rows, t_train = store.rows(kernel, labelled, exact=True)
+    if len(pretrain):
+        kw["pretrain_rows"], kw["pretrain_residuals"], t_extra = store.residuals(kernel, pretrain, exact=False)
     pool_rows, t_pool = store.rows(kernel, pool, exact=False)
     keys: list = []
-    res = select_rows(train_rows, pool_rows, budget, method=method, shortlist=sel.shortlist,
-                      sigma_e2=sel.sigma_e2, sigma_f2=sel.sigma_f2, mode=sel.mode, seed=seed, on_chunk=_collect(keys))
-    detail = {"kernel": kernel, "method": method, "features_labelled_s": t_train, "features_pool_s": t_pool,
-              "select_s": res.timings["total"], "status": res.status, "shortlist_size": int(len(res.shortlist)),
+    res = select_rows(train_rows, pool_rows, budget, method=method, shortlist=shortlist or sel.shortlist,
+                      sigma_e2=sel.sigma_e2, sigma_f2=sel.sigma_f2, mode=sel.mode, seed=seed, on_chunk=_collect(keys),
+                      score=score, **kw)
+    detail = {"kernel": kernel, "method": method, "score": score, "features_labelled_s": t_train,
+              "features_pool_s": t_pool, "features_pretrain_s": t_extra, "select_s": res.timings["total"],
+              "status": res.status, "shortlist_size": int(len(res.shortlist)),
               "scores": [float(s) for s in res.scores], "pool_scores": np.concatenate(keys).tolist()}
-    return Picks(np.asarray(res.indices, dtype=np.int64), t_train + t_pool + res.timings["total"], detail)
+    if score == "error":
+        detail["calibration"] = {"rho": res.posterior.rho, "alpha2": res.posterior.alpha2}
+    return Picks(np.asarray(res.indices, dtype=np.int64), t_train + t_pool + t_extra + res.timings["total"], detail)
 
 
 def target_picks(store: FeatureStore, kernel: str, labelled: Sequence, pool: Sequence, target: Sequence,

@@ -2,7 +2,7 @@
 
 Score of a structure = its per-atom energy variance over the members / c_E + its mean force-component
 variance / c_F, where c_E, c_F are the means of the two terms over the labelled set (so each part
-averages 1 there, the convention DESIGN §2 uses for the NTK kinds). Batch: top-M shortlist by score,
+averages 1 there, the convention the posterior's per-kind scales use (docs/design.md, Posterior)). Batch: top-M shortlist by score,
 then LCMD (TP mode) on the member-deviation vector
 
   psi(x) = [ (E_m(x) - mean E(x)) / N / sqrt(c_E),  rms_atoms,xyz(F_m(x) - mean F(x)) / sqrt(c_F) ]_m / sqrt(M)

@@ -7,7 +7,11 @@ set (the paper's point), so a structure's rows never change during a study: they
   - "energy":    the energy-NTK row (also the LCMD vector of every NTK kernel);
   - "joint" / "joint_exact": energy + force rows, force rows by Rademacher probes for pool scoring
     (`selection.force_probes`) or exact 3N rows for labelled, target and greedy-candidate structures
-    (as `ntkal.select` does). The force kernel is the joint block without its energy row.
+    (as `ntkal.select` does). The force kernel is the joint block without its energy row;
+  - "readout": the energy row of the readout parameters alone (params="readout"), the last-layer
+    posterior of the LLPR-style baseline.
+The pretrained model's predictions (energy, forces) are cached the same way: the residuals of the
+error-aware score and the cheap metrics (pretrained error of picks vs pool) use them.
 The seconds each structure's featurisation took are recorded, so a round's acquisition time can be
 charged what a fresh `ntkal.select` call would spend on the same structures.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import time
 from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..features import ENERGY, FORCE, MACEFeaturizer, RowBlock
@@ -25,7 +30,8 @@ from .config import SelectionConfig
 _SOURCE = {("embedding", False): "embedding", ("embedding", True): "embedding",
            ("energy", False): "energy", ("energy", True): "energy",
            ("force", False): "joint", ("force", True): "joint_exact",
-           ("joint", False): "joint", ("joint", True): "joint_exact"}
+           ("joint", False): "joint", ("joint", True): "joint_exact",
+           ("readout", False): "readout", ("readout", True): "readout"}
 
 
 def restrict(block: RowBlock, kinds: Tuple[int, ...]) -> RowBlock:
@@ -49,7 +55,10 @@ class FeatureStore:
                               force_probes=sel.force_probes, seed=0)
         self.featurizers = {"joint": base, "joint_exact": base.with_kernel("joint", None),
                             "energy": base.with_kernel("energy", None),
-                            "embedding": base.with_kernel("embedding", None)}
+                            "embedding": base.with_kernel("embedding", None),
+                            "readout": MACEFeaturizer(str(model_path), kernel="energy", sketch_dim=sel.sketch_dim,
+                                                      params="readout", seed=0)}
+        self._pred: Dict[str, tuple] = {}
         self.chunk_size = int(chunk_size)
         self.cache: Dict[str, Dict[str, RowBlock]] = {k: {} for k in self.featurizers}
         self.cost: Dict[str, Dict[str, float]] = {k: {} for k in self.featurizers}  # seconds per structure
@@ -75,9 +84,27 @@ class FeatureStore:
         block = RowBlock.cat([self.cache[source][i] for i in ids])
         if kernel == "force":
             block = restrict(block, (FORCE,))
-        elif kernel == "energy":
+        elif kernel in ("energy", "readout"):
             block = restrict(block, (ENERGY,))
         return block, float(sum(self.cost[source][i] for i in ids))
+
+    def predictions(self, structures: Sequence):
+        """(energies [n], forces list) of the pretrained model, cached per structure."""
+        todo = [a for a in structures if a.info["exp_id"] not in self._pred]
+        for start in range(0, len(todo), self.chunk_size):
+            chunk = todo[start:start + self.chunk_size]
+            e, f = self.featurizers["joint"].predict(chunk)
+            self._pred.update({a.info["exp_id"]: (float(ei), fi) for a, ei, fi in zip(chunk, e, f)})
+        got = [self._pred[a.info["exp_id"]] for a in structures]
+        return np.array([g[0] for g in got]), [g[1] for g in got]
+
+    def residuals(self, kernel: str, structures: Sequence, exact: bool):
+        """(rows, per-row residuals label − pretrained prediction, seconds): the error-aware score's input."""
+        from ..acquisition.residuals import residual_rows
+        rows, secs = self.rows(kernel, structures, exact)
+        e, f = self.predictions(structures)
+        fz = self.featurizers["joint"]
+        return rows, residual_rows(rows, structures, e, f, lambda a: fz.probe_vectors(a, fz.force_probes)), secs
 
     def seconds(self) -> Dict[str, float]:
         """Total featurisation seconds spent so far, per featurisation."""
