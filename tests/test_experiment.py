@@ -1,20 +1,25 @@
-"""`ntkal experiment`: metrics against a direct computation, reproducible selection, config errors,
-pool-shift and committee bookkeeping, and the --quick study end to end (the CI smoke run)."""
+"""`ntkal experiment`: metrics against a direct computation, the statistics against scipy, reproducible
+selection, scenario / shard / replay bookkeeping, the fine-tune options mace accepts, config errors, the
+report's verdicts on known records, and the --quick study end to end (curves, two shards, resume,
+report-only) — the CI smoke run."""
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from ase import Atoms
 
-from ntkal.cli import main
 from ntkal.data import demo_files
-from ntkal.experiment import acquisition, committee
-from ntkal.experiment.config import ConfigError, PoolShiftConfig, SelectionConfig, config_from_dict, load_config
+from ntkal.experiment import acquisition, committee, report, stats
+from ntkal.experiment.__main__ import main as experiment_main
+from ntkal.experiment.config import ConfigError, ScenarioConfig, SelectionConfig, config_from_dict, load_config
+from ntkal.experiment.datasets import Dataset
 from ntkal.experiment.features import FeatureStore
-from ntkal.experiment.finetune import build_args, foundation_e0s
-from ntkal.experiment.metrics import errors, evaluate, load_model, predict
-from ntkal.experiment.runner import initial_set, region_tests, shifted_pool
+from ntkal.experiment.finetune import build_args, foundation_e0s, replay_foundation
+from ntkal.experiment.metrics import errors, evaluate, evaluate_splits, load_model, predict
+from ntkal.experiment.runner import (Cell, biased_pool, cheap_metrics, initial_set, parse_shard, region_tests,
+                                     shard_cells)
 from ntkal.io import read_structures
 
 
@@ -47,8 +52,8 @@ def test_errors_equal_direct_numpy():
     assert got["n_atoms"] == 10 and got["n_structures"] == 3
 
 
-def test_evaluate_matches_ase_calculator(si):
-    """Batched predictions equal mace's own ASE calculator, one structure at a time."""
+def test_evaluate_matches_ase_calculator_and_splits_share_predictions(si):
+    """Batched predictions equal mace's own ASE calculator; evaluate_splits equals evaluate per split."""
     from mace.calculators import MACECalculator
     model_path, train, pool = si
     structures = pool[:5]
@@ -69,6 +74,55 @@ def test_evaluate_matches_ase_calculator(si):
                   ref_f, [a.arrays["REF_forces"] for a in structures])
     for k in ("e_mae", "e_rmse", "f_mae", "f_rmse"):
         assert got[k] == pytest.approx(want[k], rel=1e-9)
+    splits = {"test_id": pool[:6], "test_id:sub": [pool[4], pool[1]], "other": pool[6:9]}
+    both = evaluate_splits(model, splits, batch_size=4)
+    for name, items in splits.items():
+        alone = evaluate(model, items, batch_size=4)
+        for k in ("e_mae", "f_rmse"):
+            assert both[name][k] == pytest.approx(alone[k], rel=1e-10)
+
+
+# ------------------------------------------------------------------ statistics against scipy
+def test_t_interval_and_paired_difference_match_scipy():
+    from scipy import stats as sps
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(3.0, 1.0, size=5), rng.normal(2.5, 1.0, size=5)
+    ti = stats.t_interval(a)
+    lo, hi = sps.t.interval(0.95, len(a) - 1, loc=a.mean(), scale=sps.sem(a))
+    assert (ti["lo"], ti["hi"]) == pytest.approx((lo, hi), rel=1e-12)
+    d = stats.paired_difference(dict(enumerate(a)), dict(enumerate(b)))
+    ci = sps.ttest_rel(a, b).confidence_interval(0.95)
+    assert (d["lo"], d["hi"]) == pytest.approx((ci.low, ci.high), rel=1e-12)
+    assert d["mean"] == pytest.approx(float(np.mean(a - b)), rel=1e-12) and d["n"] == 5
+    assert stats.resolved({"lo": -2.0, "hi": -0.1}) == -1 and stats.resolved({"lo": 0.1, "hi": 2.0}) == 1
+    assert stats.resolved({"lo": -1.0, "hi": 1.0}) is None
+    assert math.isnan(stats.t_interval([1.0])["lo"])
+    only = stats.paired_difference({0: 1.0, 1: 2.0, 2: 4.0}, {1: 1.0, 2: 1.0, 3: 9.0})
+    assert only["seeds"] == [1, 2] and only["mean"] == pytest.approx(2.0)
+
+
+def test_spearman_and_variance_ratio_match_scipy():
+    from scipy import stats as sps
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=40)
+    y = x + rng.normal(size=40)
+    y[:5] = y[5]                                     # ties
+    assert stats.spearman(x, y) == pytest.approx(sps.spearmanr(x, y).statistic, rel=1e-12)
+    assert math.isnan(stats.spearman(x, np.ones(40)))
+    a, b = rng.normal(0, 2.0, size=6), rng.normal(0, 1.0, size=4)
+    vr = stats.variance_ratio(a, b)
+    r = a.var(ddof=1) / b.var(ddof=1)
+    assert vr["ratio"] == pytest.approx(r, rel=1e-12)
+    assert vr["lo"] == pytest.approx(r / sps.f.ppf(0.975, 5, 3), rel=1e-12)
+    assert vr["hi"] == pytest.approx(r / sps.f.ppf(0.025, 5, 3), rel=1e-12)
+
+
+def test_labels_to_reach_interpolates_and_says_not_reached():
+    ns, errs = [10, 25, 40, 55], [100.0, 80.0, 70.0, 65.0]
+    assert stats.labels_to_reach(ns, errs, 75.0) == pytest.approx(32.5)
+    assert stats.labels_to_reach(ns, errs, 100.0) == 10.0
+    assert stats.labels_to_reach(ns, errs, 60.0) is None
+    assert stats.labels_to_reach(list(reversed(ns)), list(reversed(errs)), 80.0) == pytest.approx(25.0)
 
 
 # ------------------------------------------------------------------ selection is reproducible
@@ -122,58 +176,134 @@ def test_committee_selection_reproduces_and_psi_norm_is_score(si, tmp_path):
     assert var_f[i] == pytest.approx(f.var(axis=0).mean(), rel=1e-10)
 
 
-# ------------------------------------------------------------------ data bookkeeping
-def _fake(n, region, start=0):
+# ------------------------------------------------------------------ scenarios, splits, shards
+def _fake(n, region, split="pool", start=0):
     out = []
     for i in range(n):
         a = Atoms("H", positions=[[0, 0, 0]])
-        a.info.update(region=region, exp_id=f"pool:{start + i}")
+        a.info.update(region=region, exp_id=f"{split}:{start + i}")
         out.append(a)
     return out
 
 
-def test_shifted_pool_fraction_and_disjoint_target_sample():
-    class DS:
-        name = "fake"
-        pool_all = _fake(50, "base") + _fake(50, "target", 50)
-    ps = PoolShiftConfig(dataset="fake", target_fraction=0.1, pool_size=40, target_size=7)
-    pool, target, info = shifted_pool(DS, ps, seed=1)
-    assert len(pool) == 40 and sum(a.info["region"] == "target" for a in pool) == 4
-    assert len(target) == 7 and all(a.info["region"] == "target" for a in target)
-    assert not {a.info["exp_id"] for a in target} & {a.info["exp_id"] for a in pool}
-    again, _, _ = shifted_pool(DS, ps, seed=1)
-    assert [a.info["exp_id"] for a in again] == [a.info["exp_id"] for a in pool]
+def _fake_dataset():
+    from ntkal.experiment.config import Region
+    pool_all = _fake(60, "base") + _fake(60, "target", start=60)
+    ds = Dataset(name="fake", model=None, pool_all=pool_all, pool=pool_all[::2], region=Region("region", ["target"]),
+                 train=_fake(6, "base", "train") + _fake(8, "target", "train", 6),
+                 pretrain=_fake(40, "base", "pretrain"))
+    return ds
+
+
+def test_biased_pool_fraction_disjoint_draws_and_errors():
+    ds = _fake_dataset()
+    scen = ScenarioConfig("biased", pool_size=25, pretrain_fraction=0.8)
+    pool, info = biased_pool(ds, scen, seed=1, pretrain_rest=[], biased_source="pool")
+    ids = [a.info["exp_id"] for a in pool]
+    assert len(pool) == 25 == len(set(ids)) and sum(ds.is_target(a) for a in pool) == 5
+    assert set(ids) <= {a.info["exp_id"] for a in ds.pool}               # features shared with the natural pool
+    again, _ = biased_pool(ds, scen, seed=1, pretrain_rest=[], biased_source="pool")
+    other, _ = biased_pool(ds, scen, seed=2, pretrain_rest=[], biased_source="pool")
+    assert [a.info["exp_id"] for a in again] == ids != [a.info["exp_id"] for a in other]
+    replay, rvalid, rest = ds.replay_split(10, 3)
+    pool_p, info_p = biased_pool(ds, scen, seed=1, pretrain_rest=rest, biased_source="pretrain")
+    taken = {a.info["exp_id"] for a in pool_p}
+    assert sum(a.info["exp_id"].startswith("pretrain:") for a in pool_p) == 20
+    assert not taken & {a.info["exp_id"] for a in replay + rvalid}
     with pytest.raises(ConfigError, match="target-region"):
-        shifted_pool(DS, PoolShiftConfig(dataset="fake", target_fraction=0.5, pool_size=100), seed=0)
-    tests = region_tests({"test_id": _fake(3, "base") + _fake(2, "target")}, "region", "target")
-    assert len(tests["test_id:target"]) == 2
+        biased_pool(ds, ScenarioConfig("biased", pool_size=200, pretrain_fraction=0.5), 0, [], "pool")
 
 
-def test_initial_set_is_seeded():
-    class DS:
-        train = _fake(30, "base")
-    a, b, c = (initial_set(DS, 5, s) for s in (0, 0, 1))
+def test_replay_held_out_and_initial_sets_are_disjoint_and_seeded():
+    ds = _fake_dataset()
+    r1, v1, rest1 = ds.replay_split(10, 3)
+    r2, _, _ = ds.replay_split(10, 3)
+    assert [a.info["exp_id"] for a in r1] == [a.info["exp_id"] for a in r2]
+    assert len({a.info["exp_id"] for a in r1 + v1 + rest1}) == 40
+    held = ds.held_out_targets()
+    assert held and all(ds.is_target(a) for a in held)
+    assert not {a.info["exp_id"] for a in held} & {a.info["exp_id"] for a in ds.pool}
+    a, b, c = (initial_set(ds, 5, s) for s in (0, 0, 1))
+    assert all(ds.is_target(x) for x in a)
     assert [x.info["exp_id"] for x in a] == [x.info["exp_id"] for x in b] != [x.info["exp_id"] for x in c]
+    tests = region_tests(ds, {"test_id": _fake(3, "base", "test_id") + _fake(2, "target", "test_id", 3),
+                              "test_ood": _fake(2, "target", "test_ood")})
+    assert len(tests["test_id:target"]) == 2 and "test_ood:target" not in tests
 
 
-def test_finetune_args_use_the_foundation_model(tmp_path):
-    cfg = load_config().finetune
-    e0s = foundation_e0s(demo_files()["model"])
-    assert e0s.startswith("{14: -4.69")
-    args = build_args(cfg, demo_files()["model"], tmp_path / "t.xyz", tmp_path / "v.xyz", tmp_path, 7, e0s)
-    assert f"--foundation_model={demo_files()['model']}" in args
-    assert f"--max_num_epochs={cfg.epochs}" in args and "--seed=7" in args
+def test_shards_partition_the_cells_in_contiguous_blocks():
+    cells = [Cell(d, s, seed) for d in ("a", "b", "c") for s in ("natural", "biased") for seed in (0, 1, 2)]
+    for n in (1, 2, 3, 4):
+        parts = [shard_cells(cells, i, n) for i in range(n)]
+        assert [c for p in parts for c in p] == cells
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert parse_shard("1/2") == (1, 2) and parse_shard(None) == (0, 1)
+    for bad in ("2/2", "x", "1/0"):
+        with pytest.raises(ConfigError, match="shard"):
+            parse_shard(bad)
+
+
+def test_cheap_metrics_against_direct_means():
+    rng = np.random.default_rng(3)
+    avail = _fake(12, "base") + _fake(4, "target", start=12)
+    err = {a.info["exp_id"]: (float(rng.uniform(1, 9)), float(rng.uniform(10, 90))) for a in avail}
+    chosen = [avail[1], avail[13], avail[14]]
+    scores = rng.normal(size=len(avail))
+    got = cheap_metrics(err, chosen, avail, lambda a: a.info["region"] == "target", scores)
+    pe = np.array([err[a.info["exp_id"]] for a in avail])
+    ce = np.array([err[a.info["exp_id"]] for a in chosen])
+    assert got["pick_pool_error_ratio_e"] == pytest.approx(ce[:, 0].mean() / pe[:, 0].mean(), rel=1e-12)
+    assert got["pick_pool_error_ratio_f"] == pytest.approx(ce[:, 1].mean() / pe[:, 1].mean(), rel=1e-12)
+    assert got["picks_target_share"] == pytest.approx(2 / 3) and got["pool_target_share"] == pytest.approx(0.25)
+    assert got["spearman_score_error_f"] == pytest.approx(stats.spearman(scores, pe[:, 1]), rel=1e-12)
+    assert "spearman_score_error_e" not in cheap_metrics(err, chosen, avail, lambda a: False, scores[:3])
+
+
+# ------------------------------------------------------------------ fine-tune options
+def test_finetune_args_are_mace_options_for_both_protocols(tmp_path):
     from mace.tools import build_default_arg_parser
-    parsed = build_default_arg_parser().parse_args(args)   # mace accepts every option
-    assert parsed.foundation_model == str(demo_files()["model"]) and parsed.max_num_epochs == cfg.epochs
+    cfg = load_config().finetune
+    model = demo_files()["model"]
+    e0s = foundation_e0s(model)
+    assert e0s.startswith("{14: -4.69")
+    replay = build_args(cfg, model, tmp_path / "t.xyz", tmp_path / "v.xyz", tmp_path, 7, e0s,
+                        replay=tmp_path / "r.xyz", replay_valid=tmp_path / "rv.xyz")
+    parsed = build_default_arg_parser().parse_args(replay)
+    assert parsed.multiheads_finetuning and parsed.pt_train_file == str(tmp_path / "r.xyz") and parsed.force_mh_ft_lr
+    assert parsed.foundation_model == str(model) and parsed.max_num_epochs == cfg.epochs and parsed.seed == 7
+    assert parsed.lr == cfg.lr and parsed.default_dtype == cfg.dtype and parsed.ema_decay == cfg.ema_decay
+    from dataclasses import replace
+    naive = build_default_arg_parser().parse_args(build_args(replace(cfg, protocol="naive"), model, tmp_path / "t.xyz",
+                                                             tmp_path / "v.xyz", tmp_path, 7, e0s))
+    assert not naive.multiheads_finetuning and naive.pt_train_file is None
+    with pytest.raises(ValueError, match="replay"):
+        build_args(cfg, model, tmp_path / "t.xyz", tmp_path / "v.xyz", tmp_path, 7, e0s)
+
+
+def test_replay_foundation_keeps_the_model_s_predictions(si, tmp_path):
+    model_path, train, pool = si
+    flat = replay_foundation(model_path, tmp_path / "flat.model")
+    assert flat != model_path
+    a, b = load_model(model_path), load_model(flat)
+    assert b.atomic_energies_fn.atomic_energies.ndim == 1
+    e0, f0 = predict(a, pool[:4])
+    e1, f1 = predict(b, pool[:4])
+    np.testing.assert_allclose(e1, e0, rtol=1e-12)
+    for x, y in zip(f0, f1):
+        np.testing.assert_allclose(x, y, atol=1e-12)
 
 
 # ------------------------------------------------------------------ config validation
-BASE = {"datasets": [{"name": "si"}]}
+BASE = {"datasets": [{"name": "si"}], "scenarios": {"natural": {"methods": ["random"]}}}
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"methods": ["random", "bogus"]}, "unknown method 'bogus'"),
+    ({"scenarios": {"natural": {"methods": ["random", "bogus"]}}}, "unknown method 'bogus'"),
+    ({"scenarios": {"natural": {"methods": ["random", "random"]}}}, "lists a method twice"),
+    ({"scenarios": {"sideways": {}}}, "unknown scenario 'sideways'"),
+    ({"scenarios": {"biased": {"methods": ["random"]}}}, "pool_size is required"),
+    ({"scenarios": {"natural": {"methods": ["joint+target"]}}}, "target_size is 0"),
+    ({"scenarios": {"natural": {"methods": ["random"], "primary": "pool"}}}, "must name a test split"),
     ({"budget": 0}, "budget must be a positive integer"),
     ({"seeds": []}, "seeds must be a non-empty list"),
     ({"seeds": [1, 1]}, "repeated seeds"),
@@ -181,10 +311,11 @@ BASE = {"datasets": [{"name": "si"}]}
     ({"epochs": 3}, "unknown setting epochs"),
     ({"finetune": {"epoch": 3}}, "unknown setting finetune.epoch"),
     ({"finetune": {"lr": -1}}, "finetune.lr must be a positive number"),
+    ({"finetune": {"protocol": "lora"}}, "protocol must be one of"),
+    ({"datasets": [{"name": "si", "finetune": {"epochs": 0}}]}, r"datasets\[si\].finetune.epochs"),
+    ({"datasets": [{"name": "si", "finetune": {"epoks": 2}}]}, "unknown setting datasets.0..finetune.epoks"),
     ({"selection": {"mode": "x"}}, "selection.mode"),
-    ({"pool_shift": {"dataset": "t1x"}}, "pool_shift.dataset 't1x' is not one of the datasets"),
-    ({"pool_shift": {"dataset": "si", "target_fraction": 1.5}}, "target_fraction"),
-    ({"pool_shift": {"dataset": "si", "target_kernels": ["embedding"]}}, "target_kernels"),
+    ({"curve": {"protocols": ["fast"]}}, "curve.protocols"),
     ({"datasets": [{"name": "si", "splits": {"pool": "pool"}}]}, "needs a 'train' split"),
 ])
 def test_config_errors_name_the_field(change, message):
@@ -192,48 +323,95 @@ def test_config_errors_name_the_field(change, message):
         config_from_dict({**BASE, **change})
 
 
+def test_planned_method_names_are_accepted():
+    scen = {"natural": {"methods": ["random", "error:joint", "error+pretrain:force", "llpr", "top"]},
+            "biased": {"pool_size": 60, "target_size": 5, "methods": ["joint+target", "committee"]}}
+    cfg = config_from_dict({"datasets": [{"name": "si", "biased_source": "pretrain"}], "scenarios": scen})
+    assert cfg.scenario("natural").methods[1] == "error:joint"
+
+
 def test_packaged_config_and_quick_overrides():
     full, quick = load_config(), load_config(quick=True)
-    assert full.rounds >= 2 and len(full.pool_shift.seeds) >= 3 and set(full.methods) >= {"random", "committee", "joint"}
+    assert len(full.seeds) >= 3 and full.rounds >= 3 and {s.name for s in full.scenarios} == {"natural", "biased"}
+    assert {d.name for d in full.datasets} == {"si", "oc20", "t1x"}
+    assert all(d.epochs_reason for d in full.datasets) and full.finetune.protocol == "replay"
     assert quick.quick and quick.rounds == 1 and [d.name for d in quick.datasets] == ["si"]
     assert quick.finetune.lr == full.finetune.lr            # nested merge keeps what quick does not set
+    assert quick.finetune_for("si").epochs == 1
 
 
 def test_cli_config_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("datasets: [{name: si}]\nbudget: -2\n")
-    assert main(["experiment", str(bad), "--out", str(tmp_path / "o")]) == 2
+    bad.write_text("datasets: [{name: si}]\nscenarios: {natural: {methods: [random]}}\nbudget: -2\n")
+    assert experiment_main([str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "budget must be a positive integer" in err and "\n" not in err
     assert not (tmp_path / "o").exists()
-    (tmp_path / "y.yaml").write_text("datasets: [\n")
-    assert main(["experiment", str(tmp_path / "y.yaml")]) == 2
-    assert "not valid YAML" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ report verdicts on known records
+def _runs(values: dict, dataset="oc20", scenario="natural"):
+    """Method records with final F/E MAE per seed from {method: [per-seed final F]} (E = F / 10)."""
+    runs = []
+    for method, finals in values.items():
+        for seed, f in enumerate(finals):
+            r0 = {"round": 0, "n_labels": 10, "metrics": {"test_id": {"e_mae": 20.0, "f_mae": 100.0}},
+                  "pretrained_metrics": {"test_id": {"e_mae": 25.0, "f_mae": 110.0}},
+                  "condition": {"primary_split": "test_id"}, "picks": [], "acquisition_s": 1.0}
+            r1 = {"round": 1, "n_labels": 25, "metrics": {"test_id": {"e_mae": f / 10, "f_mae": f}}}
+            runs.append({"dataset": dataset, "condition": scenario, "seed": seed, "method": method, "rounds": [r0, r1]})
+    return runs
+
+
+def test_verdicts_follow_the_intervals():
+    clear = report.Records(_runs({"random": [99.0, 97.0, 98.0], "joint": [80.0, 79.0, 81.5],
+                                  "force": [90.0, 91.0, 89.0]}), "oc20", "natural")
+    assert report.verdict_joint_lowest(clear)[0] == "held"
+    noisy = report.Records(_runs({"random": [99.0, 97.0, 98.0], "joint": [80.0, 95.0, 81.5],
+                                  "force": [90.0, 81.0, 96.0]}), "oc20", "natural")
+    assert report.verdict_joint_lowest(noisy)[0] == "not resolved"
+    worse = report.Records(_runs({"random": [99.0, 97.0, 98.0], "joint": [95.0, 96.0, 97.0],
+                                  "force": [80.0, 81.0, 80.5]}), "oc20", "natural")
+    assert report.verdict_joint_lowest(worse)[0] == "did not hold"
+    assert report.verdict_joint_lowest(None)[0] == "not tested"
+    got, ratio, seeds = report.reach(clear, "joint", "f_mae")
+    assert got == pytest.approx(10 + 15 * (100.0 - 98.0) / (100.0 - 80.1666666), rel=1e-6)
+    assert ratio == pytest.approx(got / 25) and seeds == (3, 3)
+    goal = report.verdict_goal({"oc20": report.Records(_runs({"random": [99.0, 97.0, 98.0], "joint": [80.0, 79.0, 81.5]},
+                                                            scenario="biased"), "oc20", "biased")})
+    assert goal[0] == "held"
 
 
 # ------------------------------------------------------------------ the CI smoke run
 @pytest.mark.slow
-def test_quick_study_end_to_end_and_resume(tmp_path):
+def test_quick_study_curves_shards_resume_and_report_only(tmp_path):
     out = tmp_path / "exp"
-    assert main(["experiment", "--quick", "--out", str(out)]) == 0
-    text = (out / "results.md").read_text()
-    for needle in ("si · test_id", "Pool shift", "paper's claims", "ntkal experiment --quick"):
-        assert needle in text
-    assert (out / "figures" / "si_learning_curves.png").stat().st_size > 1000
+    assert experiment_main(["--quick", "--curves", "--out", str(out)]) == 0
+    curve = json.loads((out / "results" / "si_finetune_curve.json").read_text())
+    assert set(curve) == {"replay", "naive"} and len(curve["replay"]["curve"]["Default"]) == 3   # before + 2 epochs
+    assert experiment_main(["--quick", "--shard", "0/2", "--out", str(out)]) == 0
+    assert experiment_main(["--quick", "--shard", "1/2", "--out", str(out)]) == 0
     cfg = load_config(quick=True)
-    runs = {}
-    for method in cfg.methods:
-        run = json.loads((out / "results" / "si_natural" / "seed0" / f"{method}.json").read_text())
-        assert run["done"] and [r["n_labels"] for r in run["rounds"]] == [6, 9]
-        assert len(set(run["rounds"][0]["picks"])) == 3 and run["rounds"][0]["acquisition_s"] >= 0
-        runs[method] = run
-    shift = json.loads((out / "results" / "si_shift" / "seed0" / "joint+target.json").read_text())
-    assert 0.0 <= shift["rounds"][0]["picks_target_fraction"] <= 1.0
-    before = json.loads((out / "results" / "run.json").read_text())
-    # a rerun resumes: nothing is fine-tuned again and the recorded picks stay
-    assert main(["experiment", "--quick", "--out", str(out)]) == 0
-    after = json.loads((out / "results" / "run.json").read_text())
+    for scen in cfg.scenarios:
+        for method in scen.methods:
+            run = json.loads((out / "results" / f"si_{scen.name}" / "seed0" / f"{method}.json").read_text())
+            assert run["done"] and [r["n_labels"] for r in run["rounds"]] == [4, 7]
+            assert len(set(run["rounds"][0]["picks"])) == 3 and run["rounds"][0]["acquisition_s"] >= 0
+            assert "pick_pool_error_ratio_f" in run["rounds"][0]["cheap"]
+    biased = json.loads((out / "results" / "si_biased" / "seed0" / "round0.json").read_text())["condition"]
+    assert biased["pool_size"] == 12 and biased["pool_target"] == 3
+    shards = {p.name for p in (out / "results").glob("run-*.json")}
+    assert shards == {"run-0of2.json", "run-1of2.json"}
+    text = (out / "results.md").read_text()
+    for needle in ("si · natural", "si · biased", "Verdicts", "fine-tune curve", "labels to random's final F"):
+        assert needle in text
+    assert (out / "figures" / "si_natural_learning_curves.png").stat().st_size > 1000
+    assert (out / "figures" / "si_finetune_curve.png").stat().st_size > 1000
+    before = json.loads((out / "results" / "run-0of2.json").read_text())
+    # a rerun resumes: nothing is fine-tuned again; --report-only rewrites the same page from the records
+    assert experiment_main(["--quick", "--shard", "0/2", "--out", str(out)]) == 0
+    after = json.loads((out / "results" / "run-0of2.json").read_text())
     assert after["finetunes"] == 0 and len(after["invocations"]) == len(before["invocations"]) + 1
-    for method, run in runs.items():
-        again = json.loads((out / "results" / "si_natural" / "seed0" / f"{method}.json").read_text())
-        assert again["rounds"][0]["picks"] == run["rounds"][0]["picks"]
+    text = (out / "results.md").read_text()
+    assert experiment_main(["--quick", "--report-only", "--out", str(out)]) == 0
+    assert (out / "results.md").read_text() == text

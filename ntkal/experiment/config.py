@@ -1,24 +1,42 @@
 """The study's settings: dataclasses loaded from YAML, checked field by field, with one-line errors.
 
-A config names the datasets (files or the shipped ones), how each split is drawn, the active-learning
-schedule (initial labels, rounds, batch size), the methods, the fine-tuning recipe, and optionally a
-pool-shift case study. `--quick` applies the config's own `quick:` overrides on top (smaller sizes).
+A config names the datasets (files or the shipped ones) with their target region, the scenarios (the
+natural pool and a pool biased towards the pretraining region), the active-learning schedule (initial
+labels, rounds, batch size, seeds), the methods of each scenario, the fine-tuning recipe (per-dataset
+overrides allowed) and the fine-tune-curve calibration. `--quick` applies the config's own `quick:`
+overrides on top (smaller sizes).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import InputError
 
-#: Acquisition methods of the main study (DESIGN §5 plus the committee baseline and random).
-METHODS = ("random", "committee", "embedding", "energy", "force", "joint", "top")
+KERNELS = ("embedding", "energy", "force", "joint")
 #: NTK kernels that can rank by expected target-variance reduction (`ntkal select --target`).
 TARGET_KERNELS = ("energy", "force", "joint")
-KERNELS = ("embedding", "energy", "force", "joint")
+#: Every method name the study plans for: random, committee, top-PV, the LLPR-style last-layer posterior,
+#: PV shortlist + LCMD per kernel, "<kernel>+target", and the error-aware score "error:<kernel>" /
+#: "error+pretrain:<kernel>". Which of them can run is acquisition.known_methods() once it exists.
+METHOD_PATTERN = re.compile(r"^(random|committee|top|llpr|(embedding|energy|force|joint)"
+                            r"|(energy|force|joint)\+target|error(\+pretrain)?:(embedding|energy|force|joint))$")
+SCENARIOS = ("natural", "biased")
+PROTOCOLS = ("replay", "naive")
+
+
+def known_method(name: str) -> bool:
+    """A method name the config may use: acquisition.known_methods() when the acquisition module
+    provides it (the one list the acquisition code extends), else the planned names' pattern."""
+    from . import acquisition
+    listed = getattr(acquisition, "known_methods", None)
+    if listed is not None:
+        return name in set(listed())
+    return bool(METHOD_PATTERN.match(name))
 
 
 class ConfigError(InputError):
@@ -37,28 +55,52 @@ class Split:
 
 
 @dataclass
+class Region:
+    """The target region: structures whose info[key] is one of `target`; the rest is the pretraining region."""
+
+    key: str = "region"
+    target: List[Any] = field(default_factory=lambda: ["target"])
+
+
+@dataclass
 class DatasetConfig:
-    """One chemistry: its pretrained model, and the train / pool / test splits."""
+    """One chemistry: its pretrained model, the train / pool / test splits, and what "target" means."""
 
     name: str
     files: str = "builtin"              # "builtin": ntkal.data's shipped files of this name; else a folder
     model: Optional[str] = None         # default: the files' pretrained model
     splits: Dict[str, Split] = field(default_factory=dict)   # default: one split per file
-    max_pool: Optional[int] = None      # seeded subsample of the pool
+    max_pool: Optional[int] = None      # seeded subsample of the pool split: the natural pool
     max_test: Optional[int] = None      # seeded subsample of each test split
+    region: Optional[Region] = None     # None: every structure counts as target region
+    biased_source: str = "pool"         # the biased pool's pretraining-region structures: "pool" (the natural
+                                        # pool's non-target ones) or "pretrain" (pretraining split minus replay)
+    finetune: Dict[str, Any] = field(default_factory=dict)   # overrides of the study's finetune settings
+    epochs_reason: str = ""             # why these epochs (from the fine-tune curve), for the report
     note: str = ""                      # how the splits were made, for the report
 
 
 @dataclass
 class FinetuneConfig:
-    """mace_run_train --foundation_model recipe: fixed epochs and seed, final weights kept."""
+    """mace_run_train --foundation_model recipe: fixed epochs and seed, final weights kept.
 
+    protocol "replay": mace's multihead fine-tuning (--multiheads_finetuning) with a seeded sample of the
+    dataset's pretraining split as the pt_head's replay data; "naive": the pretrained model's one head is
+    trained on the labelled set alone.
+    """
+
+    protocol: str = "replay"
     epochs: int = 6
     batch_size: int = 5
     lr: float = 0.005
     energy_weight: float = 1.0
     forces_weight: float = 100.0
-    valid_size: int = 5                 # structures of the initial labelled set mace validates on
+    valid_size: int = 5                 # held-out target-region structures mace validates on (same for all)
+    replay_samples: int = 100           # pretraining structures replayed (mace's --num_samples_pt)
+    replay_weight: float = 1.0          # their config_weight (what mace's --weight_pt_head sets for MP replay)
+    replay_valid: int = 5               # further pretraining structures the pt_head validates on
+    ema_decay: Optional[float] = None   # None: no EMA of the weights
+    dtype: str = "float64"              # mace's --default_dtype for training (evaluation is float64)
     in_process: bool = True             # mace's run_train in this interpreter (saves start-up)
     extra_args: List[str] = field(default_factory=list)
 
@@ -78,20 +120,25 @@ class SelectionConfig:
 
 
 @dataclass
-class PoolShiftConfig:
-    """Case study: the pool under-represents the target region; every method over several seeds."""
+class ScenarioConfig:
+    """One pool condition: "natural" (the dataset's pool) or "biased" (mostly pretraining-region)."""
 
-    dataset: str
-    region_key: str = "region"
-    target_value: str = "target"
-    target_fraction: float = 0.1        # share of target-region structures in the biased pool
-    pool_size: int = 400
-    target_size: int = 30               # unlabelled target-region structures given to --target runs
-    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
-    methods: List[str] = field(default_factory=lambda: list(METHODS))
-    target_kernels: List[str] = field(default_factory=lambda: list(TARGET_KERNELS))
-    rounds: Optional[int] = None        # default: the study's rounds / budget
-    budget: Optional[int] = None
+    name: str
+    methods: List[str] = field(default_factory=lambda: ["random"])
+    primary: str = "test_id"            # the split verdicts use; "<split>:target" falls back to <split>
+                                        # for a dataset without that region subset
+    pool_size: Optional[int] = None     # biased: structures in the pool
+    pretrain_fraction: float = 0.8      # biased: share of pretraining-region structures
+    target_size: int = 0                # unlabelled target-region structures for "<kernel>+target" runs
+
+
+@dataclass
+class CurveConfig:
+    """The once-per-dataset calibration: a long fine-tune on seed 0's initial set, validated per epoch."""
+
+    epochs: int = 30
+    valid_size: int = 30                # held-out target-region structures (the study's valid set is a prefix)
+    protocols: List[str] = field(default_factory=lambda: list(PROTOCOLS))
 
 
 @dataclass
@@ -100,16 +147,16 @@ class StudyConfig:
 
     name: str = "study"
     datasets: List[DatasetConfig] = field(default_factory=list)
-    methods: List[str] = field(default_factory=lambda: list(METHODS))
-    seeds: List[int] = field(default_factory=lambda: [0])
-    initial_size: int = 20
+    scenarios: List[ScenarioConfig] = field(default_factory=lambda: [ScenarioConfig("natural")])
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    initial_size: int = 10
     budget: int = 15
-    rounds: int = 2
+    rounds: int = 3
     committee_size: int = 4
     eval_batch_size: int = 32
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
-    pool_shift: Optional[PoolShiftConfig] = None
+    curve: CurveConfig = field(default_factory=CurveConfig)
     quick: bool = False
     source: str = ""                    # the YAML file it came from
 
@@ -118,6 +165,16 @@ class StudyConfig:
             if d.name == name:
                 return d
         raise KeyError(name)
+
+    def scenario(self, name: str) -> ScenarioConfig:
+        for s in self.scenarios:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def finetune_for(self, dataset: str) -> FinetuneConfig:
+        """The study's fine-tune recipe with the dataset's overrides applied."""
+        return dataclasses.replace(self.finetune, **self.dataset(dataset).finetune)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,11 +214,18 @@ def config_from_dict(raw, quick: bool = False, source: str = "") -> StudyConfig:
         raise ConfigError("'datasets' must be a non-empty list", path=where)
     ft = _build(FinetuneConfig, data.pop("finetune", {}) or {}, "finetune", where)
     sel = _build(SelectionConfig, data.pop("selection", {}) or {}, "selection", where)
-    ps_raw = data.pop("pool_shift", None)
-    ps = _build(PoolShiftConfig, ps_raw, "pool_shift", where) if ps_raw else None
+    curve = _build(CurveConfig, data.pop("curve", {}) or {}, "curve", where)
+    scen_raw = data.pop("scenarios", None)
+    if not isinstance(scen_raw, dict) or not scen_raw:
+        raise ConfigError("'scenarios' must be a non-empty mapping of scenario name -> settings", path=where)
+    scenarios = []
+    for name, spec in scen_raw.items():
+        if name not in SCENARIOS:
+            raise ConfigError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})", path=where)
+        scenarios.append(_build(ScenarioConfig, {**(spec or {}), "name": name}, f"scenarios.{name}", where))
     ds = [_dataset(d, i, where) for i, d in enumerate(datasets)]
     cfg = _build(StudyConfig, data, "", where)
-    cfg.datasets, cfg.finetune, cfg.selection, cfg.pool_shift = ds, ft, sel, ps
+    cfg.datasets, cfg.finetune, cfg.selection, cfg.curve, cfg.scenarios = ds, ft, sel, curve, scenarios
     cfg.quick, cfg.source = bool(quick), source
     validate(cfg)
     return cfg
@@ -203,7 +267,15 @@ def _dataset(raw, i: int, where) -> DatasetConfig:
     splits = raw.pop("splits", None) or {}
     if not isinstance(splits, dict):
         raise ConfigError(f"datasets[{i}].splits must be a mapping of split name -> spec", path=where)
+    region = raw.pop("region", None)
     d = _build(DatasetConfig, raw, f"datasets[{i}]", where)
+    if region is not None:
+        d.region = _build(Region, region, f"datasets[{i}].region", where)
+        if not isinstance(d.region.target, list):
+            d.region.target = [d.region.target]
+    if not isinstance(d.finetune, dict):
+        raise ConfigError(f"datasets[{i}].finetune must be a mapping of finetune settings", path=where)
+    _build(FinetuneConfig, d.finetune, f"datasets[{i}].finetune", where)   # names checked here
     d.splits = {}
     for name, spec in splits.items():
         if isinstance(spec, str):
@@ -235,11 +307,6 @@ def validate(cfg: StudyConfig) -> None:
              f"{what} must be a positive number, got {value!r}")
 
     need(isinstance(cfg.name, str) and cfg.name.strip(), "name must be a non-empty string")
-    for what, ok in (("methods", cfg.methods),):
-        need(isinstance(ok, list) and ok, f"{what} must be a non-empty list")
-    bad = [m for m in cfg.methods if m not in METHODS]
-    need(not bad, f"unknown method {bad[0]!r} in methods (known: {', '.join(METHODS)})" if bad else "")
-    need(len(set(cfg.methods)) == len(cfg.methods), "methods lists a method twice")
     ints(cfg.seeds, "seeds")
     positive(cfg.initial_size, "initial_size")
     positive(cfg.budget, "budget")
@@ -247,17 +314,11 @@ def validate(cfg: StudyConfig) -> None:
     positive(cfg.committee_size, "committee_size")
     need(cfg.committee_size >= 2, f"committee_size must be at least 2, got {cfg.committee_size}")
     positive(cfg.eval_batch_size, "eval_batch_size")
-    ft = cfg.finetune
-    positive(ft.epochs, "finetune.epochs")
-    positive(ft.batch_size, "finetune.batch_size")
-    positive(ft.valid_size, "finetune.valid_size")
-    need(ft.valid_size <= cfg.initial_size,
-         f"finetune.valid_size ({ft.valid_size}) must not exceed initial_size ({cfg.initial_size})")
-    number(ft.lr, "finetune.lr")
-    number(ft.energy_weight, "finetune.energy_weight")
-    number(ft.forces_weight, "finetune.forces_weight")
-    need(isinstance(ft.extra_args, list) and all(isinstance(a, str) and a.startswith("--") for a in ft.extra_args),
-         "finetune.extra_args must be a list of '--option=value' strings")
+    names = [d.name for d in cfg.datasets]
+    need(len(set(names)) == len(names), "two datasets share a name")
+    for d in cfg.datasets:
+        _check_finetune(cfg.finetune_for(d.name), f"datasets[{d.name}].finetune" if d.finetune else "finetune",
+                        need, positive, number)
     sel = cfg.selection
     positive(sel.sketch_dim, "selection.sketch_dim")
     if sel.force_probes is not None:
@@ -272,11 +333,44 @@ def validate(cfg: StudyConfig) -> None:
          f"selection.target_shortlist ({sel.target_shortlist}) is smaller than budget ({cfg.budget})")
     need(sel.mode in ("tp", "p"), f"selection.mode must be 'tp' or 'p', got {sel.mode!r}")
     need(sel.top_kernel in KERNELS, f"selection.top_kernel must be one of {', '.join(KERNELS)}, got {sel.top_kernel!r}")
-    names = [d.name for d in cfg.datasets]
-    need(len(set(names)) == len(names), "two datasets share a name")
+    positive(cfg.curve.epochs, "curve.epochs")
+    positive(cfg.curve.valid_size, "curve.valid_size")
+    need(isinstance(cfg.curve.protocols, list) and cfg.curve.protocols
+         and all(p in PROTOCOLS for p in cfg.curve.protocols),
+         f"curve.protocols must be a non-empty list of {', '.join(PROTOCOLS)}, got {cfg.curve.protocols!r}")
+    need(cfg.finetune.valid_size <= cfg.curve.valid_size,
+         f"finetune.valid_size ({cfg.finetune.valid_size}) must not exceed curve.valid_size ({cfg.curve.valid_size}): "
+         "the study validates on a prefix of the curve's held-out set")
+    need(len({s.name for s in cfg.scenarios}) == len(cfg.scenarios), "a scenario is listed twice")
+    for s in cfg.scenarios:
+        where_s = f"scenarios.{s.name}"
+        need(isinstance(s.methods, list) and s.methods, f"{where_s}.methods must be a non-empty list")
+        need(len(set(s.methods)) == len(s.methods), f"{where_s}.methods lists a method twice")
+        bad = [m for m in s.methods if not isinstance(m, str) or not known_method(m)]
+        need(not bad, f"unknown method {bad[0]!r} in {where_s}.methods" if bad else "")
+        need(isinstance(s.primary, str) and s.primary.startswith("test"),
+             f"{where_s}.primary must name a test split (test_...), got {s.primary!r}")
+        positive(s.target_size, f"{where_s}.target_size", allow_zero=True)
+        targeted = [m for m in s.methods if m.endswith("+target")]
+        need(not targeted or s.target_size > 0,
+             f"{where_s}.methods has {targeted[0] if targeted else ''} but target_size is 0")
+        if s.name == "biased":
+            need(s.pool_size is not None, f"{where_s}.pool_size is required")
+            positive(s.pool_size, f"{where_s}.pool_size")
+            need(s.pool_size >= cfg.budget * cfg.rounds,
+                 f"{where_s}.pool_size ({s.pool_size}) is smaller than budget x rounds ({cfg.budget * cfg.rounds})")
+            need(isinstance(s.pretrain_fraction, (int, float)) and 0 < s.pretrain_fraction < 1,
+                 f"{where_s}.pretrain_fraction must be in (0, 1), got {s.pretrain_fraction!r}")
+        else:
+            need(s.pool_size is None, f"{where_s}.pool_size applies to the biased scenario only")
     for d in cfg.datasets:
         need(isinstance(d.name, str) and d.name.replace("_", "").isalnum(),
              f"dataset name {d.name!r} must be letters, digits and underscores")
+        need(d.biased_source in ("pool", "pretrain"),
+             f"datasets[{d.name}].biased_source must be 'pool' or 'pretrain', got {d.biased_source!r}")
+        need(d.region is not None or d.biased_source == "pretrain"
+             or all(s.name != "biased" for s in cfg.scenarios),
+             f"datasets[{d.name}]: the biased scenario needs a 'region' (or biased_source: pretrain)")
         if d.max_pool is not None:
             positive(d.max_pool, f"datasets[{d.name}].max_pool")
             need(d.max_pool >= cfg.budget * cfg.rounds,
@@ -284,35 +378,31 @@ def validate(cfg: StudyConfig) -> None:
                  f"({cfg.budget * cfg.rounds})")
         if d.max_test is not None:
             positive(d.max_test, f"datasets[{d.name}].max_test")
-        for sname, s in d.splits.items():
-            positive(s.skip, f"datasets[{d.name}].splits.{sname}.skip", allow_zero=True)
-            if s.take is not None:
-                positive(s.take, f"datasets[{d.name}].splits.{sname}.take")
-            need(isinstance(s.match, dict), f"datasets[{d.name}].splits.{sname}.match must be a mapping")
+        for sname, sp in d.splits.items():
+            positive(sp.skip, f"datasets[{d.name}].splits.{sname}.skip", allow_zero=True)
+            if sp.take is not None:
+                positive(sp.take, f"datasets[{d.name}].splits.{sname}.take")
+            need(isinstance(sp.match, dict), f"datasets[{d.name}].splits.{sname}.match must be a mapping")
         if d.splits:
             for required in ("train", "pool"):
                 need(required in d.splits, f"datasets[{d.name}].splits needs a '{required}' split")
             need(any(s.startswith("test") for s in d.splits),
                  f"datasets[{d.name}].splits needs at least one test split (a name starting with 'test')")
-    ps = cfg.pool_shift
-    if ps is not None:
-        need(ps.dataset in names, f"pool_shift.dataset {ps.dataset!r} is not one of the datasets ({', '.join(names)})")
-        need(isinstance(ps.target_fraction, (int, float)) and 0 <= ps.target_fraction < 1,
-             f"pool_shift.target_fraction must be in [0, 1), got {ps.target_fraction!r}")
-        for what in ("rounds", "budget"):
-            if getattr(ps, what) is not None:
-                positive(getattr(ps, what), f"pool_shift.{what}")
-        b, r = ps.budget or cfg.budget, ps.rounds or cfg.rounds
-        positive(ps.pool_size, "pool_shift.pool_size")
-        need(ps.pool_size >= b * r, f"pool_shift.pool_size ({ps.pool_size}) is smaller than budget x rounds ({b * r})")
-        need(sel.shortlist is None or sel.shortlist >= b,
-             f"selection.shortlist ({sel.shortlist}) is smaller than pool_shift budget ({b})")
-        need(sel.target_shortlist >= b,
-             f"selection.target_shortlist ({sel.target_shortlist}) is smaller than pool_shift budget ({b})")
-        positive(ps.target_size, "pool_shift.target_size")
-        ints(ps.seeds, "pool_shift.seeds")
-        bad = [m for m in ps.methods if m not in METHODS]
-        need(not bad, f"unknown method {bad[0]!r} in pool_shift.methods" if bad else "")
-        bad = [k for k in ps.target_kernels if k not in TARGET_KERNELS]
-        need(not bad, f"pool_shift.target_kernels: {bad[0]!r} is not one of {', '.join(TARGET_KERNELS)}"
-             if bad else "")
+
+
+def _check_finetune(ft: FinetuneConfig, what: str, need, positive, number) -> None:
+    need(ft.protocol in PROTOCOLS, f"{what}.protocol must be one of {', '.join(PROTOCOLS)}, got {ft.protocol!r}")
+    positive(ft.epochs, f"{what}.epochs")
+    positive(ft.batch_size, f"{what}.batch_size")
+    positive(ft.valid_size, f"{what}.valid_size")
+    positive(ft.replay_samples, f"{what}.replay_samples")
+    positive(ft.replay_valid, f"{what}.replay_valid")
+    number(ft.replay_weight, f"{what}.replay_weight")
+    number(ft.lr, f"{what}.lr")
+    number(ft.energy_weight, f"{what}.energy_weight")
+    number(ft.forces_weight, f"{what}.forces_weight")
+    need(ft.ema_decay is None or (isinstance(ft.ema_decay, float) and 0 < ft.ema_decay < 1),
+         f"{what}.ema_decay must be null or a number in (0, 1), got {ft.ema_decay!r}")
+    need(ft.dtype in ("float32", "float64"), f"{what}.dtype must be float32 or float64, got {ft.dtype!r}")
+    need(isinstance(ft.extra_args, list) and all(isinstance(a, str) and a.startswith("--") for a in ft.extra_args),
+         f"{what}.extra_args must be a list of '--option=value' strings")

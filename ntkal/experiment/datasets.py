@@ -1,8 +1,10 @@
 """The study's data: shipped or on-disk extxyz files, drawn into train / pool / test splits by the config.
 
 Every structure gets `info["exp_id"]` ("<split>:<index>"), the key results files use to name picks.
-Splits that share a file share one seeded shuffle of it, so `skip`/`take` carve disjoint slices
-(the shipped Si set has no test files: its test splits are held-out slices of si_pool).
+Splits that share a file share one seeded shuffle of it, so `skip`/`take` carve disjoint slices.
+Beside the splits, a Dataset hands out disjoint, seeded, per-dataset draws: the replay sample of the
+pretraining split (and its validation part and the rest), and held-out target-region pool structures
+(pool split minus the natural pool: the fine-tunes' validation set, then the +target sample).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .config import ConfigError, DatasetConfig, Split
+from .config import ConfigError, DatasetConfig, Region, Split
 
 SUFFIXES = (".extxyz.gz", ".extxyz", ".xyz.gz", ".xyz")
 
@@ -28,12 +30,40 @@ class Dataset:
     pool: List = field(default_factory=list)
     pool_all: List = field(default_factory=list)   # the pool split before `max_pool` (pool-shift draws here)
     tests: Dict[str, List] = field(default_factory=dict)
+    pretrain: List = field(default_factory=list)     # the pretrained model's training split (replay source)
     files: Dict[str, str] = field(default_factory=dict)
     note: str = ""
+    region: Optional[Region] = None                  # None: every structure is target region
+
+    def is_target(self, atoms) -> bool:
+        return self.region is None or atoms.info.get(self.region.key) in self.region.target
+
+    def targets(self, items) -> List:
+        return [a for a in items if self.is_target(a)]
+
+    def replay_split(self, n_replay: int, n_valid: int):
+        """(replay, replay_valid, rest): one seeded permutation of the pretraining split, the same for every
+        seed and method (mace's --num_samples_pt draws its MP replay sample once per run, too)."""
+        if n_replay + n_valid > len(self.pretrain):
+            raise ConfigError(f"dataset {self.name}: {len(self.pretrain)} pretraining structures, "
+                              f"{n_replay} replay + {n_valid} replay-validation requested")
+        rng = np.random.default_rng(zlib.crc32(f"ntkal-experiment:{self.name}:replay".encode()))
+        perm = rng.permutation(len(self.pretrain))
+        pick = [self.pretrain[i] for i in perm]
+        return pick[:n_replay], pick[n_replay:n_replay + n_valid], pick[n_replay + n_valid:]
+
+    def held_out_targets(self) -> List:
+        """Target-region structures of the pool split outside the natural pool, in a seeded order."""
+        in_pool = {a.info["exp_id"] for a in self.pool}
+        spare = [a for a in self.pool_all if a.info["exp_id"] not in in_pool and self.is_target(a)]
+        rng = np.random.default_rng(zlib.crc32(f"ntkal-experiment:{self.name}:held-out".encode()))
+        return [spare[i] for i in rng.permutation(len(spare))]
 
     def summary(self) -> dict:
         return {"name": self.name, "model": str(self.model), "files": self.files, "note": self.note,
-                "n_train": len(self.train), "n_pool": len(self.pool),
+                "n_train": len(self.train), "n_pool": len(self.pool), "n_pretrain": len(self.pretrain),
+                "n_pool_target": len(self.targets(self.pool)), "n_train_target": len(self.targets(self.train)),
+                "region": None if self.region is None else {"key": self.region.key, "target": self.region.target},
                 "tests": {k: len(v) for k, v in self.tests.items()},
                 "mean_atoms_pool": float(np.mean([len(a) for a in self.pool])) if self.pool else 0.0}
 
@@ -115,14 +145,14 @@ def load_dataset(cfg: DatasetConfig) -> Dataset:
     splits = dict(cfg.splits)
     if not splits:
         splits = {name: Split(file=name, shuffle=False) for name in files
-                  if name == "train" or name == "pool" or name.startswith("test")}
+                  if name in ("train", "pool", "pretrain") or name.startswith("test")}
         for required in ("train", "pool"):
             if required not in splits:
                 raise ConfigError(f"dataset {cfg.name}: no '{required}' file found (looked for {cfg.name}_{required}.*)")
         if not any(s.startswith("test") for s in splits):
             raise ConfigError(f"dataset {cfg.name}: no test files ({cfg.name}_test*.*) and no 'splits' in the config")
     cache: Dict[str, list] = {}
-    out = Dataset(name=cfg.name, model=files["model"], note=cfg.note,
+    out = Dataset(name=cfg.name, model=files["model"], note=cfg.note, region=cfg.region,
                   files={k: str(v) for k, v in files.items()})
     for name, split in splits.items():
         if split.file not in files:
@@ -140,12 +170,14 @@ def load_dataset(cfg: DatasetConfig) -> Dataset:
             tagged.append(a)
         if name == "train":
             out.train = tagged
+        elif name == "pretrain":
+            out.pretrain = tagged
         elif name == "pool":
             out.pool_all = tagged
             out.pool = subsample(tagged, cfg.max_pool, f"{cfg.name}:pool")
         elif name.startswith("test"):
             out.tests[name] = subsample(tagged, cfg.max_test, f"{cfg.name}:{name}")
-    for name, items in [("train", out.train), ("pool", out.pool)]:
+    for name, items in [("train", out.train), ("pool", out.pool), ("pretrain", out.pretrain)]:
         for i, a in enumerate(items):
             if "REF_energy" not in a.info or "REF_forces" not in a.arrays:
                 raise ConfigError(f"dataset {cfg.name}: {name} structure {i} has no REF_energy/REF_forces labels")

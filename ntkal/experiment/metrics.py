@@ -67,3 +67,30 @@ def evaluate(model, structures: Sequence, batch_size: int = 32) -> Dict[str, flo
     e, f = predict(model, structures, batch_size)
     return errors(e, [a.info["REF_energy"] for a in structures], [len(a) for a in structures],
                   f, [a.arrays["REF_forces"] for a in structures])
+
+
+def per_structure_errors(model, structures: Sequence, batch_size: int = 32) -> Tuple[np.ndarray, np.ndarray]:
+    """(|E_pred - E_ref| / N in meV/atom, mean |F_pred - F_ref| over components in meV/Å), one per structure:
+    the pretrained model's errors the cheap acquisition metrics compare picks and pool by."""
+    e, f = predict(model, structures, batch_size)
+    de = np.array([1e3 * abs(e[i] - a.info["REF_energy"]) / len(a) for i, a in enumerate(structures)])
+    df = np.array([1e3 * float(np.mean(np.abs(f[i] - a.arrays["REF_forces"]))) for i, a in enumerate(structures)])
+    return de, df
+
+
+def evaluate_splits(model, splits: Dict[str, Sequence], batch_size: int = 32) -> Dict[str, Dict[str, float]]:
+    """errors() per split, predicting each structure once (region subsets share their parent's structures;
+    a structure is identified by info["exp_id"])."""
+    unique: Dict[str, object] = {}
+    for items in splits.values():
+        for a in items:
+            unique.setdefault(a.info["exp_id"], a)
+    structures = list(unique.values())
+    e, f = predict(model, structures, batch_size)
+    index = {k: i for i, k in enumerate(unique)}
+    out = {}
+    for name, items in splits.items():
+        ii = [index[a.info["exp_id"]] for a in items]
+        out[name] = errors(e[ii], [a.info["REF_energy"] for a in items], [len(a) for a in items],
+                           [f[i] for i in ii], [a.arrays["REF_forces"] for a in items])
+    return out

@@ -1,25 +1,36 @@
-"""docs/results.md from the results JSON: per-dataset learning curves (PNG) and tables, the pool-shift
-table (mean ± spread over seeds, share of target-region picks), acquisition times, and a check of
-each of the paper's claims against the numbers — stated whichever way it comes out.
+"""docs/results.md from the study's records alone: how it was run, the fine-tune curves and the check that
+fine-tuning helps, per (dataset, scenario) learning curves with bands, final errors with paired
+differences to random (95 % t-intervals over seeds), labels needed to reach random's final error, the
+cheap acquisition metrics and acquisition times, and a verdict on each claim computed from the records
+("held" / "did not hold" / "not resolved" / "not tested").
 """
 from __future__ import annotations
 
 import json
 import math
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
-METRICS = (("e_mae", "E MAE"), ("e_rmse", "E RMSE"), ("f_mae", "F MAE"), ("f_rmse", "F RMSE"))
-ORDER = ("random", "committee", "embedding", "energy", "force", "joint", "top",
-         "energy+target", "force+target", "joint+target")
-NTK = ("energy", "force", "joint")
+from .stats import labels_to_reach, mean_sd, paired_difference, resolved, t_interval, variance_ratio
+
+ORDER = ("random", "committee", "embedding", "energy", "force", "joint", "top", "error:joint",
+         "error+pretrain:joint", "llpr", "energy+target", "force+target", "joint+target")
+DEFAULT = "joint"          # ntkal select's default kernel with LCMD: "the default acquisition"
+ERROR_AWARE = ("error:joint", "error+pretrain:joint")
+CHEAP = (("pick_pool_error_ratio_e", "picks / pool pretrained E error"),
+         ("pick_pool_error_ratio_f", "picks / pool pretrained F error"),
+         ("picks_target_share", "target share of picks"),
+         ("spearman_score_error_e", "Spearman(score, E error)"),
+         ("spearman_score_error_f", "Spearman(score, F error)"))
 
 
+# ---------------------------------------------------------------------- records
 def load_runs(results: Path) -> List[dict]:
-    """Every method's results JSON under results/<dataset>_<condition>/seed<s>/."""
+    """Every method's results JSON under results/<dataset>_<scenario>/seed<s>/."""
     runs = []
     for path in sorted(Path(results).glob("*_*/seed*/*.json")):
         if path.name in ("round0.json", "settings.json"):
@@ -30,103 +41,219 @@ def load_runs(results: Path) -> List[dict]:
     return runs
 
 
-def _mean_sd(values):
-    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
-    if len(v) == 0:
-        return float("nan"), float("nan"), 0
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+def _order(methods) -> List[str]:
+    methods = set(methods)
+    return [m for m in ORDER if m in methods] + sorted(methods - set(ORDER))
 
 
-def _fmt(mean, sd, n, digits=1):
-    if math.isnan(mean):
+class Records:
+    """The runs of one (dataset, scenario): per method, per seed, the evaluated rounds."""
+
+    def __init__(self, runs: List[dict], dataset: str, scenario: str):
+        self.by_method: Dict[str, Dict[int, List[dict]]] = defaultdict(dict)
+        for run in runs:
+            if run["dataset"] == dataset and run["condition"] == scenario:
+                self.by_method[run["method"]][run["seed"]] = [r for r in run["rounds"] if "metrics" in r]
+        self.methods = _order(self.by_method)
+        first = next((rs[0] for seeds in self.by_method.values() for rs in seeds.values() if rs), {})
+        self.info = first.get("condition", {})
+        self.primary = self.info.get("primary_split", "test_id")
+
+    def __bool__(self):
+        return bool(self.by_method)
+
+    def seeds(self, method: str) -> List[int]:
+        return sorted(self.by_method.get(method, {}))
+
+    def final(self, method: str, split: str, key: str) -> Dict[int, float]:
+        """seed -> error at the method's last evaluated round (only seeds that finished every round)."""
+        out = {}
+        n_rounds = max((len(r) for r in self.by_method.get(method, {}).values()), default=0)
+        for seed, rounds in self.by_method.get(method, {}).items():
+            if len(rounds) == n_rounds and split in rounds[-1]["metrics"]:
+                out[seed] = rounds[-1]["metrics"][split][key]
+        return out
+
+    def final_labels(self, method: str) -> Optional[int]:
+        rs = [r[-1]["n_labels"] for r in self.by_method.get(method, {}).values() if r]
+        return max(rs) if rs else None
+
+    def curve(self, method: str, split: str, key: str) -> Dict[int, List[float]]:
+        """n_labels -> per-seed values."""
+        out: Dict[int, List[float]] = defaultdict(list)
+        for rounds in self.by_method.get(method, {}).values():
+            for r in rounds:
+                if split in r["metrics"]:
+                    out[r["n_labels"]].append(r["metrics"][split][key])
+        return dict(sorted(out.items()))
+
+    def seed_curve(self, method: str, seed: int, split: str, key: str):
+        rounds = self.by_method.get(method, {}).get(seed, [])
+        return [r["n_labels"] for r in rounds], [r["metrics"][split][key] for r in rounds if split in r["metrics"]]
+
+    def pretrained(self, split: str, key: str) -> List[float]:
+        return list(self.pretrained_by_seed(split, key).values())
+
+    def round0(self, split: str, key: str) -> Dict[int, float]:
+        return self._first_round(split, key, "metrics")
+
+    def pretrained_by_seed(self, split: str, key: str) -> Dict[int, float]:
+        return self._first_round(split, key, "pretrained_metrics")
+
+    def _first_round(self, split: str, key: str, field: str) -> Dict[int, float]:
+        """seed -> round 0's `field` ("metrics": the round-0 fine-tune, "pretrained_metrics") value."""
+        vals = {}
+        for seeds in self.by_method.values():
+            for seed, rounds in seeds.items():
+                got = rounds[0].get(field, {}) if rounds else {}
+                if split in got:
+                    vals[seed] = got[split][key]
+        return vals
+
+    def splits(self) -> List[str]:
+        names = set()
+        for seeds in self.by_method.values():
+            for rounds in seeds.values():
+                for r in rounds:
+                    names.update(r["metrics"])
+        return sorted(names, key=lambda s: (s != self.primary, s.split(":")[0] != "test_id", s))
+
+    def acquisition(self, method: str):
+        """(fresh seconds per round, seconds with the pool's features reused), over rounds and seeds."""
+        fresh, reuse = [], []
+        for rounds in self.by_method.get(method, {}).values():
+            for r in rounds:
+                if r.get("acquisition_s") is not None:
+                    fresh.append(r["acquisition_s"])
+                    reuse.append(r["acquisition_s"] - (r.get("acquisition") or {}).get("features_pool_s", 0.0))
+        return fresh, reuse
+
+    def cheap(self, method: str, key: str) -> List[float]:
+        out = []
+        for rounds in self.by_method.get(method, {}).values():
+            for r in rounds:
+                v = (r.get("cheap") or {}).get(key)
+                if v is not None and math.isfinite(v):
+                    out.append(v)
+        return out
+
+    def finetune_times(self):
+        wall, cpu = [], []
+        for seeds in self.by_method.values():
+            for rounds in seeds.values():
+                for r in rounds[1:]:
+                    if "finetune_s" in r:
+                        wall.append(r["finetune_s"])
+                        cpu.append(r.get("finetune_cpu_s", math.nan))
+        return wall, cpu
+
+
+# ---------------------------------------------------------------------- numbers -> text
+def _f(x, digits=1) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _msd(values, digits=1) -> str:
+    s = mean_sd(values)
+    if s["n"] == 0:
         return "–"
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}" if s["n"] > 1 else f"{s['mean']:.{digits}f}"
 
 
-def _methods(runs) -> List[str]:
-    present = {r["method"] for r in runs}
-    return [m for m in ORDER if m in present] + sorted(present - set(ORDER))
+def _ci(d: dict, digits=1) -> str:
+    if d.get("n", 0) == 0:
+        return "–"
+    if not math.isfinite(d.get("lo", math.nan)):
+        return f"{d['mean']:+.{digits}f} (n = {d['n']})"
+    return f"{d['mean']:+.{digits}f} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
 
 
-def curves(runs: List[dict], dataset: str, condition: str):
-    """{method: {n_labels: {"metrics": {split: {metric: [per seed]}}, "acq": [..], "target_frac": [..]}}}."""
-    out: Dict[str, Dict[int, dict]] = defaultdict(dict)
-    for run in runs:
-        if run["dataset"] != dataset or run["condition"] != condition:
-            continue
-        rounds = run["rounds"]
-        for i, rnd in enumerate(rounds):
-            if "metrics" not in rnd:
-                continue
-            cell = out[run["method"]].setdefault(rnd["n_labels"], {"metrics": defaultdict(lambda: defaultdict(list)),
-                                                                  "acq": [], "acq_reuse": [], "target_frac": [],
-                                                                  "seeds": []})
-            cell["seeds"].append(run["seed"])
-            for split, m in rnd["metrics"].items():
-                for key, _ in METRICS:
-                    cell["metrics"][split][key].append(m[key])
-            if i > 0:
-                prev = rounds[i - 1]
-                cell["acq"].append(prev.get("acquisition_s"))
-                if prev.get("acquisition_s") is not None:
-                    pool_s = (prev.get("acquisition") or {}).get("features_pool_s", 0.0)
-                    cell["acq_reuse"].append(prev["acquisition_s"] - pool_s)
-                cum = [rounds[j].get("picks_target_fraction") for j in range(i)]
-                if all(c is not None for c in cum):
-                    cell["target_frac"].append(float(np.mean(cum)))
-    return out
+def _state(d: dict) -> str:
+    r = resolved(d)
+    return {-1: "lower", 1: "higher", None: "not resolved"}[r]
 
 
-def pretrained(runs: List[dict], dataset: str, condition: str) -> Dict[str, Dict[str, list]]:
-    """The pretrained model's own errors (no fine-tune), one value per seed: {split: {metric: [..]}}."""
-    out: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    seen = set()
-    for run in runs:
-        if run["dataset"] != dataset or run["condition"] != condition or run["seed"] in seen:
-            continue
-        pm = run["rounds"][0].get("pretrained_metrics")
-        if pm:
-            seen.add(run["seed"])
-            for split, m in pm.items():
-                for key, _ in METRICS:
-                    out[split][key].append(m[key])
-    return out
+def reach(rec: Records, method: str, key: str):
+    """(labels at which the method's mean curve reaches random's final mean error, ratio to random's final
+    labels, seeds whose own curve reaches their random seed's final error / seeds)."""
+    rnd = rec.curve("random", rec.primary, key)
+    if not rnd or method not in rec.by_method:
+        return None, None, None
+    n_final = max(rnd)
+    target = float(np.mean(rnd[n_final]))
+    cur = rec.curve(method, rec.primary, key)
+    ns = sorted(cur)
+    got = labels_to_reach(ns, [float(np.mean(cur[n])) for n in ns], target)
+    per_seed = []
+    rfinal = rec.final("random", rec.primary, key)
+    for seed in rec.seeds(method):
+        if seed in rfinal:
+            n, e = rec.seed_curve(method, seed, rec.primary, key)
+            per_seed.append(labels_to_reach(n, e, rfinal[seed]) is not None)
+    return got, (got / n_final if got is not None else None), (sum(per_seed), len(per_seed))
 
 
-def _splits(cur, with_regions: bool) -> List[str]:
-    names = set()
-    for per_n in cur.values():
-        for cell in per_n.values():
-            names.update(cell["metrics"].keys())
-    names = sorted(names, key=lambda s: (s.split(":")[0] != "test_id", s))
-    return [s for s in names if with_regions or ":" not in s]
+def _reach_text(rec: Records, method: str, key: str) -> str:
+    got, ratio, seeds = reach(rec, method, key)
+    if seeds is None:
+        return "–"
+    if got is None:
+        return f"not reached ({seeds[0]}/{seeds[1]} seeds)"
+    return f"{got:.0f} ({100 * ratio:.0f} %; {seeds[0]}/{seeds[1]} seeds)"
 
 
-def plot_curves(cur, splits: List[str], title: str, path: Path, pre=None) -> None:
+# ---------------------------------------------------------------------- figures
+def _plt():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    methods = [m for m in ORDER if m in cur] + sorted(set(cur) - set(ORDER))
-    fig, axes = plt.subplots(2, len(splits), figsize=(3.6 * len(splits), 6.0), squeeze=False)
-    for c, split in enumerate(splits):
-        for r, (key, label) in enumerate((("e_mae", "E MAE (meV/atom)"), ("f_mae", "F MAE (meV/Å)"))):
-            ax = axes[r][c]
-            for k, m in enumerate(methods):
-                ns = sorted(cur[m])
-                stats = [_mean_sd(cur[m][n]["metrics"][split][key]) for n in ns]
-                mean = np.array([s[0] for s in stats])
-                sd = np.array([s[1] for s in stats])
-                style = "--" if m in ("random", "committee") else "-"
-                ax.plot(ns, mean, style, marker="o", ms=3, color=f"C{k % 10}", label=m)
-                if any(s[2] > 1 for s in stats):
-                    ax.fill_between(ns, mean - sd, mean + sd, color=f"C{k % 10}", alpha=0.12)
-            if pre and split in pre:
-                ax.axhline(np.mean(pre[split][key]), color="0.5", ls=":", lw=1, label="pretrained")
-            ax.set_title(f"{split}", fontsize=9)
-            ax.set_xlabel("labelled structures")
+    return plt
+
+
+def plot_learning_curves(rec: Records, title: str, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (key, label) in zip(axes, (("e_mae", "E MAE (meV/atom)"), ("f_mae", "F MAE (meV/Å)"))):
+        for k, m in enumerate(rec.methods):
+            cur = rec.curve(m, rec.primary, key)
+            ns = np.array(sorted(cur), dtype=float)
+            mean = np.array([np.mean(cur[n]) for n in sorted(cur)])
+            sd = np.array([np.std(cur[n], ddof=1) if len(cur[n]) > 1 else 0.0 for n in sorted(cur)])
+            style = "--" if m in ("random", "committee") else "-"
+            ax.plot(ns, mean, style, marker="o", ms=3, color=f"C{k % 10}", label=m)
+            ax.fill_between(ns, mean - sd, mean + sd, color=f"C{k % 10}", alpha=0.12)
+        pre = rec.pretrained(rec.primary, key)
+        if pre:
+            ax.axhline(float(np.mean(pre)), color="0.4", ls=":", lw=1, label="pretrained")
+        ax.set_xlabel("labelled structures")
+        ax.set_ylabel(f"{label}, {rec.primary}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, frameon=False, ncol=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_finetune_curve(rec: dict, chosen: Optional[int], title: str, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("loss", "validation loss (mace's)", 1.0), ("mae_e_per_atom", "valid E MAE (meV/atom)", 1e3),
+              ("mae_f", "valid F MAE (meV/Å)", 1e3))
+    for k, (protocol, r) in enumerate(sorted(rec.items())):
+        pts = [p for p in r["curve"].get("Default", []) if p.get("loss") is not None]
+        ep = [p["epoch"] + 1 for p in pts]            # 0 = before training, n = after n epochs
+        for ax, (key, label, scale) in zip(axes, panels):
+            ax.plot(ep, [scale * p[key] if p.get(key) is not None else np.nan for p in pts], marker=".",
+                    color=f"C{k}", label=protocol)
+            ax.set_xlabel("epochs")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, frameon=False)
+    for ax in axes:
+        if chosen:
+            ax.axvline(chosen, color="0.3", ls="--", lw=1)
+    axes[0].legend(fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,319 +261,411 @@ def plot_curves(cur, splits: List[str], title: str, path: Path, pre=None) -> Non
     plt.close(fig)
 
 
-def table(cur, split: str, pre=None) -> List[str]:
-    lines = ["| method | labels | E MAE | E RMSE | F MAE | F RMSE | acquisition s | acq. s, pool features reused |",
-             "|---|---|---|---|---|---|---|---|"]
-    if pre and split in pre:
-        lines.append("| pretrained, not fine-tuned | – | " + " | ".join(_fmt(*_mean_sd(pre[split][k])) for k, _ in METRICS)
-                     + " | – | – |")
-    for m in [m for m in ORDER if m in cur] + sorted(set(cur) - set(ORDER)):
-        for n in sorted(cur[m]):
-            cell = cur[m][n]
-            if split not in cell["metrics"]:
+def flat_epoch(points: List[dict], key: str = "loss", within: float = 0.05) -> Optional[int]:
+    """First epoch count after which the validation `key` stays within `within` (relative) of its minimum
+    over the run: where the curve has flattened."""
+    vals = [(p["epoch"] + 1, p[key]) for p in points if p.get(key) is not None]
+    if not vals:
+        return None
+    lo = min(v for _, v in vals)
+    for i, (ep, _) in enumerate(vals):
+        if all(v <= lo * (1 + within) + 1e-12 for _, v in vals[i:]):
+            return ep
+    return vals[-1][0]
+
+
+# ---------------------------------------------------------------------- sections
+def _how_run(results: Path, out: Path) -> List[str]:
+    lines = ["## How it was run", ""]
+    shards = [json.loads(p.read_text()) for p in sorted(results.glob("run-*.json"))]
+    lines += ["```", "python -m ntkal.experiment --curves --out DIR        # fine-tune curves, once",
+              "python -m ntkal.experiment --shard 0/2 --out DIR & python -m ntkal.experiment --shard 1/2 --out DIR; wait",
+              f"python -m ntkal.experiment --report-only --out DIR   # this page (DIR = {out})", "```", ""]
+    if not shards:
+        return lines + ["No run records (results/run-*.json).", ""]
+    starts, ends = [], []
+    for s in shards:
+        inv = s.get("invocations", [])
+        wall = sum(i.get("wall_s", 0.0) for i in inv)
+        cpu = sum(i.get("cpu_s", 0.0) for i in inv)
+        n_ft = sum(i.get("finetunes", 0) for i in inv)
+        ft_s = sum(i.get("finetune_s", 0.0) for i in inv)
+        ft_cpu = sum(i.get("finetune_cpu_s", 0.0) for i in inv)
+        loads = [x for i in inv for x in (i.get("loadavg_start"), i.get("loadavg_end")) if x is not None]
+        load = f"; 1-min load average {min(loads):.1f}–{max(loads):.1f} at starts/ends" if loads else ""
+        lines.append(f"- shard {s.get('shard', '?')}: {len(inv)} invocation(s), {wall / 60:.1f} min wall, "
+                     f"{cpu / 60:.1f} min process CPU; {n_ft} fine-tunes took {ft_s / 60:.1f} min wall "
+                     f"({ft_cpu / 60:.1f} min CPU){load}; {s.get('machine', '?')}")
+        for i in inv:
+            try:
+                end = time.mktime(time.strptime(i["finished"], "%Y-%m-%d %H:%M:%S"))
+            except (KeyError, ValueError):
                 continue
-            vals = [_fmt(*_mean_sd(cell["metrics"][split][k])) for k, _ in METRICS]
-            acq = _fmt(*_mean_sd(cell["acq"]), digits=1) if cell["acq"] else "–"
-            reuse = _fmt(*_mean_sd(cell["acq_reuse"]), digits=1) if cell["acq_reuse"] else "–"
-            lines.append(f"| {m} | {n} | " + " | ".join(vals) + f" | {acq} | {reuse} |")
+            ends.append(end)
+            starts.append(end - i.get("wall_s", 0.0))
+    if starts:
+        lines.append(f"- from the first start to the last finish: {(max(ends) - min(starts)) / 60:.1f} min "
+                     "(parallel shards overlap; a resumed study counts its pauses too)")
+    return lines + [""]
+
+
+def _setup(cfg: dict, run_info: dict) -> List[str]:
+    ft = cfg.get("finetune", {})
+    lines = ["## Set-up", "",
+             f"- schedule: {cfg.get('initial_size')} labelled target-region structures to start (seeded draw from "
+             f"the train split), {cfg.get('rounds')} rounds of {cfg.get('budget')}; seeds {cfg.get('seeds')}: seed s "
+             "fixes the initial set, the biased pool draw and the fine-tune seed for every method, so methods are "
+             "compared seed by seed (paired).",
+             f"- fine-tuning ({ft.get('protocol')} protocol): `mace_run_train --foundation_model` "
+             + ("`--multiheads_finetuning True` with "
+                f"{ft.get('replay_samples')} structures of the dataset's pretraining split as the pt_head's replay data "
+                f"(weight {ft.get('replay_weight')}); the model is evaluated with its 'Default' head; "
+                if ft.get("protocol") == "replay" else "alone (one head, labelled set only); ")
+             + f"batch {ft.get('batch_size')}, lr {ft.get('lr')}, energy/force weights {ft.get('energy_weight')}/"
+             f"{ft.get('forces_weight')}, EMA {ft.get('ema_decay')}, {ft.get('dtype')}, validation on "
+             f"{ft.get('valid_size')} held-out target-region structures, last epoch kept, fine-tune seed = study "
+             "seed, E0s of the pretrained model. Epochs per dataset below.",
+             f"- committee: {cfg.get('committee_size')} members fine-tuned the same way (seeds s, s+1000, …); its "
+             "acquisition time counts the extra members' fine-tunes and all members' predictions.",
+             "- NTK / embedding / error-aware / LLPR methods use the ONE pretrained model's features; acquisition time "
+             "is what a fresh call would spend, and the 'features reused' column leaves out the pool's "
+             "featurisation (computed once per campaign with a fixed pretrained model).",
+             "- errors: energies per atom (meV/atom), forces per component (meV/Å); the *primary split* of a "
+             "scenario is the one the verdicts use.", ""]
+    for s in cfg.get("scenarios", []):
+        extra = (f"pool of {s.get('pool_size')}: {100 * s.get('pretrain_fraction', 0):.0f} % pretraining region, "
+                 "the rest target region, drawn per seed; " if s["name"] == "biased" else "the dataset's pool; ")
+        lines.append(f"- scenario **{s['name']}**: {extra}primary split {s.get('primary')}; methods "
+                     + ", ".join(f"`{m}`" for m in s.get("methods", [])) + ".")
+    lines.append("")
+    for d in cfg.get("datasets", []):
+        info = run_info.get(d["name"], {})
+        eps = {**ft, **(d.get("finetune") or {})}.get("epochs")
+        desc = (f"pool {info.get('n_pool')} ({info.get('n_pool_target')} target region), train split "
+                f"{info.get('n_train')} ({info.get('n_train_target')} target), pretraining split {info.get('n_pretrain')}; "
+                "tests " + ", ".join(f"{k} {v}" for k, v in info.get("tests", {}).items()) + ". " if info else "")
+        region = d.get("region") or {}
+        lines.append(f"- **{d['name']}**: {d.get('note', '')}. Target region: info['{region.get('key')}'] in "
+                     f"{region.get('target')}. {desc}Fine-tune epochs {eps}: {d.get('epochs_reason') or '(no reason given)'}")
+    return lines + [""]
+
+
+def _finetune_section(results: Path, figs: Path, cfg: dict, recs: Dict[tuple, Records]) -> List[str]:
+    lines = ["## Fine-tuning: the curves, and does it help?", ""]
+    ft = cfg.get("finetune", {})
+    for d in cfg.get("datasets", []):
+        name = d["name"]
+        chosen = {**ft, **(d.get("finetune") or {})}.get("epochs")
+        path = results / f"{name}_finetune_curve.json"
+        lines += [f"### {name}", ""]
+        if path.exists():
+            crec = json.loads(path.read_text())
+            png = figs / f"{name}_finetune_curve.png"
+            plot_finetune_curve(crec, chosen, f"{name}: fine-tune on the first seed's initial set, validated on "
+                                f"held-out target-region structures (dashed: the study's {chosen} epochs)", png)
+            lines += [f"![{name} fine-tune curve](figures/{png.name})", "",
+                      "| protocol | labels | replay | epochs | s / epoch (CPU) | flat after (loss within 5 % of min) "
+                      "| split | E MAE pretrained → fine-tuned | F MAE pretrained → fine-tuned |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for protocol, r in sorted(crec.items()):
+                pts = r["curve"].get("Default", [])
+                for split in [s for s in r["finetuned_metrics"] if s.startswith("test_id")]:
+                    pre, aft = r["pretrained_metrics"][split], r["finetuned_metrics"][split]
+                    lines.append(f"| {protocol} | {r['n_labels']} | {r['n_replay']} | {r['epochs']} | "
+                                 f"{_f(r['cpu_s_per_epoch'], 2)} | {flat_epoch(pts)} | {split} | "
+                                 f"{_f(pre['e_mae'])} → {_f(aft['e_mae'])} | {_f(pre['f_mae'])} → {_f(aft['f_mae'])} |")
+            lines.append("")
+        else:
+            lines += ["No fine-tune curve record (run `--curves`).", ""]
+        rows = []
+        for scen in [s["name"] for s in cfg.get("scenarios", [])]:
+            rec = recs.get((name, scen))
+            if not rec:
+                continue
+            for key, label in (("e_mae", "E MAE"), ("f_mae", "F MAE")):
+                pre = rec.pretrained_by_seed(rec.primary, key)
+                r0 = rec.round0(rec.primary, key)
+                d0 = paired_difference(r0, pre)
+                rows.append(f"| {scen} | {rec.primary} | {label} | {_msd(list(pre.values()))} | {_msd(list(r0.values()))} "
+                            f"| {_ci(d0)} | {_state(d0)} |")
+            wall, cpu = rec.finetune_times()
+            rows.append(f"| {scen} | | fine-tune time, rounds ≥ 1 | | | {_msd(wall)} s wall, {_msd(cpu)} s CPU | |")
+        if rows:
+            lines += ["The check, in the study itself: the round-0 fine-tune (study recipe, initial labelled set) "
+                      "against the pretrained model, per seed (difference fine-tuned − pretrained, 95 % t-interval over "
+                      "seeds; *lower* = fine-tuning helped).", "",
+                      "| scenario | split | metric | pretrained | round-0 fine-tune | difference [95 % CI] | |",
+                      "|---|---|---|---|---|---|---|"] + rows + [""]
     return lines
 
 
-def final(cur, method: str):
-    return cur[method][max(cur[method])] if method in cur and cur[method] else None
+def _scenario_section(rec: Records, name: str, scen: str, figs: Path) -> List[str]:
+    png = figs / f"{name}_{scen}_learning_curves.png"
+    n_seeds = max(len(rec.seeds(m)) for m in rec.methods)
+    plot_learning_curves(rec, f"{name}, {scen} pool: {rec.primary}, mean ± sd over {n_seeds} seed(s)", png)
+    info = rec.info
+    lines = [f"### {name} · {scen}", "",
+             f"Pool {info.get('pool_size')} structures ({info.get('pool_target')} target region"
+             + (f", {info.get('pool_pretraining_region')} from the pretraining region ({info.get('pretraining_region_source')})"
+                if scen == "biased" else "") + f"); primary split {rec.primary}.", "",
+             f"![{name} {scen} learning curves](figures/{png.name})", ""]
+    lines += ["Final round on the primary split: mean ± sd over seeds; Δ = method − random per seed, mean "
+              "[95 % t-interval, n − 1 df]; labels to reach random's final mean error (linear interpolation along "
+              "the method's mean curve; % of random's final labels; seeds whose own curve reaches their random "
+              "seed's final error).", "",
+              "| method | labels | E MAE | ΔE vs random | F MAE | ΔF vs random | labels to random's final E | "
+              "labels to random's final F |", "|---|---|---|---|---|---|---|---|"]
+    pre_e, pre_f = rec.pretrained(rec.primary, "e_mae"), rec.pretrained(rec.primary, "f_mae")
+    lines.append(f"| pretrained, not fine-tuned | – | {_msd(pre_e)} | | {_msd(pre_f)} | | | |")
+    for m in rec.methods:
+        fe, ff = rec.final(m, rec.primary, "e_mae"), rec.final(m, rec.primary, "f_mae")
+        de = paired_difference(fe, rec.final("random", rec.primary, "e_mae")) if m != "random" else None
+        df = paired_difference(ff, rec.final("random", rec.primary, "f_mae")) if m != "random" else None
+        lines.append(f"| {m} | {rec.final_labels(m)} | {_msd(list(fe.values()))} | {_ci(de) if de else ''} | "
+                     f"{_msd(list(ff.values()))} | {_ci(df) if df else ''} | "
+                     f"{_reach_text(rec, m, 'e_mae') if m != 'random' else ''} | "
+                     f"{_reach_text(rec, m, 'f_mae') if m != 'random' else ''} |")
+    lines += ["", "Cheap metrics (need no fine-tune; mean ± sd over rounds and seeds; pretrained-model errors of the "
+              "picks over those of the pool they were picked from; Spearman over the whole available pool, where the "
+              "method scores every structure) and acquisition seconds per round:", "",
+              "| method | " + " | ".join(label for _, label in CHEAP) + " | acq. s fresh | acq. s, pool features reused |",
+              "|---|" + "---|" * (len(CHEAP) + 2)]
+    pool_share = rec.cheap("random", "pool_target_share") or rec.cheap(rec.methods[0], "pool_target_share")
+    for m in rec.methods:
+        fresh, reuse = rec.acquisition(m)
+        lines.append(f"| {m} | " + " | ".join(_msd(rec.cheap(m, k), 2) for k, _ in CHEAP)
+                     + f" | {_msd(fresh)} | {_msd(reuse)} |")
+    if pool_share:
+        lines.append(f"\nTarget share of the available pool: {_msd(pool_share, 2)}.")
+    others = [s for s in rec.splits() if s != rec.primary]
+    if others:
+        lines += ["", "Other splits, final round (E MAE / F MAE, mean over seeds):", "",
+                  "| method | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
+        row = ["pretrained"] + [f"{_f(np.mean(rec.pretrained(s, 'e_mae')) if rec.pretrained(s, 'e_mae') else None)} / "
+                                f"{_f(np.mean(rec.pretrained(s, 'f_mae')) if rec.pretrained(s, 'f_mae') else None)}"
+                                for s in others]
+        lines.append("| " + " | ".join(row) + " |")
+        for m in rec.methods:
+            cells = []
+            for s in others:
+                e, f = rec.final(m, s, "e_mae"), rec.final(m, s, "f_mae")
+                cells.append(f"{_f(mean_sd(list(e.values()))['mean'])} / {_f(mean_sd(list(f.values()))['mean'])}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
-def shift_table(cur, splits: List[str]) -> List[str]:
-    head = "| method | " + " | ".join(f"{s} E MAE | {s} F MAE" for s in splits) + \
-           " | target-region share of picks | acquisition s / round | acq. s, pool features reused |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(splits) + 2)]
-    for m in [m for m in ORDER if m in cur] + sorted(set(cur) - set(ORDER)):
-        cell = final(cur, m)
-        vals = []
-        for s in splits:
-            for k in ("e_mae", "f_mae"):
-                vals.append(_fmt(*_mean_sd(cell["metrics"][s][k])) if s in cell["metrics"] else "–")
-        tf = _mean_sd(cell["target_frac"])
-        share = f"{tf[0]:.2f} ± {tf[1]:.2f}" if tf[2] > 1 else (f"{tf[0]:.2f}" if tf[2] else "–")
-        acq_all = [x for n in cur[m] for x in cur[m][n]["acq"] if x is not None]
-        reuse = [x for n in cur[m] for x in cur[m][n]["acq_reuse"]]
-        lines.append(f"| {m} | " + " | ".join(vals) + f" | {share} | {_fmt(*_mean_sd(acq_all))} | "
-                     f"{_fmt(*_mean_sd(reuse))} |")
+# ---------------------------------------------------------------------- verdicts
+def _diff(rec: Records, a: str, b: str, key: str) -> dict:
+    return paired_difference(rec.final(a, rec.primary, key), rec.final(b, rec.primary, key))
+
+
+def verdict_joint_lowest(rec: Optional[Records]) -> (str, str):
+    """Paper claim 1 on OC20 (natural pool): the joint NTK has the lowest E and F error."""
+    if not rec or "joint" not in rec.by_method:
+        return "not tested", "no OC20 natural-pool joint runs"
+    worse, unresolved, bits = [], [], []
+    for key, label in (("e_mae", "E"), ("f_mae", "F")):
+        for m in rec.methods:
+            if m == "joint":
+                continue
+            d = _diff(rec, "joint", m, key)
+            r = resolved(d)
+            if r == 1:
+                worse.append(f"{m} ({label}: joint − {m} = {_ci(d)})")
+            elif r is None:
+                unresolved.append(f"{m} ({label})")
+    if worse:
+        return "did not hold", "significantly lower error than joint: " + "; ".join(worse)
+    if unresolved:
+        return "not resolved", "interval includes 0 against " + ", ".join(unresolved)
+    return "held", "joint's paired difference to every other method is below 0 on E and F"
+
+
+def verdict_force_vs_committee(rec: Optional[Records], margin: float = 0.05) -> (str, str):
+    """Paper claim 2 on T1x (natural pool): force NTK within `margin` of the committee's E and F MAE
+    (non-inferiority: the interval's upper end below margin x committee's mean) at lower acquisition cost."""
+    if not rec or "force" not in rec.by_method or "committee" not in rec.by_method:
+        return "not tested", "no T1x natural-pool force and committee runs"
+    parts, states = [], []
+    for key, label in (("e_mae", "E"), ("f_mae", "F")):
+        d = _diff(rec, "force", "committee", key)
+        lim = margin * mean_sd(list(rec.final("committee", rec.primary, key).values()))["mean"]
+        if math.isfinite(d.get("hi", math.nan)) and d["hi"] <= lim:
+            states.append("held")
+        elif math.isfinite(d.get("lo", math.nan)) and d["lo"] > lim:
+            states.append("did not hold")
+        else:
+            states.append("not resolved")
+        parts.append(f"{label}: force − committee = {_ci(d)} (margin {lim:.1f})")
+    fresh_f, reuse_f = rec.acquisition("force")
+    fresh_c, _ = rec.acquisition("committee")
+    cheaper = mean_sd(fresh_f)["mean"] < mean_sd(fresh_c)["mean"]
+    parts.append(f"acquisition per round: force {_msd(fresh_f)} s fresh ({_msd(reuse_f)} s with pool features "
+                 f"reused) vs committee {_msd(fresh_c)} s")
+    if "did not hold" in states or not cheaper:
+        v = "did not hold"
+    elif all(s == "held" for s in states):
+        v = "held"
+    else:
+        v = "not resolved"
+    return v, "; ".join(parts)
+
+
+def verdict_shift_robust(recs: Dict[str, Records]) -> (str, str):
+    """Paper claim 3 (biased pools): the NTK (joint) final F MAE varies less over seeds than the committee's
+    (F-interval of var(committee) / var(joint) above 1)."""
+    parts, states = [], []
+    for name, rec in recs.items():
+        if not rec or "joint" not in rec.by_method or "committee" not in rec.by_method:
+            continue
+        c = list(rec.final("committee", rec.primary, "f_mae").values())
+        j = list(rec.final("joint", rec.primary, "f_mae").values())
+        vr = variance_ratio(c, j)
+        states.append("held" if vr["lo"] > 1 else ("did not hold" if vr["hi"] < 1 else "not resolved"))
+        parts.append(f"{name}: var(committee)/var(joint) of the final F MAE = {_f(vr['ratio'], 2)} "
+                     f"[{_f(vr['lo'], 2)}, {_f(vr['hi'], 2)}]")
+    if not states:
+        return "not tested", "no biased-pool joint and committee runs"
+    v = "held" if all(s == "held" for s in states) else ("did not hold" if "did not hold" in states else "not resolved")
+    return v, "; ".join(parts)
+
+
+def verdict_goal(recs: Dict[str, Records], method: str = DEFAULT, share: float = 0.6) -> (str, str, List[str]):
+    """The issue's goal on the biased pools: `method` reaches random's final F MAE with <= 60 % of random's
+    labels on at least 2 of 3 datasets, and its paired F difference to random is significant there."""
+    ok, parts = 0, []
+    tested = 0
+    for name, rec in recs.items():
+        if not rec or method not in rec.by_method or "random" not in rec.by_method:
+            continue
+        tested += 1
+        _, ratio, _ = reach(rec, method, "f_mae")
+        d = _diff(rec, method, "random", "f_mae")
+        good = ratio is not None and ratio <= share and resolved(d) == -1
+        ok += good
+        parts.append(f"{name}: labels ratio {'not reached' if ratio is None else f'{100 * ratio:.0f} %'}, "
+                     f"ΔF vs random {_ci(d)} → {'met' if good else 'not met'}")
+    if tested == 0:
+        return "not tested", f"no biased-pool {method} runs", []
+    need = min(2, tested)
+    v = "held" if ok >= need else "did not hold"
+    best = []
+    if v != "held":
+        for name, rec in recs.items():
+            if not rec:
+                continue
+            means = {m: mean_sd(list(rec.final(m, rec.primary, "f_mae").values()))["mean"] for m in rec.methods}
+            means = {m: v_ for m, v_ in means.items() if math.isfinite(v_)}
+            if not means:
+                continue
+            top = min(means, key=means.get)
+            d = _diff(rec, top, "random", "f_mae") if top != "random" else {"n": 0}
+            cheap = ", ".join(f"{label} {_msd(rec.cheap(top, k), 2)}" for k, label in CHEAP if rec.cheap(top, k))
+            ref = ", ".join(f"{label} {_msd(rec.cheap(method, k), 2)}" for k, label in CHEAP if rec.cheap(method, k))
+            best.append(f"- {name}: lowest mean final F MAE: `{top}` ({means[top]:.1f} meV/Å"
+                        + (f", ΔF vs random {_ci(d)}" if top != "random" else "") + f"); its cheap metrics: {cheap or '–'}; "
+                        f"`{method}`'s: {ref or '–'}.")
+    return v, f"{ok} of {tested} datasets: " + "; ".join(parts), best
+
+
+def verdict_error_aware(recs: Dict[str, Records]) -> List[str]:
+    """Per error-aware method: its paired F and E differences to random and to the default on each pool."""
+    lines = []
+    for m in ERROR_AWARE:
+        bits, states = [], []
+        for (name, scen), rec in recs.items():
+            if not rec or m not in rec.by_method:
+                continue
+            for ref in ("random", DEFAULT):
+                if ref not in rec.by_method:
+                    continue
+                for key, label in (("f_mae", "F"), ("e_mae", "E")):
+                    d = _diff(rec, m, ref, key)
+                    r = resolved(d)
+                    if ref == "random" and key == "f_mae" and scen == "biased":
+                        states.append(r)
+                    bits.append(f"{name}/{scen} {label} vs {ref}: {_ci(d)}")
+        if not bits:
+            lines.append(f"- `{m}`: **not tested** (no records).")
+            continue
+        if states and sum(s == -1 for s in states) >= min(2, len(states)) and 1 not in states:
+            v = "held"
+        elif 1 in states or (states and all(s is not None for s in states)):
+            v = "did not hold"
+        else:
+            v = "not resolved: intervals include 0"
+        lines.append(f"- `{m}` lowers the force error below random's on the biased pools (on at least 2 of the "
+                     f"datasets, worse on none) — **{v}**. " + "; ".join(bits) + ".")
     return lines
 
 
-def plot_shift(cur, split: str, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    methods = [m for m in ORDER if m in cur] + sorted(set(cur) - set(ORDER))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (key, label) in zip(axes[:2], (("e_mae", "E MAE (meV/atom)"), ("f_mae", "F MAE (meV/Å)"))):
-        for i, m in enumerate(methods):
-            vals = final(cur, m)["metrics"].get(split, {}).get(key, [])
-            ax.scatter([i] * len(vals), vals, color=f"C{i % 10}", s=18)
-            if vals:
-                ax.hlines(np.mean(vals), i - 0.3, i + 0.3, color=f"C{i % 10}")
-        ax.set_xticks(range(len(methods)), methods, rotation=60, fontsize=8)
-        ax.set_ylabel(f"{label}, {split}")
-        ax.grid(alpha=0.3, axis="y")
-    ax = axes[2]
-    for i, m in enumerate(methods):
-        vals = final(cur, m)["target_frac"]
-        ax.scatter([i] * len(vals), vals, color=f"C{i % 10}", s=18)
-        if vals:
-            ax.hlines(np.mean(vals), i - 0.3, i + 0.3, color=f"C{i % 10}")
-    ax.set_xticks(range(len(methods)), methods, rotation=60, fontsize=8)
-    ax.set_ylabel("target-region share of picks")
-    ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------- claims
-def _final_means(cur, split, key):
-    return {m: _mean_sd(final(cur, m)["metrics"][split][key])[0] for m in cur
-            if final(cur, m) and split in final(cur, m)["metrics"]}
-
-
-def claim_joint_best(cur, splits) -> (Optional[bool], str):
-    """Claim 1: the joint NTK has the lowest E and F MAE and RMSE on every split (at the final budget)."""
-    if "joint" not in cur:
-        return None, "no joint runs"
-    wins, total, lost = 0, 0, []
-    for s in splits:
-        for key, label in METRICS:
-            means = _final_means(cur, s, key)
-            if "joint" not in means:
-                continue
-            total += 1
-            best = min(means, key=means.get)
-            if best == "joint":
-                wins += 1
-            else:
-                lost.append(f"{s} {label}: {best} {means[best]:.1f} vs joint {means['joint']:.1f}")
-    verdict = wins == total and total > 0
-    text = f"joint NTK lowest on {wins} of {total} (split, metric) pairs at the final budget"
-    if lost:
-        text += "; beaten on " + "; ".join(lost[:6]) + ("; …" if len(lost) > 6 else "")
-    return verdict, text
-
-
-def claim_force_vs_committee(cur, splits, tol: float = 0.05) -> (Optional[bool], str):
-    """Claim 2: force NTK within `tol` (relative) of the committee's F and E MAE, at lower acquisition cost."""
-    if "force" not in cur or "committee" not in cur:
-        return None, "force or committee runs missing"
-    parts, ok = [], True
-    for s in splits:
-        for key in ("e_mae", "f_mae"):
-            means = _final_means(cur, s, key)
-            if "force" in means and "committee" in means:
-                rel = means["force"] / means["committee"] - 1
-                ok &= rel <= tol
-                parts.append(f"{s} {key.replace('_', ' ').upper()}: force {means['force']:.1f} vs committee "
-                             f"{means['committee']:.1f} ({100 * rel:+.0f} %)")
-    acq = {m: _mean_sd([x for n in cur[m] for x in cur[m][n]["acq"] if x is not None])[0] for m in ("force", "committee")}
-    reuse = {m: _mean_sd([x for n in cur[m] for x in cur[m][n]["acq_reuse"]])[0] for m in ("force", "committee")}
-    cheaper = acq["force"] < acq["committee"]
-    parts.append(f"acquisition per round: force {acq['force']:.1f} s vs committee {acq['committee']:.1f} s "
-                 f"(with the pool's features reused across rounds: force {reuse['force']:.1f} s vs committee "
-                 f"{reuse['committee']:.1f} s); the verdict uses the fresh-call times")
-    return ok and cheaper, "; ".join(parts)
-
-
-def claim_shift_robust(cur, split) -> (Optional[bool], str):
-    """Claim 3: under pool shift, NTK/embedding methods have a smaller seed spread than the committee."""
-    if "committee" not in cur:
-        return None, "no committee runs"
-    sds = {}
-    for m in cur:
-        cell = final(cur, m)
-        if cell and split in cell["metrics"]:
-            sds[m] = {k: _mean_sd(cell["metrics"][split][k])[1] for k in ("e_mae", "f_mae")}
-    feats = [m for m in sds if m in ("embedding",) + NTK]
-    if not feats:
-        return None, "no NTK/embedding runs"
-    comp, held = [], []
-    for k in ("e_mae", "f_mae"):
-        mean_feat = float(np.mean([sds[m][k] for m in feats]))
-        held.append(mean_feat < sds["committee"][k])
-        comp.append(f"{k.replace('_', ' ').upper()} seed spread (sd) on {split}: committee {sds['committee'][k]:.2f}, "
-                    f"embedding/NTK mean {mean_feat:.2f} (" + ", ".join(f"{m} {sds[m][k]:.2f}" for m in feats) + ")")
-    verdict = True if all(held) else (False if not any(held) else "partly")
-    return verdict, "; ".join(comp)
-
-
-def _verdict(v) -> str:
-    return {True: "**held here**", False: "**did not hold here**", None: "**not tested**",
-            "partly": "**held only in part here**"}[v]
-
-
-def mean_ranks(cur, splits) -> List[str]:
-    """Mean rank (1 = lowest error) of each method over every (split, metric) at the final budget."""
-    ranks = defaultdict(list)
-    for s in splits:
-        for key, _ in METRICS:
-            means = _final_means(cur, s, key)
-            for r, m in enumerate(sorted(means, key=means.get), start=1):
-                ranks[m].append(r)
-    if not ranks:
-        return []
-    order = sorted(ranks, key=lambda m: np.mean(ranks[m]))
-    return ["Mean rank over every (split, metric) at the final budget (1 = lowest error): "
-            + ", ".join(f"{m} {np.mean(ranks[m]):.1f}" for m in order) + ".", ""]
+def verdict_efficiency(recs: Dict[tuple, Records], method: str = DEFAULT) -> List[str]:
+    lines = []
+    for (name, scen), rec in recs.items():
+        if not rec or method not in rec.by_method:
+            continue
+        e = reach(rec, method, "e_mae")
+        f = reach(rec, method, "f_mae")
+        def fmt(r):
+            return "not reached" if r[1] is None else f"{100 * r[1]:.0f} % of random's labels ({100 * (r[1] - 1):+.0f} %)"
+        lines.append(f"- {name}/{scen}: E {fmt(e)}; F {fmt(f)}")
+    return lines
 
 
 # ---------------------------------------------------------------------- the document
-def write_report(out: Path, commands: List[str], docs_name: str = "results.md") -> Path:
-    """Write out/<docs_name> and out/figures/*.png from out/results/."""
+def write_report(out: Path, docs_name: str = "results.md") -> Path:
+    """Write out/<docs_name> and out/figures/*.png from out/results/ (nothing else is read)."""
     out = Path(out)
     results = out / "results"
     runs = load_runs(results)
-    run_info = json.loads((results / "run.json").read_text()) if (results / "run.json").exists() else {}
     cfg = json.loads((results / "config.json").read_text()) if (results / "config.json").exists() else {}
+    run_info = {}
+    for p in sorted(results.glob("run-*.json")):
+        run_info.update(json.loads(p.read_text()).get("datasets", {}))
     figs = out / "figures"
-    lines = ["# Active-learning study: does NTK acquisition pick better data?", ""]
-    lines += ["Generated by `ntkal experiment` (ntkal/experiment/report.py) from the JSON under `results/`; "
-              "every number below is from those files.", ""]
-    lines += ["## How it was run", "", "```"] + commands + ["```", ""]
-    if run_info:
-        inv = run_info.get("invocations", [])
-        total = sum(i.get("wall_s", 0.0) for i in inv) if inv else run_info.get("wall_s", 0.0)
-        cpu = sum(i.get("cpu_s", 0.0) for i in inv)
-        n_ft = sum(i.get("finetunes", 0) for i in inv) if inv else run_info.get("finetunes", 0)
-        ft_s = sum(i.get("finetune_s", 0.0) for i in inv) if inv else run_info.get("finetune_s", 0.0)
-        lines += [f"- wall time: {total / 60:.1f} min (process CPU time {cpu / 60:.1f} min), summed over "
-                  f"{max(1, len(inv))} invocation(s) of which the results are made (a rerun resumes); "
-                  f"{n_ft} fine-tunes took {ft_s / 60:.1f} min of it; machine: " + run_info.get("machine", "?")
-                  + " (shared with other jobs: load average 3-6 during the runs)", ""]
-    lines += _setup_lines(cfg, results)
     datasets = [d["name"] for d in cfg.get("datasets", [])] or sorted({r["dataset"] for r in runs})
-    claims = {}
-    for name in datasets:
-        cur = curves(runs, name, "natural")
-        if not cur:
-            lines += [f"## {name}", "", "No results (dataset not run).", ""]
-            continue
-        splits = _splits(cur, with_regions=False)
-        png = figs / f"{name}_learning_curves.png"
-        n_seeds = max(len(c["seeds"]) for per in cur.values() for c in per.values())
-        pre = pretrained(runs, name, "natural")
-        plot_curves(cur, splits, f"{name}: errors vs labels ({n_seeds} seed(s); bands = ±1 sd)", png, pre)
-        ds_info = run_info.get("datasets", {}).get(name, {})
-        lines += [f"## {name}", ""]
-        if ds_info:
-            lines += [f"{ds_info.get('note', '')}. Pool {ds_info.get('n_pool')} structures "
-                      f"(mean {ds_info.get('mean_atoms_pool', 0):.1f} atoms), train split {ds_info.get('n_train')}, "
-                      "tests " + ", ".join(f"{k} {v}" for k, v in ds_info.get("tests", {}).items()) + ".", ""]
-        lines += [f"![{name} learning curves](figures/{png.name})", ""]
-        lines += ["Energies per atom in meV/atom, forces per component in meV/Å; "
-                  f"{'mean ± sd over seeds' if n_seeds > 1 else 'one seed'}. Acquisition s = time to pick the batch "
-                  "that led to this labelled set, as a fresh call would spend it (feature methods: featurising pool "
-                  "and labelled set + selection; committee: its 3 extra fine-tunes + all members' predictions + "
-                  "selection); the last column leaves out the pool featurisation, which the fixed pretrained "
-                  "model lets one compute once for the whole campaign.", ""]
-        lines += mean_ranks(cur, splits)
-        for s in splits:
-            lines += [f"### {name} · {s}", ""] + table(cur, s, pre) + [""]
-        claims[name] = (cur, splits)
-    ps = cfg.get("pool_shift")
-    shift = None
-    if ps:
-        cur = curves(runs, ps["dataset"], "shift")
-        if cur:
-            splits = _splits(cur, with_regions=True)
-            key_split = f"test_id:{ps['target_value']}" if f"test_id:{ps['target_value']}" in splits else splits[0]
-            png = figs / f"{ps['dataset']}_pool_shift.png"
-            plot_shift(cur, key_split, png, f"{ps['dataset']} pool shift: final round, one dot per seed")
-            nat = curves(runs, ps["dataset"], "natural")
-            lines += [f"## Pool shift ({ps['dataset']})", "",
-                      f"Candidate pool of {ps['pool_size']} with {100 * ps['target_fraction']:.0f} % from the "
-                      f"`{ps['region_key']}={ps['target_value']}` region (the dataset's pool has about 50 %); "
-                      f"{len(ps['seeds'])} seeds (each: its own pool draw, initial set and fine-tune seed); "
-                      f"{ps.get('rounds') or cfg.get('rounds')} round(s) of {ps.get('budget') or cfg.get('budget')} picks. "
-                      f"`+target` runs rank by expected reduction of the predictive variance over "
-                      f"{ps['target_size']} unlabelled target-region structures held out of the pool and of every test "
-                      "split, then pick greedily (`ntkal select --target`). Final round; mean ± sd over seeds.", "",
-                      f"![pool shift](figures/{png.name})", ""]
-            lines += shift_table(cur, splits) + [""] + mean_ranks(cur, splits)
-            if nat:
-                lines += [f"Same methods on the unbiased pool (main study, final round) for reference, "
-                          f"target-region share of picks: "
-                          + ", ".join(f"{m} {np.mean(final(nat, m)['target_frac']):.2f}"
-                                      for m in nat if final(nat, m) and final(nat, m)["target_frac"]) + ".", ""]
-            lines += [f"### Pool shift · learning curves per split", ""]
-            for s in splits:
-                lines += [f"#### {s}", ""] + table(cur, s, pretrained(runs, ps["dataset"], "shift")) + [""]
-            shift = (cur, key_split)
-    lines += ["## The paper's claims, checked here", ""]
-    oc = claims.get("oc20")
-    v, t = claim_joint_best(*oc) if oc else (None, "no oc20 results")
-    lines += [f"1. *Joint energy-force NTK gives the lowest energy and force errors on OC20* — {_verdict(v)}: {t}.", ""]
-    tx = claims.get("t1x")
-    v, t = claim_force_vs_committee(*tx) if tx else (None, "no t1x results")
-    lines += [f"2. *Force NTK stays competitive with committees on reactive molecules at a fraction of the cost* "
-              f"(T1x-like; competitive = final E and F MAE within 5 % of the committee's or better) — {_verdict(v)}: {t}.", ""]
-    v, t = claim_shift_robust(*shift) if shift else (None, "no pool-shift results")
-    lines += [f"3. *Under pool shift, NTK/embedding acquisition is robust while committees vary more* "
-              f"(smaller seed spread of the final errors) — {_verdict(v)}: {t}.", ""]
-    if shift:
-        cur, split = shift
-        tgt = [m for m in cur if m.endswith("+target")]
-        if tgt:
-            share = {m: _mean_sd(final(cur, m)["target_frac"])[0] for m in cur}
-            f_mae = _final_means(cur, split, "f_mae")
-            e_mae = _final_means(cur, split, "e_mae")
-            bits = []
-            for m in tgt:
-                b = m[: -len("+target")]
-                if b in share:
-                    bits.append(f"{b}: share {share[b]:.2f} → {share[m]:.2f}, {split} F MAE {f_mae.get(b, float('nan')):.1f} → "
-                                f"{f_mae.get(m, float('nan')):.1f}, E MAE {e_mae.get(b, float('nan')):.1f} → "
-                                f"{e_mae.get(m, float('nan')):.1f}")
-            lines += ["4. *Target-aware acquisition (`--target`) under pool shift* (without → with target): "
-                      + "; ".join(bits) + ".", ""]
+    scenarios = [s["name"] for s in cfg.get("scenarios", [])] or sorted({r["condition"] for r in runs})
+    recs = {(d, s): Records(runs, d, s) for d in datasets for s in scenarios}
+    lines = ["# Active-learning study: does NTK acquisition pick better data?", "",
+             "Generated by `python -m ntkal.experiment --report-only --out DIR` (ntkal/experiment/report.py) from the "
+             "JSON under `results/`; every number and verdict below is computed from those files.", ""]
+    lines += _how_run(results, out)
+    lines += _setup(cfg, run_info)
+    lines += _finetune_section(results, figs, cfg, recs)
+    lines += ["## Results", ""]
+    for (name, scen), rec in recs.items():
+        lines += _scenario_section(rec, name, scen, figs) if rec else [f"### {name} · {scen}", "", "No records.", ""]
+    lines += ["## Verdicts", "",
+              "Computed from the records: *held* = the 95 % interval over seeds is on the claimed side of 0 (or of "
+              "the stated margin); *did not hold* = it is on the other side; *not resolved* = the interval includes 0.",
+              ""]
+    v, t = verdict_joint_lowest(recs.get(("oc20", "natural")))
+    lines += [f"1. Paper: *the joint energy-force NTK gives the lowest energy and force errors on OC20* (natural pool, "
+              f"paired differences of joint to every other method) — **{v}**: {t}.", ""]
+    v, t = verdict_force_vs_committee(recs.get(("t1x", "natural")))
+    lines += [f"2. Paper: *the force NTK stays competitive with committees on reactive molecules at a fraction of the "
+              f"cost* (T1x natural pool; competitive = the interval of force − committee below 5 % of the committee's "
+              f"error, on E and F; cost = fresh acquisition seconds per round) — **{v}**: {t}.", ""]
+    biased = {name: recs.get((name, "biased")) for name in datasets}
+    v, t = verdict_shift_robust(biased)
+    lines += [f"3. Paper: *under pool shift, NTK acquisition is robust while committees vary more* (biased pools; the "
+              f"seed variance of the final F MAE, F-interval of the ratio) — **{v}**: {t}.", ""]
+    eff = verdict_efficiency(recs)
+    lines += ["4. Companion paper: *the default acquisition needs fewer labels than random* (it reports −38 % E / "
+              "−28 % F); here, labels the default (`joint`) needs to reach random's final mean error:", ""]
+    lines += (eff or ["- not tested: no joint runs."]) + [""]
+    v, t, best = verdict_goal(biased)
+    lines += [f"5. This study's goal: *on the biased pools the default acquisition reaches random's final force MAE "
+              f"with ≤ 60 % of random's labels on at least 2 of 3 datasets, with a significant paired difference* — "
+              f"**{v}**: {t}.", ""]
+    if best:
+        lines += ["   Where it was not met, the method with the lowest final force error, and why the cheap metrics "
+                  "think so (picks' pretrained error over the pool's, target share, Spearman):", ""] + \
+                 ["   " + b for b in best] + [""]
+    lines += ["6. The error-aware score:", ""] + verdict_error_aware(recs) + [""]
     notes = results / "notes.md"
     if notes.exists():
         lines += ["## Notes", "", notes.read_text().strip(), ""]
     path = out / docs_name
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _setup_lines(cfg: dict, results: Path) -> List[str]:
-    if not cfg:
-        return []
-    ft, sel = cfg.get("finetune", {}), cfg.get("selection", {})
-    lines = ["## Set-up", "",
-             f"- schedule: {cfg.get('initial_size')} initial labels (seeded draw from the train split), "
-             f"{cfg.get('rounds')} rounds of {cfg.get('budget')}; main-study seeds {cfg.get('seeds')}.",
-             f"- every evaluated model: the pretrained model fine-tuned on that method's labelled set with "
-             f"`mace_run_train --foundation_model` ({ft.get('epochs')} epochs, batch {ft.get('batch_size')}, "
-             f"lr {ft.get('lr')}, energy/force weights {ft.get('energy_weight')}/{ft.get('forces_weight')}, "
-             f"fine-tune seed = study seed, last epoch kept, E0s of the pretrained model).",
-             f"- committee: {cfg.get('committee_size')} members (seeds s, s+1000, …) fine-tuned the same way each round; "
-             "member s is the round's evaluated model; score = per-atom energy variance + mean force-component "
-             "variance (each normalised by its labelled-set mean), top-M shortlist, LCMD on the member-deviation "
-             "vectors. Its acquisition time counts the extra members' fine-tunes and all members' predictions.",
-             f"- NTK / embedding: features of the ONE pretrained model (sketch k = {sel.get('sketch_dim')}, "
-             f"pool force rows by {sel.get('force_probes')} Rademacher probes, labelled rows exact), posterior "
-             f"σ² = {sel.get('sigma_e2')}/{sel.get('sigma_f2')}, PV shortlist + LCMD ({sel.get('mode')} mode); "
-             f"`top` = top-PV of the {sel.get('top_kernel')} kernel without LCMD. Features are computed once per "
-             "structure and reused; the acquisition time charged to a round is what a fresh call would spend "
-             "(featurising labelled set + pool, posterior, scoring, selection).",
-             ""]
-    feats = {}
-    for path in sorted(Path(results).glob("*_features.json")):
-        feats[path.name[: -len("_features.json")]] = json.loads(path.read_text())
-    if feats:
-        lines += ["Feature cost measured in this run (seconds, whole run, per featurisation):", "",
-                  "| dataset | " + " | ".join(sorted(next(iter(feats.values()))["seconds"])) + " |",
-                  "|---|" + "---|" * len(next(iter(feats.values()))["seconds"])]
-        for name, f in feats.items():
-            lines.append(f"| {name} | " + " | ".join(f"{f['seconds'][k]:.0f} s / {f['structures'][k]} structures"
-                                                 for k in sorted(f["seconds"])) + " |")
-        lines.append("")
-    return lines
