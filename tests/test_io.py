@@ -122,7 +122,7 @@ def test_db_round_trip_key_value_pairs_and_data(tmp_path):
 
 
 def test_db_calculator_labels_become_ref_keys_in_id_order(tmp_path, caplog, monkeypatch):
-    import ntkal.io as nio
+    import ntkal.io.read as nio
 
     monkeypatch.setattr(nio, "_DB_PAGE", 2)  # several pages
     path = tmp_path / "emt.db"
@@ -249,6 +249,27 @@ def test_count_names_the_bad_frame(tmp_path):
         count_structures(path2)
 
 
+@pytest.mark.parametrize("delta", [-1, 1], ids=["count-too-small", "count-too-large"])
+def test_wrong_atom_count_is_reported_at_its_own_structure(tmp_path, delta):
+    """Structure 3 of 6 announces one atom too few or too many: the reader and the counter both
+    name structure 3 (a too-small count was reported at structure 4 before)."""
+    structures = labelled_structures(n_bulk=3)
+    path = tmp_path / "pool.extxyz"
+    write_extxyz(path, structures)
+    lines = path.read_text().splitlines(keepends=True)
+    start = sum(len(a) + 2 for a in structures[:3])
+    assert lines[start].strip() == str(len(structures[3]))
+    lines[start] = f"{len(structures[3]) + delta}\n"
+    path.write_text("".join(lines))
+    stream = read_structures(path)
+    assert_same_structures([next(stream) for _ in range(3)], structures[:3])
+    expected = f"{path}: structure 3: malformed extxyz frame: " + ("more" if delta < 0 else "fewer")
+    with pytest.raises(InputError, match=re.escape(expected)):
+        next(stream)
+    with pytest.raises(InputError, match=re.escape(expected)):
+        count_structures(path)
+
+
 def test_corrupt_gzip_is_an_input_error(tmp_path):
     structures = labelled_structures(n_bulk=40)
     path = tmp_path / "pool.extxyz.gz"
@@ -371,6 +392,29 @@ def test_fast_close_pair_check_agrees_with_ase_neighbour_list():
             else:
                 check_structure(atoms, trial, "p", min_distance=cutoff)
     assert found > 20
+
+
+def test_unusable_periodic_cells():
+    flat = Atoms("H2", positions=[[0, 0, 0], [1, 1, 0]], cell=[3.0, 3.0, 0.0], pbc=True)
+    assert "cell vector is zero" in _message(flat)
+    flat.pbc = [True, True, False]  # a zero vector along a non-periodic direction is fine
+    check_structure(flat, 0, "p")
+    coplanar = Atoms("H2", positions=[[0, 0, 0], [1, 1, 0]], cell=[[3, 0, 0], [0, 3, 0], [3, 3, 0]],
+                     pbc=True)
+    assert "degenerate" in _message(coplanar)
+
+
+def test_close_pair_in_a_huge_periodic_box_is_found_quickly():
+    """ASE sizes its bins from the cell: uncapped, three atoms in a 1000 Å box cost 1.4 s."""
+    import time
+
+    atoms = Atoms("H3", positions=[[1, 1, 1], [1.03, 1, 1], [500, 500, 500]], cell=[1000.0] * 3,
+                  pbc=True)
+    start = time.process_time()
+    assert "atoms 0 (H) and 1 (H) are 0.03 Å apart" in _message(atoms)
+    atoms.positions[1] = [999.5, 1, 1]  # 1.5 Å through the boundary
+    check_structure(atoms, 0, "p")
+    assert time.process_time() - start < 0.5
 
 
 def _brute_force_min_distance(atoms, reach=30):
@@ -556,6 +600,21 @@ def test_write_extxyz_keeps_ntkal_outputs_and_fails_on_lost_labels(tmp_path):
     with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'bad.extxyz'}: structure 0: ")):
         write_extxyz(tmp_path / "bad.extxyz", [broken])
     assert not (tmp_path / "bad.extxyz").exists()
+
+
+def test_write_extxyz_verifies_every_new_layout(tmp_path, caplog):
+    """Only the first frame of a layout is read back, so a later frame with a new layout (a label
+    ASE cannot write, a string ASE reads back as a bool) must still be caught."""
+    frames = labelled_structures(n_bulk=3)[:3]
+    frames[2].info["REF_energy"] = {"not": object()}
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'a.extxyz'}: structure 2: ")):
+        write_extxyz(tmp_path / "a.extxyz", frames)
+    frames = labelled_structures(n_bulk=3)[:3]
+    frames[2].info["config_type"] = "T"
+    with caplog.at_level(logging.WARNING, logger="ntkal"):
+        write_extxyz(tmp_path / "b.extxyz", frames)
+    assert sum("config_type" in r.getMessage() for r in caplog.records) == 1
+    assert [a.info["config_type"] for a in read_structures(tmp_path / "b.extxyz")] == ["bulk", "bulk", True]
 
 
 def test_output_is_what_mace_run_train_reads(tmp_path):
