@@ -239,13 +239,15 @@ def plot_learning_curves(rec: Records, title: str, path: Path) -> None:
 def plot_finetune_curve(rec: dict, chosen: Optional[int], title: str, path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    panels = (("loss", "validation loss (mace's)", 1.0), ("mae_e_per_atom", "valid E MAE (meV/atom)", 1e3),
-              ("mae_f", "valid F MAE (meV/Å)", 1e3))
+    panels = (("loss", "validation loss / its value before training", None),
+              ("mae_e_per_atom", "valid E MAE (meV/atom)", 1e3), ("mae_f", "valid F MAE (meV/Å)", 1e3))
     for k, (protocol, r) in enumerate(sorted(rec.items())):
         pts = [p for p in r["curve"].get("Default", []) if p.get("loss") is not None]
         ep = [p["epoch"] + 1 for p in pts]            # 0 = before training, n = after n epochs
         for ax, (key, label, scale) in zip(axes, panels):
-            ax.plot(ep, [scale * p[key] if p.get(key) is not None else np.nan for p in pts], marker=".",
+            # the protocols' losses differ in kind (mace: "universal" for multihead, weighted MSE otherwise)
+            s = scale if scale is not None else 1.0 / pts[0][key]
+            ax.plot(ep, [s * p[key] if p.get(key) is not None else np.nan for p in pts], marker=".",
                     color=f"C{k}", label=protocol)
             ax.set_xlabel("epochs")
             ax.set_ylabel(label)
@@ -261,17 +263,15 @@ def plot_finetune_curve(rec: dict, chosen: Optional[int], title: str, path: Path
     plt.close(fig)
 
 
-def flat_epoch(points: List[dict], key: str = "loss", within: float = 0.05) -> Optional[int]:
-    """First epoch count after which the validation `key` stays within `within` (relative) of its minimum
-    over the run: where the curve has flattened."""
+def flat_epoch(points: List[dict], key: str = "loss", within: float = 0.05):
+    """(epochs at the lowest validation `key`, first epoch count within `within` (relative) of that lowest
+    value): where further training gains less than `within`. Epoch 0 = before training."""
     vals = [(p["epoch"] + 1, p[key]) for p in points if p.get(key) is not None]
     if not vals:
-        return None
-    lo = min(v for _, v in vals)
-    for i, (ep, _) in enumerate(vals):
-        if all(v <= lo * (1 + within) + 1e-12 for _, v in vals[i:]):
-            return ep
-    return vals[-1][0]
+        return None, None
+    best_ep, lo = min(vals, key=lambda t: t[1])
+    first = next(ep for ep, v in vals if v <= lo * (1 + within))
+    return best_ep, first
 
 
 # ---------------------------------------------------------------------- sections
@@ -364,15 +364,15 @@ def _finetune_section(results: Path, figs: Path, cfg: dict, recs: Dict[tuple, Re
             plot_finetune_curve(crec, chosen, f"{name}: fine-tune on the first seed's initial set, validated on "
                                 f"held-out target-region structures (dashed: the study's {chosen} epochs)", png)
             lines += [f"![{name} fine-tune curve](figures/{png.name})", "",
-                      "| protocol | labels | replay | epochs | s / epoch (CPU) | flat after (loss within 5 % of min) "
-                      "| split | E MAE pretrained → fine-tuned | F MAE pretrained → fine-tuned |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "| protocol | labels | replay | epochs | s / epoch (CPU) | lowest validation loss after | "
+                      "within 5 % of it after | split | E MAE pretrained → fine-tuned | F MAE pretrained → fine-tuned |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for protocol, r in sorted(crec.items()):
-                pts = r["curve"].get("Default", [])
+                best, first = flat_epoch(r["curve"].get("Default", []))
                 for split in [s for s in r["finetuned_metrics"] if s.startswith("test_id")]:
                     pre, aft = r["pretrained_metrics"][split], r["finetuned_metrics"][split]
                     lines.append(f"| {protocol} | {r['n_labels']} | {r['n_replay']} | {r['epochs']} | "
-                                 f"{_f(r['cpu_s_per_epoch'], 2)} | {flat_epoch(pts)} | {split} | "
+                                 f"{_f(r['cpu_s_per_epoch'], 2)} | {best} | {first} | {split} | "
                                  f"{_f(pre['e_mae'])} → {_f(aft['e_mae'])} | {_f(pre['f_mae'])} → {_f(aft['f_mae'])} |")
             lines.append("")
         else:
@@ -588,9 +588,11 @@ def verdict_error_aware(recs: Dict[str, Records]) -> List[str]:
         if not bits:
             lines.append(f"- `{m}`: **not tested** (no records).")
             continue
-        if states and sum(s == -1 for s in states) >= min(2, len(states)) and 1 not in states:
+        if not states:
+            v = "not tested on a biased pool"
+        elif sum(s == -1 for s in states) >= min(2, len(states)) and 1 not in states:
             v = "held"
-        elif 1 in states or (states and all(s is not None for s in states)):
+        elif 1 in states:
             v = "did not hold"
         else:
             v = "not resolved: intervals include 0"
@@ -663,9 +665,6 @@ def write_report(out: Path, docs_name: str = "results.md") -> Path:
                   "think so (picks' pretrained error over the pool's, target share, Spearman):", ""] + \
                  ["   " + b for b in best] + [""]
     lines += ["6. The error-aware score:", ""] + verdict_error_aware(recs) + [""]
-    notes = results / "notes.md"
-    if notes.exists():
-        lines += ["## Notes", "", notes.read_text().strip(), ""]
     path = out / docs_name
     path.write_text("\n".join(lines) + "\n")
     return path
