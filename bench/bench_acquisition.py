@@ -38,7 +38,10 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--shortlists", default="1,2,5,10,default",
                    help="shortlist sizes to sweep for the error score, as multiples of the budget ('default': "
                         "ntkal's current default)")
-    p.add_argument("--methods", default="random,pv,error,error+pretrain,target,committee,llpr")
+    p.add_argument("--methods", default="random,pv,pv+pretrain,error,error+pretrain,mean,mean+pretrain,target,"
+                                        "committee,llpr",
+                   help="pv / error / mean (the error score's posterior mean alone), each optionally +pretrain")
+    p.add_argument("--sweep-kernels", default="force,joint", help="kernels whose shortlist size is swept")
     p.add_argument("--committee-size", type=int, default=4)
     p.add_argument("--committee-epochs", type=int, default=20)
 
@@ -81,6 +84,7 @@ def spearman(x, y):
 
 
 def run_dataset(name, a, methods, shortlists, log):
+    from ntkal.acquisition.scorers import ErrorScorer
     from ntkal.data import dataset_files
     from ntkal.experiment import acquisition
     from ntkal.experiment.config import SelectionConfig
@@ -124,16 +128,18 @@ def run_dataset(name, a, methods, shortlists, log):
             t0 = time.perf_counter()
             if method == "random":
                 record(method, None, acquisition.random_picks(len(pool), budget, d, 0, name), 0.0)
-            elif method in ("pv", "error", "error+pretrain"):
+            elif method.split("+")[0] in ("pv", "error", "mean"):
+                score = method.split("+")[0]
+                pre = pretrain if method.endswith("+pretrain") else ()
+                scorer = (lambda post: ErrorScorer(post, variance=False)) if score == "mean" else None
                 for kernel in KERNELS:
-                    score = "pv" if method == "pv" else "error"
-                    pre = pretrain if method == "error+pretrain" else ()
-                    sizes = shortlists if (method == "error" and kernel == "joint") else [None]
+                    sizes = shortlists if kernel in a.sweep_kernels.split(",") else ["default"]
                     for m in sizes:
                         t0 = time.perf_counter()
-                        mm = None if m is None else (None if m == "default" else max(int(m) * budget, budget))
+                        mm = None if m == "default" else max(int(m) * budget, budget)
                         picks = acquisition.feature_picks(store, kernel, "lcmd", labelled, pool, budget, sel, d,
-                                                          score=score, pretrain=pre, shortlist=mm)
+                                                          score="pv" if score == "pv" else "error", pretrain=pre,
+                                                          shortlist=mm, scorer=scorer)
                         record(method, kernel, picks, time.perf_counter() - t0, m)
             elif method == "target":
                 record(method, "joint", acquisition.target_picks(store, "joint", labelled, pool, tsample, budget, sel),

@@ -52,7 +52,8 @@ def select_rows(train_rows, pool_rows, budget: int, method: str = "lcmd", shortl
     """Row-level selection (any MLIP, precomputed features): posterior from train rows, scored pool chunks, pick B.
 
     pool_rows: a RowBlock or an iterable of RowBlock chunks. target_rows: rows of a target sample (ranks by
-    expected target-variance reduction); scorer: a scorer object (default PV, or target reduction);
+    expected target-variance reduction); scorer: a scorer object, or a function posterior -> scorer (default:
+    the `score` option's, or target reduction);
     exact_rows(indices) -> RowBlock gives exact rows of pool structures (greedy picks, atom variances);
     on_chunk(c, start, atoms, scored) sees every scored chunk. score="error" needs train_residuals (float64
     per train row, label − prediction; a tensor for one RowBlock or one per chunk); pretrain_rows (and

@@ -57,6 +57,7 @@ class Options:
     device: str = "cpu"
     dtype: str = "float32"
     impl: str = "auto"
+    head: Optional[str] = None          # multi-head models: None = the fine-tuned head (not pt_head)
     chunk_size: int = CHUNK_SIZE
     memory_gb: Optional[float] = None
     threads: int = 1
@@ -167,8 +168,9 @@ HELP = {
     "device": "where the model runs",
     "dtype": "feature dtype",
     "impl": "featurizer path (auto: the fast batched path where it has a rule for every layer)",
+    "head": "head of a multi-head model (default: the fine-tuned head, i.e. not pt_head)",
     "chunk_size": "structures per featurisation chunk",
-    "memory_gb": "size chunks for this memory budget instead of --chunk-size",
+    "memory_gb": "peak-memory budget in GB: pool chunks and every featurisation batch are sized to fit it",
     "threads": "torch intra-op threads (default 1: the per-structure ops are small; use torchrun for more cores)",
     "checkpoint_every": "seconds between checkpoints of the pool scan (rerun the same command to resume)",
 }
@@ -179,7 +181,7 @@ CHOICES = {"kernel": KERNELS, "score": SCORES, "method": METHODS, "mode": MODES,
 def add_arguments(parser, skip=(), defaults=None):
     """One argparse option per Options field (type from the default, choices from CHOICES)."""
     defaults = defaults or {}
-    types = {"shortlist": int, "force_probes": int, "memory_gb": float, "method": str, "score": str}
+    types = {"shortlist": int, "force_probes": int, "memory_gb": float, "method": str, "score": str, "head": str}
     for f in dataclasses.fields(Options):
         if f.name in skip:
             continue

@@ -90,7 +90,8 @@ def featurizer_for(model, opts: Options):
     from ..features import MACEFeaturizer
     return MACEFeaturizer(model, kernel=opts.kernel, sketch_dim=opts.sketch_dim, params=opts.params,
                           force_probes=opts.force_probes, seed=opts.seed, impl=opts.impl,
-                          dtype=getattr(torch, opts.dtype), device=opts.device)
+                          dtype=getattr(torch, opts.dtype), device=opts.device, head=opts.head,
+                          memory_gb=opts.memory_gb)
 
 
 def annotate(c: Candidate, rank: Optional[int] = None):
@@ -287,6 +288,8 @@ class Pipeline:
             raise InputError(f"budget {opts.budget} is larger than the pool ({src.total} structures)"
                              if src.total else "the pool is empty", path=src.path)
         post = self.fit(train, pretrain, residuals)
+        if scorer is not None and not hasattr(scorer, "name"):  # a factory: posterior -> scorer
+            scorer = scorer(post)
         scorer = scorer or self.scorer(post, target)
         selector = SELECTORS[opts.method]
         state, n_pool = self.scan(src, post, scorer, opts.m, opts.budget if selector.uses == "reservoir" else 0,

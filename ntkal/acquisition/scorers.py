@@ -75,11 +75,11 @@ class ErrorScorer:
 
     name = "error"
 
-    def __init__(self, post):
+    def __init__(self, post, variance: bool = True):
         if post.mean is None:
             from ..errors import NtkalError
             raise NtkalError("the error-aware score needs labelled training structures (REF_energy, REF_forces)")
-        self.post = post
+        self.post, self.variance = post, variance  # variance=False ranks by the posterior mean alone
 
     def __call__(self, rows: RowBlock) -> Scored:
         from ..features.rowblock import FORCE, KIND_NAMES
@@ -91,8 +91,8 @@ class ErrorScorer:
         rho = torch.tensor([post.rho.get(n, 0.0) for n in names], dtype=F64)
         alpha2 = torch.tensor([post.alpha2.get(n, 1.0) for n in names], dtype=F64)
         mu = post.residual_mean(rows)
-        spread = mu.square() + alpha2 * rho.square() * c.square() * row_out  # per row, without the noise floor
-        floor = alpha2 * rho.square() * post.row_noise(kind)
+        spread = mu.square() + alpha2 * rho.square() * c.square() * row_out * self.variance  # without the noise floor
+        floor = alpha2 * rho.square() * post.row_noise(kind) * self.variance
         n, seg = len(rows), rows.seg.cpu()
         is_f = kind == FORCE
         comps = 3 * rows.natoms.to(F64)
@@ -108,7 +108,7 @@ class ErrorScorer:
             key += e2_e / max(post.resid_ms.get(e_name, 1.0), 1e-300)
             values["energy_error"] = 1e3 * e2_e.sqrt().numpy()  # meV/atom
         if bool(has_f.any()):
-            f_floor = post.alpha2.get("force", 1.0) * post.rho.get("force", 0.0) ** 2 * post.sigma_f2
+            f_floor = post.alpha2.get("force", 1.0) * post.rho.get("force", 0.0) ** 2 * post.sigma_f2 * self.variance
             e2_f = e2_f + f_floor
             key += e2_f / max(post.resid_ms.get("force", 1.0), 1e-300)
             values["force_error"] = 1e3 * e2_f.sqrt().numpy()  # meV/Å

@@ -72,7 +72,7 @@ def _collect(keys: list):
 
 def feature_picks(store: FeatureStore, kernel: str, method: str, labelled: Sequence, pool: Sequence,
                   budget: int, sel: SelectionConfig, seed: int, score: str = "pv", pretrain: Sequence = (),
-                  shortlist=None) -> Picks:
+                  shortlist=None, scorer=None) -> Picks:
     """PV (or error-aware, score="error") shortlist + LCMD ('lcmd') or the top of the shortlist ('top') with
     one kernel of the pretrained model; `pretrain`: a pretraining sample entering the posterior."""
     kw, t_extra = {}, 0.0
@@ -86,7 +86,7 @@ def feature_picks(store: FeatureStore, kernel: str, method: str, labelled: Seque
     keys: list = []
     res = select_rows(train_rows, pool_rows, budget, method=method, shortlist=shortlist or sel.shortlist,
                       sigma_e2=sel.sigma_e2, sigma_f2=sel.sigma_f2, mode=sel.mode, seed=seed, on_chunk=_collect(keys),
-                      score=score, **kw)
+                      score=score, scorer=scorer, **kw)
     detail = {"kernel": kernel, "method": method, "score": score, "features_labelled_s": t_train,
               "features_pool_s": t_pool, "features_pretrain_s": t_extra, "select_s": res.timings["total"],
               "status": res.status, "shortlist_size": int(len(res.shortlist)),
