@@ -12,30 +12,10 @@ is ever written.
 """
 from .checks import check_structure
 from .jsonio import write_json
-from .read import (
-    CALCULATOR_KEYS,
-    COMPRESSION_SUFFIXES,
-    DB_SUFFIXES,
-    EXTXYZ_SUFFIXES,
-    count_structures,
-    iter_chunks,
-    normalize_labels,
-    read_structures,
-)
+from .read import (CALCULATOR_KEYS, COMPRESSION_SUFFIXES, DB_SUFFIXES, EXTXYZ_SUFFIXES, count_structures,
+                   iter_chunks, normalize_labels, read_structures)
 from .write import atomic_output, check_output_path, write_extxyz
 
-__all__ = [
-    "EXTXYZ_SUFFIXES",
-    "COMPRESSION_SUFFIXES",
-    "DB_SUFFIXES",
-    "CALCULATOR_KEYS",
-    "read_structures",
-    "count_structures",
-    "normalize_labels",
-    "check_structure",
-    "iter_chunks",
-    "check_output_path",
-    "atomic_output",
-    "write_extxyz",
-    "write_json",
-]
+__all__ = ["EXTXYZ_SUFFIXES", "COMPRESSION_SUFFIXES", "DB_SUFFIXES", "CALCULATOR_KEYS", "read_structures",
+           "count_structures", "normalize_labels", "check_structure", "iter_chunks", "check_output_path",
+           "atomic_output", "write_extxyz", "write_json"]

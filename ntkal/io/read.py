@@ -194,10 +194,9 @@ def _split_frames(fh) -> Iterator[list[str]]:
     any VEC1..3 lines after them; blank lines between frames are skipped.
 
     Raises :class:`_LayoutError` for the frame being split: a count line that is not a non-negative
-    integer, a file that ends inside the frame, or a count that disagrees with the atom lines -- a
-    bare integer among them (the next frame's count line: the count is too large) or, where the next
-    count line should be, a line with as many fields as this frame's atom lines (too small). Without
-    the last check a too-small count would be reported at the next frame.
+    integer, a file that ends inside the frame, or a count that disagrees with the atom lines: a bare
+    integer among them (the next frame's count line: too large) or, where the next count line should
+    be, a line shaped like this frame's atom lines (too small; else reported at the next frame).
     """
     line = fh.readline()
     while line:

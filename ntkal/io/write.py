@@ -7,41 +7,32 @@ Nothing named like a calculator property is ever written (see :mod:`ntkal.io.rea
 from __future__ import annotations
 
 import io
-import logging
-import math
 import os
 import re
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
 
 from ntkal.errors import InputError
 
-from .read import file_kind, normalize_labels, open_text, parse_frame, reason, warn_moved
-
-logger = logging.getLogger("ntkal")
+from .read import file_kind, logger, normalize_labels, open_text, parse_frame, reason, warn_moved
 
 #: Strings ASE's extxyz reader reads back as themselves: no number, bool or array, no quoting.
 _PLAIN_STR = re.compile(r"(?!(?:[tf]|true|false|nan|inf|infinity)$)[a-z_][a-z0-9_.+-]*", re.IGNORECASE)
 
 
 def _as_path_list(inputs) -> list[Path]:
-    if inputs is None:
-        return []
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    return [Path(os.fspath(item)).expanduser() for item in inputs
-            if isinstance(item, (str, os.PathLike))]
+    return [Path(os.fspath(p)).expanduser() for p in inputs or () if isinstance(p, (str, os.PathLike))]
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    try:
+    with suppress(OSError):
         if os.path.samefile(a, b):
             return True
-    except OSError:
-        pass
     return a.resolve() == b.resolve()
 
 
@@ -225,21 +216,12 @@ def _rtol(value) -> float:
 
 def _values_match(a, b, atol) -> bool:
     ka, kb = _kind_of(a), _kind_of(b)
-    rtol = _rtol(a)
-    if ka != kb:
-        # an int array read back as float or the reverse is fine; a shape or kind change is not
-        if isinstance(ka, tuple) and isinstance(kb, tuple) and ka[1] == kb[1]:
-            return {ka[2], kb[2]} <= set("iuf") and np.allclose(a, b, rtol=rtol, atol=atol)
-        return False
-    if ka == "number":
-        return math.isclose(float(a), float(b), rel_tol=rtol, abs_tol=atol) or (
-            math.isnan(float(a)) and math.isnan(float(b)))
-    if isinstance(ka, tuple):
-        if ka[2] in "iuf":
-            return np.allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float),
-                               rtol=rtol, atol=atol, equal_nan=True)
-        return np.array_equal(np.asarray(a), np.asarray(b))
-    return a == b
+    # numbers, and numeric arrays of one shape (an int array read back as float is fine), to precision
+    if ka == kb == "number" or (isinstance(ka, tuple) and isinstance(kb, tuple) and ka[1] == kb[1]
+                                and {ka[2], kb[2]} <= set("iuf")):
+        return bool(np.allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=_rtol(a),
+                                atol=atol, equal_nan=True))
+    return ka == kb and (np.array_equal(a, b) if isinstance(ka, tuple) else a == b)
 
 
 def _verify_frame(text: str, expected, out: Path, index: int) -> set[str]:
