@@ -508,6 +508,98 @@ def test_segment_quadform_and_lcmd_bad_args():
         ntk_kernels.lcmd_update(psi, c, torch.ones(3), o, 1)
 
 
+def _count_calls(monkeypatch, module, names):
+    calls = {n: 0 for n in names}
+    for name in names:
+        def counted(*a, _o=getattr(module, name), _n=name, **kw):
+            calls[_n] += 1
+            return _o(*a, **kw)
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=[pytest.mark.interpreter, needs_triton])])
+def test_checks_run_once_per_public_call(monkeypatch, impl):
+    """The dispatcher validates; the launchers do not validate again. ``_tensor`` is counted as well,
+    so a launcher that imported a check function by name would still be caught."""
+    from ntk_kernels import checks
+
+    monkeypatch.setenv("NTK_KERNELS_IMPL", impl)
+    g = gen(42)
+    x, dy, A, B, seg, n_seg = _small_inputs(g)
+    G, w, Linv = randn(g, 12, 8), randn(g, 12).abs(), torch.tril(randn(g, 8, 8))
+    psi, d, o = randn(g, 12, 8), torch.full((12,), math.inf, device=DEV), torch.zeros(12, dtype=torch.int64, device=DEV)
+    cases = [
+        ("check_tensor_sketch_args", lambda: ntk_kernels.tensor_sketch(x, dy, A, B, seg, n_seg), (x, dy, A, B, seg, n_seg)),
+        ("check_segment_quadform_args", lambda: ntk_kernels.segment_quadform(G, Linv, seg, w, n_seg), (G, Linv, seg, w, n_seg)),
+        ("check_lcmd_update_args", lambda: ntk_kernels.lcmd_update(psi, psi[2], d, o, 1), (psi, psi[2], d, o, 1)),
+    ]
+    for name, call, args in cases:
+        calls = _count_calls(monkeypatch, checks, ["_tensor"])
+        getattr(checks, name)(*args)
+        once = calls["_tensor"]
+        calls = _count_calls(monkeypatch, checks, [name, "check_seg", "_tensor"])
+        call()
+        assert calls[name] == 1 and calls["_tensor"] == once, (name, calls, once)
+        assert calls["check_seg"] == (0 if name == "check_lcmd_update_args" else 1)
+
+
+@pytest.mark.parametrize("op", ["tensor_sketch", "segment_quadform", "lcmd_update"])
+def test_importing_an_op_module_first_works(op):
+    """``ntk_kernels.ops.<op>`` imported before anything else (the ops once imported their checks from
+    the dispatcher, which imports the ops)."""
+    import subprocess
+
+    pytest.importorskip("triton")
+    code = f"import ntk_kernels.ops.{op}; import ntk_kernels; print(ntk_kernels.{op}.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ntk_kernels.dispatch", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=[pytest.mark.interpreter, needs_triton])])
+def test_csr_offsets_instead_of_segment_ids(monkeypatch, impl):
+    """``seg=None, ptr=...`` gives the results of ``seg`` (empty segments included) without check_seg;
+    a CPU ptr is accepted for tensors on any device."""
+    from ntk_kernels import checks
+
+    monkeypatch.setenv("NTK_KERNELS_IMPL", impl)
+    g = gen(43)
+    counts = [0, 3, 5, 0, 1, 7, 0]
+    R, n_seg = sum(counts), len(counts)
+    seg = make_seg(g, R, n_seg, counts)
+    ptr = torch.tensor([0] + counts).cumsum(0)
+    x, dy, x2, dy2 = randn(g, R, 5, dtype=torch.float64), randn(g, R, 3, dtype=torch.float64), \
+        randn(g, R, 5, dtype=torch.float64), randn(g, R, 3, dtype=torch.float64)
+    A, B = randn(g, 5, 6, dtype=torch.float64), randn(g, 3, 6, dtype=torch.float64)
+    G, w = randn(g, R, 6, dtype=torch.float64), randn(g, R, dtype=torch.float64).abs()
+    Linv = torch.tril(randn(g, 6, 6, dtype=torch.float64)) + 2 * torch.eye(6, dtype=torch.float64, device=DEV)
+    want_ts = tensor_sketch_ref(x, dy, A, B, seg, n_seg, x2, dy2)
+    want_sq = segment_quadform_ref(G, Linv, seg, w, n_seg)
+    calls = _count_calls(monkeypatch, checks, ["check_seg", "check_ptr"])
+    got_ts = ntk_kernels.tensor_sketch(x, dy, A, B, None, n_seg, x2, dy2, ptr=ptr)
+    got_sq = ntk_kernels.segment_quadform(G, Linv, None, w, n_seg, ptr=ptr)
+    assert calls == {"check_seg": 0, "check_ptr": 2}
+    assert_close("tensor_sketch(ptr)", want_ts, got_ts, 1e-10)
+    for name, want, got in zip(("seg_out", "row_out"), want_sq, got_sq):
+        assert_close(name, want, got, 1e-10)
+
+
+@pytest.mark.parametrize("seg, ptr, match", [
+    (torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 2, 4, 6]), "not both"),
+    (None, None, "seg is required"),
+    (None, torch.tensor([0, 2, 6]), "n_seg \\+ 1 = 4"),
+    (None, torch.tensor([0, 2, 4, 5]), "from 0 to the number of rows \\(6\\)"),
+    (None, torch.tensor([0, 4, 2, 6]), "non-decreasing"),
+    (None, torch.tensor([0, 2, 4, 6], dtype=torch.int32), "ptr must be int64"),
+])
+def test_bad_csr_offsets(seg, ptr, match):
+    with pytest.raises(ValueError, match=match):
+        ntk_kernels.tensor_sketch(**_ts_args(seg=seg, ptr=ptr))
+    G = torch.randn(6, 3)
+    with pytest.raises(ValueError, match=match):
+        ntk_kernels.segment_quadform(G, torch.eye(3), seg, torch.ones(6), 3, ptr=ptr)
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU-only: realistic sizes (ieee-precision dots, so fp32 tolerances hold)
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..dispatch import check_lcmd_update_args
 from .utils import acc_tl_dtype, check_launchable, lcmd_update_settings, rows_contiguous
 
 __all__ = ["lcmd_update_triton"]
@@ -45,9 +44,9 @@ def _lcmd_update_kernel(
 def lcmd_update_triton(psi, c, dmin2, owner, id, *, blocks=None):
     """Launch :func:`_lcmd_update_kernel`; same contract as ``ntk_kernels.lcmd_update`` (in place).
 
-    ``blocks`` overrides entries of the chosen meta-parameters (BLOCK_M/K, num_warps); tests use it.
+    Arguments are not checked here (``ntk_kernels.lcmd_update`` checks them once). ``blocks``
+    overrides entries of the chosen meta-parameters (BLOCK_M/K, num_warps); tests use it.
     """
-    check_lcmd_update_args(psi, c, dmin2, owner, id)
     check_launchable(psi.device)
     M, k = psi.shape
     if M == 0:

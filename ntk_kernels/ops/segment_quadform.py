@@ -11,10 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import check_segment_quadform_args
+from ..reference import acc_dtype
 from .utils import (
     acc_tl_dtype,
-    acc_torch_dtype,
     check_launchable,
     csr_offsets,
     rows_contiguous,
@@ -79,14 +78,16 @@ def _segment_sum_kernel(
     tl.store(out_ptr + segs, acc.to(out_ptr.dtype.element_ty), mask=segs < n_seg)
 
 
-def segment_sum_triton(values, weight, seg, n_seg, *, out=None, blocks=None):
-    """Deterministic out[s] = Σ_{seg_i = s} weight_i values_i for sorted ``seg`` (1-D, CSR loop)."""
-    acc = acc_torch_dtype(values.dtype)
+def segment_sum_triton(values, weight, seg, n_seg, *, ptr=None, out=None, blocks=None):
+    """Deterministic out[s] = Σ_{seg_i = s} weight_i values_i for sorted ``seg`` (1-D, CSR loop over
+    ``ptr``, computed from seg when not given)."""
+    acc = acc_dtype(values.dtype)
     if out is None:
         out = torch.empty(n_seg, dtype=acc, device=values.device)
     if n_seg == 0:
         return out
-    ptr = csr_offsets(seg, n_seg)
+    if ptr is None:
+        ptr = csr_offsets(seg, n_seg)
     meta = segment_sum_settings(values.shape[0] / n_seg)
     meta.update(blocks or {})
     grid = lambda m: (triton.cdiv(n_seg, m["BLOCK_S"]),)  # noqa: E731
@@ -95,17 +96,17 @@ def segment_sum_triton(values, weight, seg, n_seg, *, out=None, blocks=None):
     return out
 
 
-def segment_quadform_triton(G, Linv, seg, weight, n_seg, *, blocks=None, sum_blocks=None):
+def segment_quadform_triton(G, Linv, seg, weight, n_seg, ptr=None, *, blocks=None, sum_blocks=None):
     """Launch the quadform and segment-sum kernels; same contract as ``ntk_kernels.segment_quadform``.
 
-    Returns ``(seg_out [n_seg], row_out [R])`` in fp32 (fp64 for fp64 G). ``seg`` must already be
-    sorted and in range. ``blocks`` / ``sum_blocks`` override meta-parameters of the quadform and
-    segment-sum kernels (tests use them).
+    Returns ``(seg_out [n_seg], row_out [R])`` in fp32 (fp64 for fp64 G). Arguments are not checked
+    here (``ntk_kernels.segment_quadform`` checks them once): ``seg`` must be sorted and in range,
+    ``ptr`` (optional, on G's device) its CSR offsets. ``blocks`` / ``sum_blocks`` override
+    meta-parameters of the quadform and segment-sum kernels (tests use them).
     """
-    check_segment_quadform_args(G, Linv, seg, weight, n_seg)
     check_launchable(G.device)
     R, k = G.shape
-    acc = acc_torch_dtype(G.dtype)
+    acc = acc_dtype(G.dtype)
     row_out = torch.empty(R, dtype=acc, device=G.device)
     if R > 0:
         G = rows_contiguous(G)
@@ -115,5 +116,5 @@ def segment_quadform_triton(G, Linv, seg, weight, n_seg, *, blocks=None, sum_blo
         grid = lambda m: (triton.cdiv(R, m["BLOCK_R"]),)  # noqa: E731
         _segment_quadform_kernel[grid](row_out, G, G.stride(0), lt, lt.stride(0), R, k,
                                        ACC=acc_tl_dtype(G.dtype), **meta)
-    seg_out = segment_sum_triton(row_out, weight, seg, n_seg, blocks=sum_blocks)
+    seg_out = segment_sum_triton(row_out, weight, seg, n_seg, ptr=ptr, blocks=sum_blocks)
     return seg_out, row_out

@@ -11,7 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import check_tensor_sketch_args
 from .utils import acc_tl_dtype, check_launchable, csr_offsets, rows_contiguous, tensor_sketch_settings
 
 __all__ = ["tensor_sketch_triton"]
@@ -93,13 +92,13 @@ def _tensor_sketch_kernel(
                  mask=(segs < n_seg)[:, None] & col_mask[None, :])
 
 
-def tensor_sketch_triton(x, dy, A, B, seg, n_seg, x2=None, dy2=None, *, blocks=None):
+def tensor_sketch_triton(x, dy, A, B, seg, n_seg, x2=None, dy2=None, ptr=None, *, blocks=None):
     """Launch :func:`_tensor_sketch_kernel`; same contract as ``ntk_kernels.tensor_sketch``.
 
-    ``seg`` must already be sorted and in range (the public function checks it). ``blocks`` overrides
+    Arguments are not checked here (``ntk_kernels.tensor_sketch`` checks them once): ``seg`` must be
+    sorted and in range, ``ptr`` (optional, on x's device) its CSR offsets. ``blocks`` overrides
     entries of the chosen meta-parameters (BLOCK_R/K/D/S, num_warps); tests use it.
     """
-    check_tensor_sketch_args(x, dy, A, B, seg, n_seg, x2, dy2)
     check_launchable(x.device)
     R, d_in = x.shape
     d_out = dy.shape[1]
@@ -114,7 +113,8 @@ def tensor_sketch_triton(x, dy, A, B, seg, n_seg, x2=None, dy2=None, *, blocks=N
     else:
         x2, dy2 = x, dy  # never read (HAS_SECOND=False)
     seg = seg.contiguous()
-    ptr = csr_offsets(seg, n_seg)
+    if ptr is None:
+        ptr = csr_offsets(seg, n_seg)
     meta = tensor_sketch_settings(d_in, d_out, k, R / n_seg, x.dtype)
     meta.update(blocks or {})
     if meta["BLOCK_S"] not in (1, 16, 32, 64, 128):

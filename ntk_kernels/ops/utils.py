@@ -11,22 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-#: Float dtypes the kernels accept (fp16/bf16 inputs accumulate in fp32; fp64 accumulates in fp64).
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def is_interpreter() -> bool:
     """True when Triton kernels run on the CPU through the interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype for inputs of ``dtype``: fp64 stays fp64, everything else uses fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def acc_tl_dtype(dtype: torch.dtype):
-    """The Triton dtype matching :func:`acc_torch_dtype`."""
+    """The Triton dtype of ``ntk_kernels.reference.acc_dtype``: fp64 for fp64 inputs, else fp32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
