@@ -1,6 +1,6 @@
 """Shared benchmark harness: machine/version record, timers, peak memory, child processes, tables, JSON.
 
-Conventions (DESIGN §10): ratios are measured in one run on one machine; absolute times count only
+Conventions: ratios are measured in one run on one machine; absolute times count only
 from a GPU, with the card named. Triton is timed only when CUDA is available (the interpreter's speed
 means nothing), with ``triton.testing.do_bench`` and after a correctness check against the reference.
 """
@@ -17,7 +17,11 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
+
+from ntkal.io.jsonio import json_default as _jsonable  # noqa: F401  (bench_select's children print with it)
+from ntkal.io.jsonio import write_json as _write_json
+from ntkal.provenance import cpu_model, versions
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -26,27 +30,6 @@ PY = sys.executable
 # --------------------------------------------------------------------------------------------------
 # what ran where
 # --------------------------------------------------------------------------------------------------
-
-def versions() -> Dict[str, Optional[str]]:
-    from importlib import metadata
-    out = {"python": platform.python_version()}
-    for name in ("ntkal", "torch", "triton", "mace-torch", "e3nn", "ase", "numpy", "bmdal-reg"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def load_average() -> Optional[List[float]]:
     try:
@@ -71,21 +54,10 @@ def record(stage: str, argv: Sequence[str], results: list, **extra) -> dict:
 
 
 def write_json(path, doc: dict) -> None:
+    """The record as JSON (parent folders created; unknown objects as str, NaN kept)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(o):
-    try:
-        import numpy as np
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:
-        pass
-    return str(o)
+    _write_json(path, doc, default=str, allow_nan=True)
 
 
 # --------------------------------------------------------------------------------------------------
