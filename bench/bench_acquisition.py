@@ -23,8 +23,6 @@ import numpy as np
 
 from . import utils
 
-KERNELS = ("embedding", "energy", "force", "joint")
-
 
 def add_args(p: argparse.ArgumentParser):
     p.add_argument("--datasets", default="si,oc20,t1x")
@@ -86,6 +84,7 @@ def spearman(x, y):
 def run_dataset(name, a, methods, shortlists, log):
     from ntkal.acquisition.scorers import ErrorScorer
     from ntkal.data import dataset_files
+    from ntkal.options import KERNELS
     from ntkal.experiment import acquisition
     from ntkal.experiment.config import SelectionConfig
     from ntkal.experiment.features import FeatureStore

@@ -33,12 +33,12 @@ def _frame(atoms) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_pool(path: Path, n: int, seed: int = 0) -> Path:
-    """Write n rattled/strained copies of the shipped Si pool structures to path (extxyz); return path."""
+def make_pool(path: Path, n: int, seed: int = 0, dataset: str = "si") -> Path:
+    """Write n rattled/strained copies of a shipped pool's structures to path (extxyz); return path."""
     import numpy as np
-    from ntkal.data import demo_files
+    from ntkal.data import dataset_files
     from ntkal.io import read_structures
-    base = list(read_structures(demo_files()["pool"]))
+    base = list(read_structures(dataset_files(dataset)["pool"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     with open(tmp, "w") as fh:
@@ -54,10 +54,10 @@ def make_pool(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def pool_file(workdir: Path, n: int, seed: int, regen: bool) -> Path:
-    path = Path(workdir) / f"si_pool_{n}_seed{seed}.extxyz"
+def pool_file(workdir: Path, n: int, seed: int, regen: bool, dataset: str = "si") -> Path:
+    path = Path(workdir) / f"{dataset}_pool_{n}_seed{seed}.extxyz"
     if regen or not path.exists():
-        make_pool(path, n, seed)
+        make_pool(path, n, seed, dataset)
     return path
 
 
@@ -67,6 +67,8 @@ def score_argv(a, pool: Path, out: Path, model: str, train: str):
             "--chunk-size", str(a.chunk_size), "--no-progress"]
     if a.force_probes:
         argv += ["--force-probes", str(a.force_probes)]
+    if a.score:
+        argv += ["--score", a.score]
     if a.command == "select":
         argv += ["--budget", str(a.budget)]
     if a.device != "cpu":
@@ -82,16 +84,21 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--command", choices=("score", "select"), default="score",
                    help="ntkal command to stream the pool through (default score; select keeps a top-M shortlist)")
     p.add_argument("--budget", type=int, default=100, help="ntkal select --budget (with --command select)")
-    p.add_argument("--kernel", choices=("embedding", "energy", "force", "joint"), default="embedding",
+    from ntkal.options import KERNELS, SKETCH_DIM
+    p.add_argument("--kernel", choices=KERNELS, default="embedding",
                    help="ntkal score --kernel (default embedding, the cheap one on CPU)")
     p.add_argument("--force-probes", type=int, default=None, help="ntkal score --force-probes")
-    p.add_argument("--sketch-dim", type=int, default=512)
+    p.add_argument("--score", choices=("error", "pv"), default=None, help="ntkal --score (default: ntkal's)")
+    p.add_argument("--sketch-dim", type=int, default=SKETCH_DIM)
     p.add_argument("--chunk-size", type=int, default=64, help="ntkal score --chunk-size (structures per chunk)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--ntkal-threads", type=int, default=None,
                    help="ntkal's own --threads (default: not passed, i.e. the CLI's default)")
-    p.add_argument("--model", default=None, help="model file (default: the shipped si_mace.model)")
-    p.add_argument("--train", default=None, help="training structures (default: the shipped si_train)")
+    p.add_argument("--dataset", choices=("si", "oc20", "t1x"), default="si",
+                   help="shipped dataset whose pool is rattled into the generated pools, and whose model and "
+                        "train split are the defaults (default si)")
+    p.add_argument("--model", default=None, help="model file (default: the dataset's shipped model)")
+    p.add_argument("--train", default=None, help="training structures (default: the dataset's train split)")
     p.add_argument("--workdir", default="/tmp/ntkal-bench-e2e", help="where generated pools are cached")
     p.add_argument("--seed", type=int, default=0, help="pool generation seed")
     p.add_argument("--regen", action="store_true", help="regenerate cached pools")
@@ -100,14 +107,14 @@ def add_args(p: argparse.ArgumentParser):
 
 
 def run(a, argv) -> dict:
-    from ntkal.data import demo_files
-    files = demo_files()
+    from ntkal.data import dataset_files
+    files = dataset_files(a.dataset)
     model = a.model or str(files["model"])
     train = a.train or str(files["train"])
     work = Path(a.workdir)
     rows = []
     for n in _ints(a.pool_size):
-        pool = pool_file(work, n, a.seed, a.regen)
+        pool = pool_file(work, n, a.seed, a.regen, a.dataset)
         outdir = work / f"out_{n}"
         outdir.mkdir(parents=True, exist_ok=True)
         out = outdir / "scored.extxyz"
@@ -136,7 +143,8 @@ def run(a, argv) -> dict:
             # fixed costs (model load, training posterior) cancel in the difference
             flat["marginal_structures_per_s"] = (big["pool_size"] - small["pool_size"]) / (big["score_s"] - small["score_s"])
     return utils.record("end2end", argv, rows, memory_flat=flat,
-                        settings={"model": model, "train": train, "command": a.command, "kernel": a.kernel,
+                        settings={"dataset": a.dataset, "model": model, "train": train, "command": a.command,
+                                  "kernel": a.kernel,
                                   "force_probes": a.force_probes, "sketch_dim": a.sketch_dim,
                                   "chunk_size": a.chunk_size, "device": a.device, "workdir": str(work),
                                   "ntkal_threads": a.ntkal_threads, "argv": score_argv(a, Path("POOL"), Path("OUT"),

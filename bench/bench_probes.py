@@ -57,7 +57,8 @@ def table(res) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.bench_probes", description=__doc__.splitlines()[0])
     p.add_argument("--pool-size", type=int, default=600)
-    p.add_argument("--sketch-dim", type=int, default=512)
+    from ntkal.options import SKETCH_DIM
+    p.add_argument("--sketch-dim", type=int, default=SKETCH_DIM)
     p.add_argument("--budget", type=int, default=20)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)

@@ -219,7 +219,8 @@ def run_case(case: str, a, n_train: int = 1, timeout=None) -> dict:
 def add_args(p: argparse.ArgumentParser):
     p.add_argument("--pool-size", type=int, default=200_000, help="pool structures (default 200000)")
     p.add_argument("--n-train", type=int, default=None, help="one training-set size (default: 1000, 5000, 20000)")
-    p.add_argument("--sketch-dim", type=int, default=512, help="feature width k (default 512)")
+    from ntkal.options import SKETCH_DIM
+    p.add_argument("--sketch-dim", type=int, default=SKETCH_DIM, help=f"feature width k (default {SKETCH_DIM})")
     p.add_argument("--budget", type=int, default=100, help="batch size B (default 100)")
     p.add_argument("--shortlist", type=int, default=2000, help="PV shortlist size M (default 2000)")
     p.add_argument("--chunk", type=int, default=8192, help="pool structures per streamed RowBlock (default 8192)")

@@ -205,6 +205,7 @@ def _checkpoint(p: Plan):
 
 def _report(p: Plan, body: dict) -> dict:
     from . import __version__
+    from .provenance import versions
     return {"written_by": f"ntkal {__version__}", "command": p.command, "output": str(p.out),
             "inputs": {k: str(v) for k, v in p.inputs.items()}, "options": dataclasses.asdict(p.opts),
             "versions": versions(), **body}
@@ -401,16 +402,6 @@ def _import_quietly():
         import e3nn.o3  # noqa: F401
 
 
-def versions() -> dict:
-    import platform
-    from importlib import metadata
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in ("ntkal", "torch", "triton", "mace-torch", "e3nn", "ase", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -315,8 +315,8 @@ class Posterior:
             raise NtkalError(f"features have width {rows.k}, the posterior {self.k} (different sketch_dim?)")
         G = rows.rows.detach()
         w = self.row_weights(rows).to(device=G.device, dtype=G.dtype)
-        seg_out, row_out = ntk_kernels.segment_quadform(G, self.Linv.to(device=G.device, dtype=G.dtype),
-                                                        rows.seg.to(G.device), w, len(rows))
+        seg_out, row_out = ntk_kernels.segment_quadform(G, self.Linv.to(device=G.device, dtype=G.dtype), None, w,
+                                                        len(rows), ptr=rows.ptr)
         return seg_out.detach().cpu().to(F64), row_out.detach().cpu().to(F64)
 
     def score(self, rows: RowBlock) -> torch.Tensor:

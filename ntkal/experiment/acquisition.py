@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from ..api import select_rows
+from ..options import KERNELS
 from .config import SelectionConfig
 from .features import FeatureStore
 
@@ -35,9 +36,6 @@ class Picks:
     positions: np.ndarray                # into the available pool, in pick order
     seconds: float                       # acquisition time charged to this round
     detail: dict = field(default_factory=dict)
-
-
-KERNELS = ("embedding", "energy", "force", "joint")
 
 
 def known_methods():

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU run in ONE call (about 8 minutes on an H100/H200-class card): install the wheels that
+# bench/gpu/prepare.sh carried in .whl/, run the GPU tests, `bench kernels` (Triton vs reference vs
+# cuBLAS), `bench features --arch mp0-medium` (fast vs reference; energy NTK at ~80 atoms for the 200k
+# extrapolation), `bench select --device cuda` at 200k, and write JSON records, logs and summary.md
+# under $OUT (default bench/results/gpu).
+#
+#   on the GPU machine:  bash bench/gpu/run.sh
+#   dry run, here:       DRY=1 bash bench/gpu/run.sh   (no CUDA: checks the wheels resolve for Python 3.12
+#                        and runs every step on the CPU with small sizes; only the CUDA parts are skipped)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+DRY=${DRY:-0}
+OUT=${OUT:-bench/results/gpu}
+mkdir -p "$OUT"
+: > "$OUT/steps.log"
+if [ "$DRY" = 1 ]; then
+  PY=${PY:-.venv/bin/python}; DEV=cpu
+  ARCH=tiny; ATOMS=10; NSTRUCT=2; POOL=20000; NTRAIN="--n-train 1000"; REPEAT="--repeat 1"
+else
+  PY=${PY:-python3}; DEV=cuda
+  ARCH=mp0-medium; ATOMS=38; NSTRUCT=8; POOL=200000; NTRAIN=""; REPEAT=""
+fi
+export NTKAL_CACHE=${NTKAL_CACHE:-/tmp/ntkal-cache} OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONUNBUFFERED=1
+
+step() {  # step NAME TIMEOUT_S CMD...: run, time, keep the log's tail
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name: $*" | tee -a "$OUT/steps.log"
+  timeout "$limit" "$@" >> "$OUT/steps.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc, $((SECONDS - t0)) s" | tee -a "$OUT/steps.log"
+  return 0
+}
+
+# 0. the machine
+step machine 60 bash -c "nvidia-smi -L || true; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"-\")'"
+
+# 1. the carried wheels
+if [ "$DRY" = 1 ]; then
+  step wheels 120 $PY -m pip install -q --dry-run --ignore-installed --no-index --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp --target /tmp/ntkal-dry-site .whl/*.whl
+else
+  step wheels 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+# 2. GPU tests: every kernel test (the Triton kernels on the card, realistic sizes), fast = reference on CUDA
+step tests 150 $PY -m pytest tests/test_kernels.py -q -x -p no:cacheprovider
+step check_fast 120 $PY bench/gpu/check_fast.py --device $DEV --names mp0-medium,off-small
+
+# 3. kernels: Triton vs reference vs cuBLAS at the 200k chunk sizes
+step kernels 120 $PY -m bench kernels --pool-size $POOL --json "$OUT/kernels.json"
+
+# 4. featurizer: fast vs reference on mp0-medium; energy NTK at 80 atoms for the 200k OC20-size extrapolation
+step features 240 $PY -m bench features --arch $ARCH --atoms $ATOMS --n-structures $NSTRUCT --device $DEV --json "$OUT/features.json"
+step features80 90 $PY -m bench features --arch $ARCH --atoms 80 --n-structures $NSTRUCT --batch $NSTRUCT --device $DEV \
+  --cases plain,energy --pool-target 200000 --json "$OUT/features80.json"
+
+# 5. selection at 200k on the card
+step select 120 $PY -m bench select --device $DEV --pool-size $POOL --skip-bmdal $NTRAIN $REPEAT --json "$OUT/select.json"
+
+# 6. one table
+step summary 30 $PY bench/gpu/summarize.py "$OUT"
+cat "$OUT/summary.md" 2>/dev/null
