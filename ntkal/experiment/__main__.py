@@ -14,6 +14,7 @@ def main(argv=None) -> int:
     p.add_argument("--shard", default=None, help="i/n: run the i-th of n contiguous blocks of cells")
     p.add_argument("--curves", action="store_true", help="run the per-dataset fine-tune curves instead")
     p.add_argument("--report-only", action="store_true", help="only regenerate the report from the records")
+    p.add_argument("--plan", action="store_true", help="print cells and fine-tunes per dataset and shard; run nothing")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = p.parse_args(argv)
     import mace  # noqa: F401  (before e3nn)
@@ -22,6 +23,11 @@ def main(argv=None) -> int:
     from ..errors import NtkalError
     from .cli import run
     try:
+        if args.plan:
+            from .config import load_config
+            from .runner import plan_lines
+            print("\n".join(plan_lines(load_config(args.config, quick=args.quick))))
+            return 0
         run(args.config, args.quick, Path(args.out), shard=args.shard, curves=args.curves,
             report_only=args.report_only)
     except NtkalError as exc:

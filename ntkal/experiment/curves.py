@@ -38,7 +38,7 @@ def run_curves(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) 
             valid = ds.held_out_targets()[:cfg.curve.valid_size]
             replay, replay_valid, _ = ds.replay_split(base.replay_samples, base.replay_valid)
             tests = region_tests(ds, ds.tests)
-            pretrained = load_model(ds.model)
+            pretrained = load_model(ds.model, cfg.eval_dtype)
             pre = evaluate_splits(pretrained, tests, cfg.eval_batch_size)
             for protocol in todo:
                 ft = dataclasses.replace(base, protocol=protocol, epochs=cfg.curve.epochs)
@@ -48,7 +48,7 @@ def run_curves(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) 
                     res = finetune(ft, ds.model, init, valid, tmp, cfg.seeds[0], e0s, replay=replay,
                                    replay_valid=replay_valid)
                     cpu = time.process_time() - cpu0
-                    model = load_model(res.model_path)
+                    model = load_model(res.model_path, cfg.eval_dtype)
                     after = evaluate_splits(model, tests, cfg.eval_batch_size)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)

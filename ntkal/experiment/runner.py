@@ -78,6 +78,30 @@ def shard_cells(cells: List[Cell], index: int, count: int) -> List[Cell]:
     return cells[lo:hi]
 
 
+def finetune_count(cfg: StudyConfig, cell: Cell) -> int:
+    """Fine-tunes one cell costs: the shared round 0, every method's R rounds, the committee's extra members
+    in rounds 0 .. R-1."""
+    methods = cfg.scenario(cell.scenario).methods
+    extra = (cfg.committee_size - 1) * cfg.rounds if "committee" in methods else 0
+    return 1 + len(methods) * cfg.rounds + extra
+
+
+def plan_lines(cfg: StudyConfig, shards: int = 2) -> List[str]:
+    """Cells and fine-tunes per dataset x scenario and per shard: the study's arithmetic before it runs."""
+    cells = study_cells(cfg)
+    lines = []
+    for d in cfg.datasets:
+        for s in cfg.scenarios:
+            mine = [c for c in cells if c.dataset == d.name and c.scenario == s.name]
+            lines.append(f"{d.name:>6} {s.name:<8} {len(mine)} cells x {finetune_count(cfg, mine[0])} fine-tunes "
+                         f"({cfg.finetune_for(d.name).epochs} epochs)")
+    for i in range(shards):
+        part = shard_cells(cells, i, shards)
+        lines.append(f"shard {i}/{shards}: {len(part)} cells, {sum(finetune_count(cfg, c) for c in part)} fine-tunes: "
+                     + ", ".join(f"{c.key}/seed{c.seed}" for c in part))
+    return lines
+
+
 def shard_label(index: int, count: int) -> str:
     return "all" if count == 1 else f"{index}of{count}"
 
@@ -314,7 +338,7 @@ class Runner:
     def _check_settings(self, folder: Path, cond: Condition) -> None:
         """Results in `folder` are resumed only if they were made with the same settings."""
         cfg = self.cfg.to_dict()
-        wanted = {k: cfg[k] for k in ("initial_size", "budget", "rounds", "committee_size", "selection")}
+        wanted = {k: cfg[k] for k in ("initial_size", "budget", "rounds", "committee_size", "eval_dtype", "selection")}
         wanted["finetune"] = json.loads(json.dumps(cond.finetune.__dict__, default=_default))
         wanted["scenario"] = {k: v for k, v in cfg["scenarios"][[s["name"] for s in cfg["scenarios"]].index(
             cond.name)].items() if k != "methods"}
@@ -342,7 +366,7 @@ class Runner:
             have.update({k: tuple(v) for k, v in json.loads(path.read_text()).items()})
         todo = [a for a in structures if a.info["exp_id"] not in have]
         if todo:
-            model = load_model(ds.model)
+            model = load_model(ds.model, self.cfg.eval_dtype)
             de, df = per_structure_errors(model, todo, self.cfg.eval_batch_size)
             have.update({a.info["exp_id"]: (float(e), float(f)) for a, e, f in zip(todo, de, df)})
             atomic_json(path, dict(sorted(have.items())))
@@ -445,7 +469,7 @@ class Runner:
 
     def _evaluate(self, model_path, cond: Condition) -> dict:
         t0 = time.perf_counter()
-        model = load_model(model_path)
+        model = load_model(model_path, self.cfg.eval_dtype)
         out = evaluate_splits(model, cond.tests, self.cfg.eval_batch_size)
         self.stats["evaluations"] += 1
         self.stats["evaluate_s"] += time.perf_counter() - t0
