@@ -425,6 +425,9 @@ def _scenario_section(rec: Records, name: str, scen: str, figs: Path) -> List[st
                      f"{_msd(list(ff.values()))} | {_ci(df) if df else ''} | "
                      f"{_reach_text(rec, m, 'e_mae') if m != 'random' else ''} | "
                      f"{_reach_text(rec, m, 'f_mae') if m != 'random' else ''} |")
+    falling = _random_last_step(rec)
+    if falling:
+        lines += ["", falling]
     lines += ["", "Cheap metrics (need no fine-tune; mean ± sd over rounds and seeds; pretrained-model errors of the "
               "picks over those of the pool they were picked from; Spearman over the whole available pool, where the "
               "method scores every structure) and acquisition seconds per round:", "",
@@ -452,6 +455,21 @@ def _scenario_section(rec: Records, name: str, scen: str, figs: Path) -> List[st
                 cells.append(f"{_f(mean_sd(list(e.values()))['mean'])} / {_f(mean_sd(list(f.values()))['mean'])}")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _random_last_step(rec: Records) -> str:
+    """Is random's curve still falling at the end? Its last round's change, paired over seeds."""
+    parts = []
+    for key, label in (("e_mae", "E"), ("f_mae", "F")):
+        last, prev = {}, {}
+        for seed, rounds in rec.by_method.get("random", {}).items():
+            if len(rounds) >= 2 and rec.primary in rounds[-1]["metrics"]:
+                last[seed] = rounds[-1]["metrics"][rec.primary][key]
+                prev[seed] = rounds[-2]["metrics"][rec.primary][key]
+        if last:
+            parts.append(f"{label} {_ci(paired_difference(last, prev))}")
+    return ("Random's last round (final − previous, 95 % t-interval; negative = still falling): "
+            + "; ".join(parts) + ".") if parts else ""
 
 
 # ---------------------------------------------------------------------- verdicts
