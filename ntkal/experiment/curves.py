@@ -25,6 +25,8 @@ from .runner import atomic_json, initial_set, region_tests
 def run_curves(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) -> dict:
     """Run every missing (dataset, protocol) curve of the config into out/results/; returns the records."""
     results = Path(out) / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_json(results / "config.json", cfg.to_dict())
     records = {}
     for dcfg in cfg.datasets:
         path = results / f"{dcfg.name}_finetune_curve.json"
