@@ -199,12 +199,14 @@ class MultiheadResult:
 
 
 def multihead_model(foundation, workdir, head: str = "Default", seed: int = 1, n_train: int = 8,
+                    extra_args: Sequence[str] = ("--force_mh_ft_lr=True", "--lr=0.01"),
                     timeout: float = 300.0) -> MultiheadResult:
     """Fine-tune `foundation` (a model or a path) for one epoch with mace_run_train
     --multiheads_finetuning True and a local --pt_train_file; returns the multi-head model file it wrote.
 
-    Labels are random (the model's weights, not its accuracy, are what the tests need). Takes ~10 s on
-    a ~20k-parameter foundation model on one CPU core.
+    Labels are random (the model's weights, not its accuracy, are what the tests need). extra_args
+    default to a learning rate of 0.01 without mace's multi-head EMA, so that one epoch moves the
+    heads' readouts apart visibly. Takes ~10 s on a ~20k-parameter foundation model on one CPU core.
     """
     import ase.io
     import torch
@@ -236,6 +238,7 @@ def multihead_model(foundation, workdir, head: str = "Default", seed: int = 1, n
            "--save_cpu", "--E0s={" + ", ".join(f"{z}: {e}" for z, e in zip(zs, e0)) + "}"]
     if heads_yaml is not None:
         cmd.append(f"--heads={heads_yaml}")
+    cmd.extend(extra_args)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)

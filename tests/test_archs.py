@@ -62,3 +62,84 @@ def test_model_cache_is_built_once_outside_the_repository(tmp_path, monkeypatch)
     assert p.is_file() and tmp_path in p.parents
     mtime = p.stat().st_mtime_ns
     assert archs.model_path("tiny", mini=True) == p and p.stat().st_mtime_ns == mtime
+
+
+# --------------------------------------------------------------------------------------------------
+# multi-head models, as mace_run_train --multiheads_finetuning True writes them
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def multihead(tmp_path_factory):
+    from tiny import tiny_mace
+    return archs.multihead_model(tiny_mace(seed=5), tmp_path_factory.mktemp("mh"), head="surface")
+
+
+@pytest.fixture(scope="module")
+def mh_atoms():
+    from tiny import structures
+    return structures(3, seed=6)
+
+
+def test_multihead_model_loads_on_its_fine_tuned_head(multihead, mh_atoms):
+    assert multihead.heads == ["pt_head", "surface"]
+    fz = ntkal.MACEFeaturizer(str(multihead.path), kernel="energy", sketch_dim=16, dtype=F64)
+    assert fz.head == "surface" and fz.heads == ["pt_head", "surface"] and fz.settings()["head"] == "surface"
+    assert ntkal.MACEFeaturizer(str(multihead.path), kernel="energy", sketch_dim=16, head="pt_head").head == "pt_head"
+    with pytest.raises(ntkal.InputError, match="pt_head, surface"):
+        ntkal.MACEFeaturizer(str(multihead.path), kernel="energy", sketch_dim=16, head="Default")
+
+
+def test_multihead_rows_follow_the_head_and_fast_equals_reference(multihead, mh_atoms):
+    kw = dict(sketch_dim=24, seed=2, dtype=F64)
+    rows = {}
+    for head in ("surface", "pt_head"):
+        for probes in (None, 2):
+            fast = ntkal.MACEFeaturizer(str(multihead.path), kernel="joint", force_probes=probes, head=head,
+                                        impl="fast", **kw)
+            ref = ntkal.MACEFeaturizer(str(multihead.path), kernel="joint", force_probes=probes, head=head,
+                                       impl="reference", **kw)
+            a, b = fast(mh_atoms), ref(mh_atoms)
+            assert rel(a.rows, b.rows) <= 1e-9, (head, probes)
+            rows[head, probes] = a.rows
+    assert rel(rows["surface", None], rows["pt_head", None]) > 1e-3  # the heads' readouts differ
+
+
+def test_other_heads_readout_columns_add_nothing(multihead, mh_atoms):
+    """Perturbing the pretraining head's readout columns changes neither the fine-tuned head's rows nor
+    its coverage (coverage counts the parameters one head uses)."""
+    model = torch.load(multihead.path, weights_only=False)
+    kw = dict(kernel="joint", sketch_dim=24, seed=2, dtype=F64, force_probes=2)
+    before = ntkal.MACEFeaturizer(model, **kw)
+    readout_cov = ntkal.MACEFeaturizer(model, **{**kw, "kernel": "energy"}, params="readout").coverage
+    H = len(model.heads)
+    with torch.no_grad():  # weights [in, out] row-major; pt_head is head 0 (mace's remove_pt_head slicing)
+        for name, p in model.named_parameters():
+            if name.startswith("readouts.") and (name.endswith("linear.weight") or name.endswith("linear_2.weight")):
+                p.view(-1, H)[:, 0] += torch.randn_like(p.view(-1, H)[:, 0])  # its output column
+            elif name.startswith("readouts.") and name.endswith("linear_1.weight"):
+                hidden = model.get_submodule(name[:-len(".weight")]).irreps_out.dim // H
+                p.view(-1, H, hidden)[:, 0] += 1.0  # its hidden block
+    after = ntkal.MACEFeaturizer(model, **kw)
+    a, b = before(mh_atoms), after(mh_atoms)
+    assert torch.equal(a.rows, b.rows)
+    # a head uses, of each parameter, what mace's remove_pt_head keeps of it in the single-head model
+    from mace.tools.scripts_utils import remove_pt_head
+    single = dict(remove_pt_head(torch.load(multihead.path, weights_only=False), "surface").named_parameters())
+    used = {n: single[n].numel() if n in single else p.numel() for n, p in model.named_parameters()}
+    n_read = sum(v for n, v in used.items() if n.startswith("readouts."))
+    assert readout_cov == pytest.approx(n_read / sum(used.values()), rel=1e-12)
+
+
+def test_predict_matches_mace_calculator_on_the_chosen_head(multihead, mh_atoms):
+    from mace.calculators import MACECalculator
+    for head in ("surface", "pt_head"):
+        fz = ntkal.MACEFeaturizer(str(multihead.path), kernel="embedding", head=head, dtype=F64, batch_size=2)
+        e, f = fz.predict(mh_atoms)
+        assert e.dtype == torch.float64.__repr__() or str(e.dtype) == "float64"
+        calc = MACECalculator(model_paths=str(multihead.path), device="cpu", default_dtype="float64", head=head)
+        for i, a in enumerate(mh_atoms):
+            b = a.copy()
+            b.calc = calc
+            assert e[i] == pytest.approx(b.get_potential_energy(), rel=1e-10, abs=1e-10)
+            assert f[i].shape == (len(a), 3)
+            assert abs(f[i] - b.get_forces()).max() <= 1e-9

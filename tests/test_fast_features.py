@@ -135,7 +135,7 @@ def test_old_per_structure_route_equals_the_element_groups(model, atoms, monkeyp
     new = fast(atoms).rows
     monkeypatch.setattr(fastmod, "_LEGACY_ROUTE", True)
     old, _ = pair(model, "joint", 3)
-    assert set(old._taps.rule_counts()) == {"LinearRule", "DenseRule", "PerStructure"}
+    assert set(old._taps.rule_counts()) == {"LinearRule", "DenseTapRule", "PerStructure"}
     monkeypatch.setattr(fastmod, "_PERTURB_VMAP", False)
     a = old(atoms).rows
     monkeypatch.setattr(fastmod, "_PERTURB_VMAP", True)
@@ -166,8 +166,8 @@ def test_a_call_leaves_no_graph_behind(model, atoms, monkeypatch):
 
 
 def _hooked(module):
-    """Forward hooks, pre-hooks and rerouted forwards (rules.GroupedContraction) on the model."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + hasattr(m, "_ntkal_grouped")
+    """Forward hooks, pre-hooks and rerouted forwards (rules.RerouteRule) on the model."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + hasattr(m, "_ntkal_reroute")
                for m in module.modules())
 
 
@@ -190,3 +190,50 @@ def test_hooks_go_with_the_featurizer(model, atoms):
     del copy2
     gc.collect()
     assert _hooked(m2) == 0
+
+
+_BUDGET_CHILD = """
+import sys, json
+import numpy as np, torch
+torch.set_num_threads(1)
+import ntkal
+from ase.build import bulk
+model, out, mem = sys.argv[1], sys.argv[2], (None if sys.argv[3] == "none" else float(sys.argv[3]))
+rng = np.random.default_rng(0)
+ats = []
+for i in range(16):
+    a = bulk("Si", "diamond", a=5.43).repeat((3, 2, 2))
+    a.positions += rng.normal(scale=0.05, size=a.positions.shape)
+    ats.append(a)
+fz = ntkal.MACEFeaturizer(model, kernel="joint", sketch_dim=32, batch_size=64, memory_gb=mem)
+from bench import utils
+base = utils.rss_mib()
+rows = fz(ats).rows
+e, f = fz.predict(ats)
+torch.save(rows, out)
+print(json.dumps({"base_mib": base}))
+"""
+
+
+def test_memory_budget_bounds_the_peak_rss(tmp_path):
+    """Peak RSS of a child process featurising 16 structures of 24 atoms (exact joint rows, one batch unbudgeted) stays
+    under a memory_gb that the unbudgeted call exceeds; the rows do not change."""
+    from bench import utils
+    model_file = tmp_path / "m.model"
+    torch.save(tiny_mace(seed=23, dtype=torch.float32), model_file)
+    script = tmp_path / "child.py"
+    script.write_text(_BUDGET_CHILD)
+    env = {"OMP_NUM_THREADS": "1"}
+    free = utils.run_child([utils.PY, str(script), str(model_file), str(tmp_path / "a.pt"), "none"], env=env,
+                           cwd=str(utils.REPO))
+    assert free["rc"] == 0, free["stderr"][-2000:]
+    base = utils.last_json_line(free["stdout"])["base_mib"]
+    grew = free["child_peak_rss_mib"] - base
+    assert grew > 150, grew  # the featurisation itself needs memory worth bounding
+    budget_mib = base + 0.5 * grew
+    bound = utils.run_child([utils.PY, str(script), str(model_file), str(tmp_path / "b.pt"), str(budget_mib / 1024)],
+                            env=env, cwd=str(utils.REPO))
+    assert bound["rc"] == 0, bound["stderr"][-2000:]
+    assert bound["child_peak_rss_mib"] <= budget_mib, (bound["child_peak_rss_mib"], budget_mib, free["child_peak_rss_mib"])
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert rel(b, a) <= 1e-5

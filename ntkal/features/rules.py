@@ -12,6 +12,7 @@ per (structure, element) group) and symmetric contractions (GroupedContraction: 
 path, channel], per atom only the atom's element block is used) are sketched per (structure, element)
 group, so no per-structure dense gradient of their ~90 % of a foundation model's parameters is formed.
 
+BesselRule handles the radial basis weights that fine-tuning with mace_run_train makes trainable.
 RULES maps a layer type to its rule (first match wins); PerStructure (a zero per-structure weight
 perturbation, exact for any layer that is linear in its weights) is the fallback for other tensor
 products and, behind fast._LEGACY_ROUTE, the old route for all of them.
@@ -340,9 +341,15 @@ class LinearRule(TapRule):
                    _irrep_rows(y, sl_out[ins.i_out], mo.mul, d))
 
 
-class DenseRule(TapRule):
-    """e3nn FullyConnectedNet layer (_Layer): pre = x @ W / norm; taps the pre-activation through a
-    forward pre-hook on its activation module (or the layer's output when it has none)."""
+def _dense_alpha(m) -> float:
+    """e3nn _Layer: pre = α x W (α from its variances; e3nn/nn/_fc.py)."""
+    return 1.0 / math.sqrt(m.h_in * m.var_in if m.act is not None else m.h_in * m.var_in / m.var_out)
+
+
+class DenseTapRule(TapRule):
+    """e3nn FullyConnectedNet layer (_Layer), tapped: pre = α x W through a forward pre-hook on its
+    activation module (or the layer's output when it has none). Per projection it holds the adjoints
+    [edges, d_out] of every layer; the route before DenseRule (LEGACY_RULES)."""
 
     @staticmethod
     def claims(module, local) -> bool:
@@ -373,9 +380,80 @@ class DenseRule(TapRule):
         return handles
 
     def block_rows(self, x, y):
-        m = self.module
-        var = m.h_in * m.var_in if m.act is not None else m.h_in * m.var_in / m.var_out
-        yield self.weight_blocks[0], 1.0 / math.sqrt(var), x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        yield self.weight_blocks[0], _dense_alpha(self.module), x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+
+
+class DenseRule(Rule):
+    """e3nn FullyConnectedNet layer (_Layer, MACE's radial MLP on edges): pre = α x W. Hooks add a zero
+    per-structure weight, pre_e += α x_e Δ_{s(e)} (the act module's pre-hook, or the layer's output when
+    it has none), so autograd returns ∂E/∂Δ_s = α Σ_{e∈s} x_e ⊗ ∂E/∂pre_e and, in the double backward,
+    both force terms, as [structures, d_in, d_out]: far smaller than per-edge adjoints [edges, d_out]."""
+
+    claims = staticmethod(DenseTapRule.claims)
+
+    def install(self):
+        mod = self.module
+        self._x = None
+
+        def pre(module, inputs):
+            self._x = inputs[0] if self.recording() else None
+
+        def act_pre(module, inputs):  # the activation module may be shared by the net's layers
+            x, self._x = self._x, None
+            if x is not None and self.recording():
+                return (inputs[0] + self._extra(x),) + tuple(inputs[1:])
+            return None
+
+        def post(module, inputs, output):
+            x, self._x = self._x, None
+            if mod.act is None and x is not None and self.recording():
+                return output + self._extra(x)
+            return None
+        handles = [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+        if mod.act is not None:
+            handles.append(mod.act.register_forward_pre_hook(act_pre))
+        return handles
+
+    def begin(self, chunk):
+        super().begin(chunk)
+        w = self.module.weight
+        self.delta = torch.zeros((chunk.n,) + tuple(w.shape), dtype=w.dtype, device=w.device, requires_grad=True)
+
+    def release(self):
+        self.delta = self.grads = self._x = None
+        super().release()
+
+    def _extra(self, x):
+        """α x_e Δ_{s(e)} for rows sorted by structure (e3nn/MACE batches: edges in graph order)."""
+        seg = self.chunk.seg_for(x.shape[0])
+        counts = torch.bincount(seg, minlength=self.chunk.n)
+        if x.shape[0] > 1 and not bool((seg[1:] >= seg[:-1]).all()):
+            raise UnsupportedModel("radial-MLP rows are not sorted by structure")
+        if x.is_cuda:  # one padded batched matmul
+            maxlen = int(counts.max())
+            starts = torch.cumsum(counts, 0) - counts
+            pos = torch.arange(x.shape[0], device=x.device) - starts[seg] + seg * maxlen
+            out = torch.bmm(_pad(x, pos, self.chunk.n, maxlen), self.delta).reshape(-1, self.delta.shape[-1])[pos]
+        else:
+            out = torch.cat([xs @ d for xs, d in zip(x.split(counts.tolist()), self.delta)])
+        return _dense_alpha(self.module) * out
+
+    def first_inputs(self):
+        return [self.delta]
+
+    def set_first(self, grads, want_forces):
+        self.grads = _zeros(grads[0], self.delta)
+
+    def second_inputs(self):
+        return [self.delta]
+
+    def energy(self, sk, out):
+        out += sk.block_sketch(self.blocks["weight"][0], self.grads.reshape(out.shape[0], -1))
+
+    def force(self, sk, grads2, J, out):
+        g = _zeros(grads2[0], self.delta, J)
+        flat = out.view(-1, out.shape[-1])
+        flat += sk.block_sketch(self.blocks["weight"][0], g.reshape(flat.shape[0], -1))
 
 
 class ElementTPRule(TapRule):
@@ -449,53 +527,35 @@ def _element_tp_paths(module):
     return out
 
 
-class GroupedContraction(Rule):
-    """MACE symmetric contraction: out[b] = Σ_ν Σ_k W_ν[Z_b, k, c] B_ν[b, c, k] (linear in W, element
-    block Z_b per atom). The forward is rerouted through the same module with one weight block per
-    (structure, element) group, W[element(g)] + Δ[g] with Δ = 0, and one-hot group attributes:
-    ∂E/∂Δ[g] is the group's gradient block [path, channel], sketched with the element factor."""
-
-    @staticmethod
-    def claims(module, local) -> bool:
-        return type(module).__name__ == "Contraction" and (local == "weights_max" or local.startswith("weights."))
+class RerouteRule(Rule):
+    """A layer whose forward, while recording, is computed by the rule (call()) through the module itself
+    with substituted parameters (torch.func.functional_call); otherwise the class's own forward runs."""
 
     def install(self):
         mod = self.module
-        owners = getattr(mod, "_ntkal_grouped", None)
+        owners = getattr(mod, "_ntkal_reroute", None)
         if owners is None:
-            owners = mod._ntkal_grouped = []
-            mod.forward = types.MethodType(_grouped_forward, mod)
+            owners = mod._ntkal_reroute = []
+            mod.forward = types.MethodType(_rerouted_forward, mod)
         owners.append(weakref.ref(self))
         return [_Unreroute(mod, owners[-1])]
 
     def begin(self, chunk):
         super().begin(chunk)
-        self.uses = []  # (groups, {local: Δ})
+        self.uses = []  # (groups or None, {local: Δ})
 
     def release(self):
         self.uses = []
         self.grads = None
         super().release()
 
-    def call(self, module, x, y):
-        """The module's output with group weights (called by the rerouted forward while recording)."""
-        groups = Groups.from_onehot(y, self.chunk.node_seg)
-        params, deltas = {}, {}
-        for name, p in module.named_parameters():
-            w = p[groups.element]
-            if name in self.params:
-                deltas[name] = torch.zeros_like(w, requires_grad=True)
-                w = w + deltas[name]
-            params[name] = w
-        onehot = torch.nn.functional.one_hot(groups.of_atom, groups.n).to(y.dtype)
+    def _call(self, module, params, args):
         taps = self._taps()
         taps.guard = True
         try:
-            out = torch.func.functional_call(module, params, (x, onehot))
+            return torch.func.functional_call(module, params, args)
         finally:
             taps.guard = False
-        self.uses.append((groups, deltas))
-        return out
 
     def first_inputs(self):
         return [d for _, deltas in self.uses for d in deltas.values()]
@@ -506,26 +566,16 @@ class GroupedContraction(Rule):
     def second_inputs(self):
         return self.first_inputs()
 
-    def _add(self, sk, grads, J, out):
-        it = iter(grads)
-        for groups, deltas in self.uses:
-            for name in deltas:
-                g = next(it)  # [J, n_g, P, C]
-                bi = self.blocks[name][0]
-                F_e, F_p, F_c = sk.factors[bi]
-                s = (torch.matmul(g, F_c) * F_p).sum(-2) * F_e[groups.element] / math.sqrt(sk.k)
-                out.index_add_(1, groups.struct, s)
-
     def energy(self, sk, out):
-        self._add(sk, [g.unsqueeze(0) for g in self.grads], 1, out.unsqueeze(0))
+        self._add(sk, [g.unsqueeze(0) for g in self.grads], out.unsqueeze(0))
 
     def force(self, sk, grads2, J, out):
-        self._add(sk, [_zeros(g, d, J) for g, d in zip(grads2, self.first_inputs())], J, out)
+        self._add(sk, [_zeros(g, d, J) for g, d in zip(grads2, self.first_inputs())], out)
 
 
-def _grouped_forward(self, *args, **kwargs):
-    """A rerouted Contraction.forward: the recording GroupedContraction computes it, else the class's own."""
-    for ref in getattr(self, "_ntkal_grouped", ()):
+def _rerouted_forward(self, *args, **kwargs):
+    """A rerouted forward: the recording rule computes it, else the class's own."""
+    for ref in getattr(self, "_ntkal_reroute", ()):
         rule = ref()
         if rule is not None and rule.recording():
             return rule.call(self, *args, **kwargs)
@@ -533,21 +583,79 @@ def _grouped_forward(self, *args, **kwargs):
 
 
 class _Unreroute:
-    """Handle that undoes GroupedContraction.install (like a hook handle's remove())."""
+    """Handle that undoes RerouteRule.install (like a hook handle's remove())."""
 
     def __init__(self, module, ref):
         self.module, self.ref = module, ref
 
     def remove(self):
-        owners = getattr(self.module, "_ntkal_grouped", None)
+        owners = getattr(self.module, "_ntkal_reroute", None)
         if owners is None:
             return
         if self.ref in owners:
             owners.remove(self.ref)
         if not owners:
-            del self.module._ntkal_grouped
+            del self.module._ntkal_reroute
             if "forward" in self.module.__dict__:
                 del self.module.forward
+
+
+class GroupedContraction(RerouteRule):
+    """MACE symmetric contraction: out[b] = Σ_ν Σ_k W_ν[Z_b, k, c] B_ν[b, c, k] (linear in W, element
+    block Z_b per atom). The forward is rerouted through the same module with one weight block per
+    (structure, element) group, W[element(g)] + Δ[g] with Δ = 0, and one-hot group attributes:
+    ∂E/∂Δ[g] is the group's gradient block [path, channel], sketched with the element factor."""
+
+    @staticmethod
+    def claims(module, local) -> bool:
+        return type(module).__name__ == "Contraction" and (local == "weights_max" or local.startswith("weights."))
+
+    def call(self, module, x, y):
+        groups = Groups.from_onehot(y, self.chunk.node_seg)
+        params, deltas = {}, {}
+        for name, p in module.named_parameters():
+            w = p[groups.element]
+            if name in self.params:
+                deltas[name] = torch.zeros_like(w, requires_grad=True)
+                w = w + deltas[name]
+            params[name] = w
+        onehot = torch.nn.functional.one_hot(groups.of_atom, groups.n).to(y.dtype)
+        out = self._call(module, params, (x, onehot))
+        self.uses.append((groups, deltas))
+        return out
+
+    def _add(self, sk, grads, out):
+        it = iter(grads)
+        for groups, deltas in self.uses:
+            for name in deltas:
+                g = next(it)  # [J, n_g, P, C]
+                F_e, F_p, F_c = sk.factors[self.blocks[name][0]]
+                s = (torch.matmul(g, F_c) * F_p).sum(-2) * F_e[groups.element] / math.sqrt(sk.k)
+                out.index_add_(1, groups.struct, s)
+
+
+class BesselRule(RerouteRule):
+    """mace's BesselBasis with trainable bessel_weights w (fine-tuned models: mace_run_train
+    --foundation_model makes them a Parameter): out[e, b] = c sin(w_b x_e) / x_e, rerouted with per-edge
+    weights w + Δ[structure(e)], Δ = 0, so ∂E/∂Δ[s] is structure s's gradient."""
+
+    @staticmethod
+    def claims(module, local) -> bool:
+        return type(module).__name__ == "BesselBasis" and local == "bessel_weights"
+
+    def call(self, module, x):
+        seg = self.chunk.seg_for(x.shape[0])
+        w = module.bessel_weights
+        delta = torch.zeros((self.chunk.n,) + tuple(w.shape), dtype=w.dtype, device=w.device, requires_grad=True)
+        out = self._call(module, {"bessel_weights": w + delta[seg]}, (x,))
+        self.uses.append((None, {"bessel_weights": delta}))
+        return out
+
+    def _add(self, sk, grads, out):
+        flat = out.view(-1, out.shape[-1])
+        for g in grads:  # [J, n, num_basis]
+            for bi in self.blocks["bessel_weights"]:
+                flat += sk.block_sketch(bi, g.reshape(flat.shape[0], -1))
 
 
 class PerStructure(Rule):
@@ -632,5 +740,5 @@ class PerStructure(Rule):
 
 
 # layer type -> rule; the first rule that claims a parameter handles it (Opacus-style registry)
-RULES = (LinearRule, DenseRule, ElementTPRule, GroupedContraction, PerStructure)
-LEGACY_RULES = (LinearRule, DenseRule, PerStructure)  # the route before element groups (bench 'before')
+RULES = (LinearRule, DenseRule, ElementTPRule, GroupedContraction, BesselRule, PerStructure)
+LEGACY_RULES = (LinearRule, DenseTapRule, BesselRule, PerStructure)  # the route before element groups (bench 'before')
