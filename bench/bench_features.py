@@ -74,6 +74,11 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--exact-structures", type=int, default=2,
                    help="--arch: structures for exact force rows (3N double backwards each; default 2)")
     p.add_argument("--memory-gb", type=float, default=None, help="--arch: MACEFeaturizer(memory_gb=...)")
+    p.add_argument("--no-labelled-reference", dest="labelled_reference", action="store_false",
+                   help="--arch, case labelled: skip the reference path's exact rows")
+    p.add_argument("--reference-memory-gb", type=float, default=6.0,
+                   help="--arch: memory_gb of the reference path's exact-row cases when --memory-gb is not given "
+                   "(its default 64 rows per vmapped double backward took >15 GB on mp0-medium; default 6)")
     p.add_argument("--model", default=None, help="MACE model file (default: the shipped si_mace.model)")
     p.add_argument("--pool", default=None, help="structures to featurise (default: the shipped Si pool)")
     p.add_argument("--n-structures", type=int, default=None,

@@ -56,6 +56,8 @@ def run(a, argv) -> dict:
         if label == "labelled":
             for n_at in _sizes(a):
                 for sub, case in LABELLED.items():
+                    if case[2] == "reference" and not a.labelled_reference:
+                        continue
                     rows.append(_run_case(a, f"labelled {n_at} atoms: {sub}", case, n_at, a.exact_structures))
             continue
         if label not in CASES:
@@ -74,9 +76,12 @@ def run(a, argv) -> dict:
 
 def _run_case(a, label, case, n_atoms, n_struct) -> dict:
     kernel, probes, impl, route = case
+    memory_gb = a.memory_gb
+    if memory_gb is None and impl == "reference" and kernel in ("force", "joint") and probes is None:
+        memory_gb = a.reference_memory_gb
     spec = {"arch": a.arch, "atoms": n_atoms, "n": n_struct, "batch": min(a.batch, n_struct), "kernel": kernel,
             "probes": a.probes if probes == "m" else None, "impl": impl, "route": route,
-            "sketch_dim": a.sketch_dim, "dtype": a.dtype, "memory_gb": a.memory_gb}
+            "sketch_dim": a.sketch_dim, "dtype": a.dtype, "memory_gb": memory_gb}
     env = {"OMP_NUM_THREADS": str(a.threads)} if a.threads else None
     r = utils.run_child([utils.PY, "-m", "bench.features_arch", json.dumps(spec)], env=env, cwd=str(utils.REPO))
     out = utils.last_json_line(r["stdout"]) or {}
@@ -147,15 +152,16 @@ def child(spec: dict) -> dict:
     call(ats)
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
     peak = utils.peak_rss_mib()
-    return {"kernel": kernel, "probes": spec["probes"], "route": spec["route"] or "", **info, "cpu_s": cpu,
+    return {"kernel": kernel, "probes": spec["probes"], "route": spec["route"] or "", "memory_gb": spec["memory_gb"],
+            **info, "cpu_s": cpu,
             "wall_s": wall, "rss_before_gib": rss0 / 1024, "peak_rss_gib": peak / 1024,
             "peak_is_call_only": reset, "natoms_mean": sum(len(x) for x in ats) / len(ats)}
 
 
 COLUMNS = ["case", "impl", "n_structures", "natoms_mean", "rows_per_struct", "cpu_s", "over_floor", "peak_rss_gib",
-           "peak_over_floor", "rss_before_gib", "coverage", "note"]
+           "peak_over_floor", "rss_before_gib", "memory_gb", "coverage", "note"]
 HEADERS = ["case", "impl", "structures", "atoms", "rows/structure", "CPU s (one call)", "time / floor (per structure)",
-           "peak RSS GiB", "peak / floor peak", "RSS before GiB", "coverage", "note"]
+           "peak RSS GiB", "peak / floor peak", "RSS before GiB", "memory_gb", "coverage", "note"]
 
 
 def table(doc) -> str:

@@ -198,14 +198,14 @@ import numpy as np, torch
 torch.set_num_threads(1)
 import ntkal
 from ase.build import bulk
-model, out, mem = sys.argv[1], sys.argv[2], (None if sys.argv[3] == "none" else float(sys.argv[3]))
+model, out, mem, impl = sys.argv[1], sys.argv[2], (None if sys.argv[3] == "none" else float(sys.argv[3])), sys.argv[4]
 rng = np.random.default_rng(0)
 ats = []
 for i in range(16):
     a = bulk("Si", "diamond", a=5.43).repeat((3, 2, 2))
     a.positions += rng.normal(scale=0.05, size=a.positions.shape)
     ats.append(a)
-fz = ntkal.MACEFeaturizer(model, kernel="joint", sketch_dim=32, batch_size=64, memory_gb=mem)
+fz = ntkal.MACEFeaturizer(model, kernel="joint", sketch_dim=32, batch_size=64, memory_gb=mem, impl=impl)
 from bench import utils
 base = utils.rss_mib()
 rows = fz(ats).rows
@@ -215,23 +215,25 @@ print(json.dumps({"base_mib": base}))
 """
 
 
-def test_memory_budget_bounds_the_peak_rss(tmp_path):
-    """Peak RSS of a child process featurising 16 structures of 24 atoms (exact joint rows, one batch unbudgeted) stays
-    under a memory_gb that the unbudgeted call exceeds; the rows do not change."""
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_memory_budget_bounds_the_peak_rss(tmp_path, impl):
+    """Peak RSS of a child process featurising 16 structures of 24 atoms (exact joint rows: one batch, or
+    64 rows per double backward, unbudgeted) stays under a memory_gb that the unbudgeted call exceeds;
+    the rows do not change."""
     from bench import utils
     model_file = tmp_path / "m.model"
     torch.save(tiny_mace(seed=23, dtype=torch.float32), model_file)
     script = tmp_path / "child.py"
     script.write_text(_BUDGET_CHILD)
     env = {"OMP_NUM_THREADS": "1"}
-    free = utils.run_child([utils.PY, str(script), str(model_file), str(tmp_path / "a.pt"), "none"], env=env,
+    free = utils.run_child([utils.PY, str(script), str(model_file), str(tmp_path / "a.pt"), "none", impl], env=env,
                            cwd=str(utils.REPO))
     assert free["rc"] == 0, free["stderr"][-2000:]
     base = utils.last_json_line(free["stdout"])["base_mib"]
     grew = free["child_peak_rss_mib"] - base
     assert grew > 150, grew  # the featurisation itself needs memory worth bounding
     budget_mib = base + 0.5 * grew
-    bound = utils.run_child([utils.PY, str(script), str(model_file), str(tmp_path / "b.pt"), str(budget_mib / 1024)],
+    bound = utils.run_child([utils.PY, str(script), str(model_file), str(tmp_path / "b.pt"), str(budget_mib / 1024), impl],
                             env=env, cwd=str(utils.REPO))
     assert bound["rc"] == 0, bound["stderr"][-2000:]
     assert bound["child_peak_rss_mib"] <= budget_mib, (bound["child_peak_rss_mib"], budget_mib, free["child_peak_rss_mib"])

@@ -336,11 +336,10 @@ class MACEFeaturizer:
         params = self.sketch.parameters
         want_forces = self.kernel in ("force", "joint")
         psis, force_rows = [], []
-        key = f"reference:{self.kernel}:{self.force_probes}"
-        for (s,), data in self._batches(key, atoms_list, data_list, cap=1):
-            atoms = atoms_list[s]
+        key = f"reference-rows:{self.kernel}:{self.force_probes}"
+        for atoms, d in zip(atoms_list, data_list):
             n_at = len(atoms)
-            out = self.model(data, training=want_forces, compute_force=want_forces)
+            out = self.model(self.collate([d]), training=want_forces, compute_force=want_forces)
             psis.append(self.sketch.apply(self._grads(out["energy"].sum(), params))[0].detach() / n_at)
             if want_forces:
                 forces = out["forces"].reshape(-1)
@@ -349,19 +348,15 @@ class MACEFeaturizer:
                 else:  # F . z_j for Rademacher z_j
                     vecs = self.probe_vectors(atoms, self.force_probes)
                     scale = 1.0 / math.sqrt(self.force_probes)
-                force_rows.append(torch.cat([self.sketch.apply(self._row_grads(forces, v, params))
-                                             for v in vecs.split(self._row_chunk())]).detach() * scale)
+                parts = []
+                # rows per vmapped double backward: row_chunk, or what the memory budget holds (memory.py)
+                for idx in self.memory.batches(key, list(range(vecs.shape[0])), [1.0] * vecs.shape[0], self.row_chunk):
+                    with self.memory.measure(key, len(idx)):
+                        parts.append(self.sketch.apply(self._row_grads(forces, vecs[idx], params)).detach())
+                force_rows.append(torch.cat(parts) * scale)
         natoms = torch.tensor([len(a) for a in atoms_list], dtype=torch.int64)
         return structure_rows(torch.stack(psis), force_rows if want_forces else None, natoms,
                               self.kernel in ("energy", "joint"), self.force_probes is None)
-
-    def _row_chunk(self) -> int:
-        """Reference path: rows per vmapped double backward; with a budget, what a quarter of it holds
-        at three copies of every sketched parameter per row (gradients and their sketch transients)."""
-        if self.memory.limit is None:
-            return self.row_chunk
-        per_row = 3 * sum(p.numel() for p in self.sketch.parameters) * self.sketch.factors[0][0].element_size()
-        return int(min(self.row_chunk, max(1, 0.25 * self.memory.available() // per_row)))
 
 
 def select_head(heads: Sequence[str], head: Optional[str], source: str = "model") -> str:
