@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: the config's `quick:` sizes")
     p.add_argument("--out", default="ntkal-experiment", help="output directory (default ./ntkal-experiment)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--shard", default=None, help="I/N: run the I-th of N disjoint blocks of cells (run N processes)")
+    p.add_argument("--curves", action="store_true", help="only the fine-tune validation curves per dataset")
+    p.add_argument("--report-only", action="store_true", help="only results.md from the records under --out")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -415,7 +418,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .experiment.cli import run
             import torch
             torch.set_num_threads(max(1, args.threads))
-            run(args.config, args.quick, Path(args.out))
+            run(args.config, args.quick, Path(args.out), shard=args.shard, curves=args.curves,
+                report_only=args.report_only)
             return 0
         p = plan(args)
         _import_quietly()

@@ -29,8 +29,10 @@ CHUNK_SIZE = 64
 
 
 def default_shortlist(budget: int) -> int:
-    """M = max(10 B, 2000): wide enough for LCMD to trade score against diversity."""
-    return max(10 * int(budget), 2000)
+    """M = 3 B. Measured on biased pools (bench/RESULTS.md, acquisition): a shortlist of 2-3 B gave the
+    highest error on the picks for the NTK scores; the whole pool (the earlier max(10 B, 2000) on pools
+    below 2,000) left the choice to LCMD alone, and M = B (no diversity) was lower on most datasets."""
+    return 3 * int(budget)
 
 
 def flag(name: str) -> str:
@@ -157,7 +159,7 @@ HELP = {
     "method": "lcmd: diverse batch from the shortlist (default without --target); top: highest score; random; "
               "greedy: sequential target-variance reduction (default with --target)",
     "mode": "LCMD centres: training set + picks (tp, default) or picks in posterior space (p)",
-    "shortlist": "shortlist size M (default max(10 B, 2000))",
+    "shortlist": "shortlist size M from which the selector picks (default 3 B)",
     "sketch_dim": f"sketch dimension k (default {SKETCH_DIM})",
     "params": "parameters in the NTK (default all)",
     "force_probes": "Rademacher probes per structure for pool force rows (default: exact 3N rows)",

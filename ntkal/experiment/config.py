@@ -113,7 +113,7 @@ class SelectionConfig:
     force_probes: Optional[int] = 8     # pool force rows; labelled structures always use exact rows
     sigma_e2: float = 1e-2
     sigma_f2: float = 1e-2
-    shortlist: Optional[int] = None     # None: ntkal's default max(10 B, 2000)
+    shortlist: Optional[int] = None     # None: ntkal's default (ntkal.options.default_shortlist)
     target_shortlist: int = 100         # candidates re-featurised exactly for greedy target picks
     mode: str = "tp"
     top_kernel: str = "joint"           # kernel of the top-PV (no LCMD) ablation

@@ -428,6 +428,12 @@ class Runner:
             return feature_picks(store, kernel, "lcmd", labelled, avail, cond.budget, sel, seed)
         if base == "top":
             return feature_picks(store, sel.top_kernel, "top", labelled, avail, cond.budget, sel, seed)
+        if base in ("error", "error+pretrain"):  # the pretraining sample a fine-tuning user has: the replay data
+            pretrain = cond.replay if base == "error+pretrain" else ()
+            return feature_picks(store, kernel, "lcmd", labelled, avail, cond.budget, sel, seed, score="error",
+                                 pretrain=pretrain)
+        if base == "llpr":
+            return feature_picks(store, "readout", "lcmd", labelled, avail, cond.budget, sel, seed)
         if base == "committee":
             seeds = member_seeds(seed, cfg.committee_size)
             paths, extra_s = [], 0.0
