@@ -7,6 +7,9 @@ comes from the target region. Per dataset (the shipped si / oc20 / t1x sets and 
 - pretraining region: oc20 / t1x pool structures with region "base"; si: one half of si_pretrain (Si4/Si6
   cells), the other half being the --pretrain sample (a user's pretraining sample and MD pool differ);
 - target region: oc20 / t1x pool structures with region "target"; si: the si_pool cells (Si8/Si16);
+- methods: pv / error (ntkal's scores, shortlist + LCMD), each also +pretrain; mean (the error score's
+  posterior mean alone, no variance: an ablation); target (--target); committee (4 fine-tuned members);
+  llpr (readout-only posterior); oracle (the B largest real errors: the ceiling of the ratio);
 - labelled seed: `--seed-size` target-region structures of the train split; pretrain sample: `--pretrain-size`
   pretraining-region structures disjoint from the pool; unlabelled target sample (--target): 50.
 Every draw redraws pool, seed, samples and (for the committee) the fine-tune seeds. Features of the ONE
@@ -33,13 +36,12 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--pretrain-size", type=int, default=200)
     p.add_argument("--sketch-dim", type=int, default=256)
     p.add_argument("--force-probes", type=int, default=8)
-    p.add_argument("--shortlists", default="1,2,5,10,default",
+    p.add_argument("--shortlists", default="1,2,3,5,default",
                    help="shortlist sizes to sweep for the error score, as multiples of the budget ('default': "
                         "ntkal's current default)")
-    p.add_argument("--methods", default="random,pv,pv+pretrain,error,error+pretrain,mean,mean+pretrain,target,"
-                                        "committee,llpr",
+    p.add_argument("--methods", default="oracle,random,pv,pv+pretrain,error,error+pretrain,target,committee,llpr",
                    help="pv / error / mean (the error score's posterior mean alone), each optionally +pretrain")
-    p.add_argument("--sweep-kernels", default="force,joint", help="kernels whose shortlist size is swept")
+    p.add_argument("--sweep-kernels", default="", help="kernels whose shortlist size is swept (--shortlists)")
     p.add_argument("--committee-size", type=int, default=4)
     p.add_argument("--committee-epochs", type=int, default=20)
 
@@ -127,6 +129,8 @@ def run_dataset(name, a, methods, shortlists, log):
             t0 = time.perf_counter()
             if method == "random":
                 record(method, None, acquisition.random_picks(len(pool), budget, d, 0, name), 0.0)
+            elif method == "oracle":  # the B structures with the largest real force error: the ceiling
+                record(method, None, acquisition.Picks(np.argsort(-fe, kind="stable")[:budget], 0.0, {}), 0.0)
             elif method.split("+")[0] in ("pv", "error", "mean"):
                 score = method.split("+")[0]
                 pre = pretrain if method.endswith("+pretrain") else ()
