@@ -19,7 +19,9 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_miniature_fast_equals_reference(name):
+def test_miniature_fast_equals_reference(name, monkeypatch):
+    from ntkal.features import rules
+    monkeypatch.setattr(rules, "_BIG_LAYER_NUMEL", 0)  # the full model's rules on the miniature's small layers
     arch = archs.miniature(archs.ARCHS[name])
     model = archs.build(arch, seed=3)
     assert len(model.atomic_numbers) == len(arch.atomic_numbers)
@@ -39,11 +41,15 @@ def test_miniature_fast_equals_reference(name):
             assert rel(a.rows[m], b.rows[m]) <= 1e-9, (name, kernel, probes, kind)
 
 
-def test_mp0_medium_has_the_published_size():
-    """MACE-MP-0 medium: 4.69M parameters (built here: 4,688,656), 89 elements, 128x0e+128x1o."""
+def test_mp0_medium_has_the_published_size_and_takes_the_element_rules():
+    """MACE-MP-0 medium: 4.69M parameters (built here: 4,688,656), 89 elements, 128x0e+128x1o; skip_tp and
+    the contractions (~90 % of them) take the element-group rules, the big radial layers the Δ rule."""
     model = archs.build(archs.ARCHS["mp0-medium"])
     assert sum(p.numel() for p in model.parameters()) == 4_688_656
     assert len(model.atomic_numbers) == 89 and float(model.r_max) == 6.0
+    counts = ntkal.MACEFeaturizer(model, kernel="energy", sketch_dim=8)._taps.rule_counts()
+    assert "PerStructure" not in counts and counts["DenseRule"] > 0
+    assert counts["ElementTPRule"] + counts["GroupedContraction"] >= 0.85 * 4_688_656
 
 
 def test_structures_have_the_requested_size_and_elements():

@@ -4,6 +4,7 @@ import torch
 
 import ntkal
 from ntkal.features import fast as fastmod
+from ntkal.features import rules
 from ntkal.features.fast import size_groups
 from tiny import structures, tiny_mace
 
@@ -31,11 +32,20 @@ def rel(a, b):
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
+@pytest.fixture
+def all_rules(monkeypatch):
+    """Every layer of the tiny model takes the foundation-size rules (element groups, radial Δ)."""
+    monkeypatch.setattr(rules, "_BIG_LAYER_NUMEL", 0)
+
+
+@pytest.mark.parametrize("big", [True, False], ids=["big-layer-rules", "small-layer-rules"])
 @pytest.mark.parametrize("route", ["dense", "rows"])
 @pytest.mark.parametrize("kernel,probes", [("energy", None), ("force", None), ("force", 3), ("joint", None),
                                            ("joint", 5)])
-def test_fast_equals_reference(model, atoms, kernel, probes, route, monkeypatch):
+def test_fast_equals_reference(model, atoms, kernel, probes, route, big, monkeypatch):
     monkeypatch.setattr(fastmod, "_ROUTE", route)
+    if big:
+        monkeypatch.setattr(rules, "_BIG_LAYER_NUMEL", 0)
     fast, ref = pair(model, kernel, probes)
     assert fast.impl == "fast" and ref.impl == "reference"
     a, b = fast(atoms), ref(atoms)
@@ -56,7 +66,10 @@ def test_fast_equals_reference_for_parameter_subsets(model, atoms, params):
     assert rel(fast(atoms).rows, ref(atoms).rows) <= 1e-9
 
 
-def test_fast_path_covers_every_parameter(model):
+def test_fast_path_covers_every_parameter(model, monkeypatch):
+    small, _ = pair(model, "joint")  # the tiny model's layers are all below _BIG_LAYER_NUMEL
+    assert set(small._taps.rule_counts()) == {"LinearRule", "DenseTapRule", "PerStructure"}
+    monkeypatch.setattr(rules, "_BIG_LAYER_NUMEL", 0)
     fast, _ = pair(model, "joint")
     assert fast.impl == "fast" and fast.fallback_reason is None
     assert fast.coverage >= 0.95
@@ -68,7 +81,7 @@ def test_fast_path_covers_every_parameter(model):
     # skip_tp and the symmetric contractions go through the element-group rules, not the per-structure one
     counts = taps.rule_counts()
     assert counts.get("ElementTPRule", 0) > 0 and counts.get("GroupedContraction", 0) > 0
-    assert "PerStructure" not in counts
+    assert counts.get("DenseRule", 0) > 0 and "PerStructure" not in counts
 
 
 def test_double_backward_loop_equals_vmapped(model, atoms, monkeypatch):
@@ -80,7 +93,7 @@ def test_double_backward_loop_equals_vmapped(model, atoms, monkeypatch):
     assert rel(a, b) <= 1e-12
 
 
-def test_rows_do_not_depend_on_batching(model, atoms, monkeypatch):
+def test_rows_do_not_depend_on_batching(model, atoms, monkeypatch, all_rules):
     one, _ = pair(model, "joint", None, batch_size=1)
     many, _ = pair(model, "joint", None, batch_size=5)
     a = one(atoms)
@@ -128,9 +141,9 @@ def test_auto_takes_the_fast_path_for_every_force_kernel(model):
     assert ntkal.MACEFeaturizer(model, kernel="joint", impl="reference", **kw).impl == "reference"
 
 
-def test_old_per_structure_route_equals_the_element_groups(model, atoms, monkeypatch):
-    """The per-structure perturbation (the route before element groups, still the fallback for other
-    tensor products) gives the same rows, as one vmapped call and as a loop over structures."""
+def test_old_per_structure_route_equals_the_element_groups(model, atoms, monkeypatch, all_rules):
+    """The per-structure perturbation (the route before element groups, still the one for small layers and
+    other tensor products) gives the same rows, as one vmapped call and as a loop over structures."""
     fast, ref = pair(model, "joint", 3)
     new = fast(atoms).rows
     monkeypatch.setattr(fastmod, "_LEGACY_ROUTE", True)
@@ -171,7 +184,7 @@ def _hooked(module):
                for m in module.modules())
 
 
-def test_hooks_go_with_the_featurizer(model, atoms):
+def test_hooks_go_with_the_featurizer(model, atoms, all_rules):
     """close() (or the with-block) removes every hook and rerouted forward; so does dropping the last
     featurizer that shares the taps; a copy whose taps were closed takes the reference path."""
     import gc

@@ -12,10 +12,15 @@ per (structure, element) group) and symmetric contractions (GroupedContraction: 
 path, channel], per atom only the atom's element block is used) are sketched per (structure, element)
 group, so no per-structure dense gradient of their ~90 % of a foundation model's parameters is formed.
 
-BesselRule handles the radial basis weights that fine-tuning with mace_run_train makes trainable.
+DenseRule gives radial-MLP layers a zero per-structure weight Δ_s instead of taps, so a projection's
+double backward returns [structures, d_in, d_out] rather than per-edge adjoints. These three serve layers
+of at least _BIG_LAYER_NUMEL weights; smaller ones keep taps (DenseTapRule) and the per-structure
+perturbation, which are cheaper to call. BesselRule handles the radial basis weights that fine-tuning
+with mace_run_train makes trainable.
+
 RULES maps a layer type to its rule (first match wins); PerStructure (a zero per-structure weight
 perturbation, exact for any layer that is linear in its weights) is the fallback for other tensor
-products and, behind fast._LEGACY_ROUTE, the old route for all of them.
+products and small layers and, behind fast._LEGACY_ROUTE, the old route for all of them.
 """
 from __future__ import annotations
 
@@ -28,6 +33,17 @@ from typing import Dict, List, Optional
 import torch
 
 import ntk_kernels
+
+
+# Layers whose weights have fewer elements than this keep the cheaper-to-call routes (taps for radial-MLP
+# layers, the per-structure perturbation for tensor products and contractions): on the shipped 33k-parameter
+# model those measured 15-20 % faster than the element-group and Δ routes, whose point is bounded memory on
+# foundation-size layers (bench/RESULTS.md, features). Tests set it to 0 to exercise every rule.
+_BIG_LAYER_NUMEL = 1 << 15
+
+
+def _big(module) -> bool:
+    return sum(p.numel() for p in module.parameters()) >= _BIG_LAYER_NUMEL
 
 
 class UnsupportedModel(ValueError):
@@ -389,7 +405,9 @@ class DenseRule(Rule):
     it has none), so autograd returns ∂E/∂Δ_s = α Σ_{e∈s} x_e ⊗ ∂E/∂pre_e and, in the double backward,
     both force terms, as [structures, d_in, d_out]: far smaller than per-edge adjoints [edges, d_out]."""
 
-    claims = staticmethod(DenseTapRule.claims)
+    @staticmethod
+    def claims(module, local) -> bool:
+        return DenseTapRule.claims(module, local) and _big(module)
 
     def install(self):
         mod = self.module
@@ -463,7 +481,8 @@ class ElementTPRule(TapRule):
     @staticmethod
     def claims(module, local) -> bool:
         from e3nn import o3
-        if not (isinstance(module, o3.TensorProduct) and local == "weight" and module.internal_weights):
+        if not (isinstance(module, o3.TensorProduct) and local == "weight" and module.internal_weights
+                and _big(module)):
             return False
         in2 = module.irreps_in2
         if len(in2) != 1 or in2[0].ir.l != 0 or in2[0].ir.p != 1:
@@ -603,26 +622,41 @@ class _Unreroute:
 class GroupedContraction(RerouteRule):
     """MACE symmetric contraction: out[b] = Σ_ν Σ_k W_ν[Z_b, k, c] B_ν[b, c, k] (linear in W, element
     block Z_b per atom). The forward is rerouted through the same module with one weight block per
-    (structure, element) group, W[element(g)] + Δ[g] with Δ = 0, and one-hot group attributes:
-    ∂E/∂Δ[g] is the group's gradient block [path, channel], sketched with the element factor."""
+    (structure, element) group, W[element(g)] + Δ[g] with Δ = 0, and one-hot group attributes (at most
+    num_elements groups per call): ∂E/∂Δ[g] is the group's gradient block [path, channel], sketched with
+    the element factor."""
 
     @staticmethod
     def claims(module, local) -> bool:
-        return type(module).__name__ == "Contraction" and (local == "weights_max" or local.startswith("weights."))
+        return (type(module).__name__ == "Contraction" and (local == "weights_max" or local.startswith("weights."))
+                and _big(module))
 
     def call(self, module, x, y):
         groups = Groups.from_onehot(y, self.chunk.node_seg)
-        params, deltas = {}, {}
-        for name, p in module.named_parameters():
-            w = p[groups.element]
-            if name in self.params:
-                deltas[name] = torch.zeros_like(w, requires_grad=True)
-                w = w + deltas[name]
-            params[name] = w
-        onehot = torch.nn.functional.one_hot(groups.of_atom, groups.n).to(y.dtype)
-        out = self._call(module, params, (x, onehot))
+        deltas = {name: torch.zeros((groups.n,) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device,
+                                    requires_grad=True)
+                  for name, p in module.named_parameters() if name in self.params}
+        # At most as many groups per call as the model has elements, so that the element contraction
+        # (mace's traced einsum path, planned for num_elements) never grows; each call takes its groups' atoms.
+        n_el = y.shape[1]
+        outs, rows = [], []
+        for g0 in range(0, groups.n, n_el):
+            g1 = min(g0 + n_el, groups.n)
+            idx = None
+            if g0 > 0 or g1 < groups.n:
+                idx = torch.nonzero((groups.of_atom >= g0) & (groups.of_atom < g1)).squeeze(1)
+            params = {}
+            for name, p in module.named_parameters():
+                w = p[groups.element[g0:g1]]
+                params[name] = w + deltas[name][g0:g1] if name in deltas else w
+            gid = groups.of_atom if idx is None else groups.of_atom[idx]
+            onehot = torch.nn.functional.one_hot(gid - g0, g1 - g0).to(y.dtype)
+            outs.append(self._call(module, params, (x if idx is None else x[idx], onehot)))
+            rows.append(idx)
         self.uses.append((groups, deltas))
-        return out
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat(outs)[torch.argsort(torch.cat(rows))]
 
     def _add(self, sk, grads, out):
         it = iter(grads)
@@ -740,5 +774,5 @@ class PerStructure(Rule):
 
 
 # layer type -> rule; the first rule that claims a parameter handles it (Opacus-style registry)
-RULES = (LinearRule, DenseRule, ElementTPRule, GroupedContraction, BesselRule, PerStructure)
+RULES = (LinearRule, DenseRule, DenseTapRule, ElementTPRule, GroupedContraction, BesselRule, PerStructure)
 LEGACY_RULES = (LinearRule, DenseTapRule, BesselRule, PerStructure)  # the route before element groups (bench 'before')
