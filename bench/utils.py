@@ -99,6 +99,9 @@ def _status_kib(field: str) -> Optional[int]:
     return None
 
 
+from ntkal.features.memory import reset_peak_rss  # noqa: E402,F401  (one VmHWM reset for the benches too)
+
+
 def rss_mib() -> Optional[float]:
     v = _status_kib("VmRSS")
     return None if v is None else v / 1024
@@ -110,16 +113,6 @@ def peak_rss_mib() -> Optional[float]:
     if v is None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return v / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs). False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_child(argv: Sequence[str], timeout: Optional[float] = None, env: Optional[dict] = None,

@@ -27,6 +27,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ntkal: error: {message}\n")
 
 
+FILES = {  # file flags: (required, help)
+    "model": (True, "pretrained MACE model file (.model)"),
+    "train": (True, "labelled training structures (extxyz or ASE .db)"),
+    "pool": (True, "candidate pool (extxyz or ASE .db), streamed"),
+    "valid": (True, "labelled validation structures (extxyz or ASE .db)"),
+    "target": (False, "unlabelled structures where the model will be used: rank candidates by the expected "
+                      "reduction of their predictive variance"),
+    "pretrain": (False, "a sample of the structures the model was trained on (labels optional, streamed): it "
+                        "enters the posterior, so what the model already knows is not novel"),
+}
+SELECTION = ("budget", "method", "mode", "shortlist")
+EVALUATE_SKIP = SELECTION + ("kernel", "score", "checkpoint_every")  # options evaluate does not take
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = _Parser(prog="ntkal", description="Force-aware NTK active learning for MACE potentials: pick the "
@@ -34,55 +48,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ntkal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{select,score,evaluate,demo,experiment}")
 
-    def common(p, files=True, skip=(), defaults=None):
-        if files:
-            p.add_argument("--model", required=True, help="pretrained MACE model file (.model)")
-            p.add_argument("--train", required=True, help="labelled training structures (extxyz or ASE .db)")
-            p.add_argument("--pool", required=True, help="candidate pool (extxyz or ASE .db), streamed")
+    def command(name, help, description, files, out, skip=(), defaults=None):
+        p = sub.add_parser(name, help=help, description=description)
+        for f in files:
+            p.add_argument(flag(f), required=FILES[f][0], default=None, help=FILES[f][1])
         add_arguments(p.add_argument_group("options"), skip=skip, defaults=defaults)
+        p.add_argument("--out", **out)
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
+        return p
 
-    target_help = ("unlabelled structures where the model will be used: rank candidates by the expected "
-                   "reduction of their predictive variance")
-    pretrain_help = ("a sample of the structures the model was trained on (labels optional, streamed): it enters "
-                     "the posterior, so what the model already knows is not novel")
-    p = sub.add_parser("select", help="pick a batch of pool structures to label",
-                       description="Pick --budget pool structures to label; writes them as extxyz (input keys kept, "
-                                   "ntkal_* keys added) and a JSON report OUT.json beside it.")
-    common(p)
-    p.add_argument("--out", default=None, help="output extxyz (default: <pool name>_selected.extxyz here)")
-    p.add_argument("--target", default=None, help=target_help)
-    p.add_argument("--pretrain", default=None, help=pretrain_help)
-
-    p = sub.add_parser("score", help="score every pool structure",
-                       description="Write every pool structure with its score (streamed) and a report OUT.json.")
-    common(p, skip=("budget", "method", "mode", "shortlist"))
-    p.add_argument("--out", required=True, help="output extxyz")
-    p.add_argument("--target", default=None, help="also write each structure's expected target-variance reduction")
-    p.add_argument("--pretrain", default=None, help=pretrain_help)
-
-    p = sub.add_parser("evaluate", help="how good are the predicted errors on a labelled validation set",
-                       description="Fit on --train, predict the model's errors on the labelled --valid structures "
-                                   "with each kernel and score, and compare with the real errors: Spearman, "
-                                   "miscalibration area, 95 %% coverage, binned RMSE (OUT/evaluate.json, .png).")
-    p.add_argument("--model", required=True, help="pretrained MACE model file (.model)")
-    p.add_argument("--train", required=True, help="labelled training structures (extxyz or ASE .db)")
-    p.add_argument("--valid", required=True, help="labelled validation structures (extxyz or ASE .db)")
-    p.add_argument("--pretrain", default=None, help=pretrain_help)
+    command("select", "pick a batch of pool structures to label",
+            "Pick --budget pool structures to label; writes them as extxyz (input keys kept, ntkal_* keys added) "
+            "and a JSON report OUT.json beside it.", ("model", "train", "pool", "target", "pretrain"),
+            {"default": None, "help": "output extxyz (default: <pool name>_selected.extxyz here)"})
+    command("score", "score every pool structure",
+            "Write every pool structure with its score (streamed) and a report OUT.json.",
+            ("model", "train", "pool", "target", "pretrain"), {"required": True, "help": "output extxyz"}, SELECTION)
+    p = command("evaluate", "how good are the predicted errors on a labelled validation set",
+                "Fit on --train, predict the model's errors on the labelled --valid structures with each kernel "
+                "and score, and compare with the real errors: Spearman, miscalibration area, 95 %% coverage, "
+                "binned RMSE (OUT/evaluate.json, .png).", ("model", "train", "valid", "pretrain"),
+                {"default": "ntkal-evaluate", "help": "output directory (default ./ntkal-evaluate)"},
+                EVALUATE_SKIP)
     p.add_argument("--kernels", default="energy,force,joint", help="comma-separated kernels (default energy,force,joint)")
     p.add_argument("--scores", default="error,pv", help="comma-separated scores (default error,pv)")
-    add_arguments(p.add_argument_group("options"), skip=("budget", "method", "mode", "shortlist", "kernel", "score",
-                                                         "checkpoint_every"))
-    p.add_argument("--out", default="ntkal-evaluate", help="output directory (default ./ntkal-evaluate)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-
     # 8 probes keep Spearman 0.97 to exact at 0.28x the cost (bench/RESULTS.md, probes)
-    p = sub.add_parser("demo", help="select from the shipped Si data with the shipped model",
-                       description="Run `select` on the shipped PyXtal_FF Si pool with the shipped small MACE.")
-    common(p, files=False, defaults={"budget": 20, "force_probes": 8})
-    p.add_argument("--out", default="ntkal-demo", help="output directory (default ./ntkal-demo)")
+    command("demo", "select from the shipped Si data with the shipped model",
+            "Run `select` on the shipped PyXtal_FF Si pool with the shipped small MACE; the pool is labelled, so "
+            "predicted errors are shown beside the real ones.", (),
+            {"default": "ntkal-demo", "help": "output directory (default ./ntkal-demo)"},
+            defaults={"budget": 20, "force_probes": 8})
 
     p = sub.add_parser("experiment", help="active-learning study: select, label, fine-tune, evaluate",
                        description="Rounds of select -> label -> mace_run_train --foundation_model fine-tune -> "
@@ -106,10 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
 class Plan:
     command: str
     opts: Options
-    inputs: dict = field(default_factory=dict)   # name -> Path (model, train, pool, target)
+    inputs: dict = field(default_factory=dict)   # name -> Path (model, train, pool, target, pretrain, valid)
     out: Optional[Path] = None
-    report: Optional[Path] = None
-    extra: dict = field(default_factory=dict)    # demo: png path
+    plots: dict = field(default_factory=dict)    # name -> Path
+
+    @property
+    def report(self) -> Path:
+        return self.out if self.command == "evaluate" else report_path(self.out)
 
     @property
     def checkpoint(self) -> Path:
@@ -121,78 +120,52 @@ def report_path(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
-def _options(args) -> Options:
-    names = {f.name for f in dataclasses.fields(Options)}
-    return Options(**{k: v for k, v in vars(args).items() if k in names})
-
-
-def _check_input(what: str, path: Path):
-    if not path.exists():
-        raise InputError(f"{flag(what)}: no such file", path=path)
-    if not path.is_file():
-        raise InputError(f"{flag(what)}: not a file", path=path)
-    if what != "model":
-        from .io import read_structures
-        read_structures(path)  # checks the suffix and readability now; reads nothing
-
-
-def _check_output(path: Path, inputs, what: str = "--out") -> Path:
-    from .io import COMPRESSION_SUFFIXES, EXTXYZ_SUFFIXES, check_output_path
-    from .runstate import claim
-    name = path.name.lower()
-    for c in COMPRESSION_SUFFIXES:
-        name = name[: -len(c)] if name.endswith(c) else name
-    if what == "--out" and not name.endswith(EXTXYZ_SUFFIXES):
-        raise InputError(f"{what} must name an extxyz file (.xyz or .extxyz, optionally .gz/.bz2/.xz), "
-                         f"got {path.name!r}", path=path)
-    try:
-        check_output_path(path, inputs)
-    except InputError as exc:
-        raise InputError(f"{what}: {exc}") from None
-    return claim(path, what)
-
-
 def plan(args) -> Plan:
     """Options checked, inputs present and readable, outputs writable and not someone else's."""
-    p = Plan(args.command, _options(args).validate(target=getattr(args, "target", None) is not None))
-    if p.command in ("demo", "evaluate"):
-        outdir = Path(args.out)
-        if outdir.exists() and not outdir.is_dir():
-            raise InputError(f"--out of {p.command} must be a directory", path=outdir)
+    from .io import COMPRESSION_SUFFIXES, EXTXYZ_SUFFIXES, check_output_path, read_structures
+    from .runstate import claim
+    names = {f.name for f in dataclasses.fields(Options)}
+    opts = Options(**{k: v for k, v in vars(args).items() if k in names})
+    p = Plan(args.command, opts.validate(target=getattr(args, "target", None) is not None))
+    for what in FILES:
+        if getattr(args, what, None) is not None:
+            path = p.inputs[what] = Path(getattr(args, what)).expanduser()
+            if not path.is_file():
+                raise InputError(f"{flag(what)}: {'not a file' if path.exists() else 'no such file'}", path=path)
+            if what != "model":
+                read_structures(path)  # checks the suffix and readability now; reads nothing
+    folder = Path(args.out)
+    if p.command in ("demo", "evaluate") and folder.exists() and not folder.is_dir():
+        raise InputError(f"--out of {p.command} must be a directory", path=folder)
     if p.command == "demo":
         from .data import demo_files
-        files = demo_files()
-        p.inputs = {k: files[k] for k in ("model", "train", "pool")}
-        p.out = outdir / "selected.extxyz"
-        p.extra = {"png": outdir / "scores.png", "errors_png": outdir / "errors.png"}
+        p.inputs = {k: v for k, v in demo_files().items() if k in ("model", "train", "pool")}
+        p.out, p.plots = folder / "selected.extxyz", {"scores": folder / "scores.png", "errors": folder / "errors.png"}
+    elif p.command == "evaluate":
+        p.out, p.plots = folder / "evaluate.json", {"reliability": folder / "evaluate.png"}
     else:
-        for what in ("model", "train", "pool", "target", "pretrain", "valid"):
-            if getattr(args, what, None) is not None:
-                p.inputs[what] = Path(getattr(args, what)).expanduser()
-                _check_input(what, p.inputs[what])
-        if p.command == "evaluate":
-            p.out, p.extra = outdir / "evaluate.json", {"png": outdir / "evaluate.png"}
-        else:
-            p.out = Path(args.out or (Path(args.pool).name.split(".")[0] + "_selected.extxyz")).expanduser()
+        p.out = Path(args.out or (Path(args.pool).name.split(".")[0] + "_selected.extxyz")).expanduser()
+        name = p.out.name.lower()
+        for c in COMPRESSION_SUFFIXES:
+            name = name[: -len(c)] if name.endswith(c) else name
+        if not name.endswith(EXTXYZ_SUFFIXES):
+            raise InputError(f"--out must name an extxyz file (.xyz or .extxyz, optionally .gz/.bz2/.xz), "
+                             f"got {p.out.name!r}", path=p.out)
     if p.opts.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise InputError("--device cuda was asked for but no CUDA device is available")
-    inputs = list(p.inputs.values())
-    if p.command == "evaluate":
-        p.report = p.out
-    if p.command in ("select", "score") or p.out.parent.exists():
-        from .runstate import claim
+    if p.command in ("select", "score") or p.out.parent.exists():  # demo/evaluate create their folder later
+        outputs = {"--out": p.out, "report": p.report, **p.plots}
         if p.command != "evaluate":
-            _check_output(p.out, inputs)
-            p.report = _check_output(report_path(p.out), inputs, "report")
-            claim(p.checkpoint, "checkpoint folder")
-        else:
-            claim(p.out, "report")
-        for path in p.extra.values():
-            claim(path, "plot")
-    elif p.command == "demo":
-        p.report = report_path(p.out)
+            outputs["checkpoint folder"] = p.checkpoint
+        for what, path in outputs.items():
+            if what != "checkpoint folder":
+                try:
+                    check_output_path(path, list(p.inputs.values()))
+                except InputError as exc:
+                    raise InputError(f"{what}: {exc}") from None
+            claim(path, what)
     return p
 
 
@@ -242,13 +215,12 @@ def run_evaluate(p: Plan, args) -> dict:
     """ntkal evaluate: predicted vs real errors on a labelled validation set (JSON + reliability plot)."""
     from .evaluate import evaluate, plot
     from .io import write_json
-    opts = {k: v for k, v in dataclasses.asdict(p.opts).items()
-            if k not in ("budget", "method", "mode", "shortlist", "kernel", "score", "checkpoint_every")}
+    opts = {k: v for k, v in dataclasses.asdict(p.opts).items() if k not in EVALUATE_SKIP}
     results = evaluate(p.inputs["model"], p.inputs["train"], p.inputs["valid"], args.kernels.split(","),
                        args.scores.split(","), p.inputs.get("pretrain"), args.progress, **opts)
     p.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(p.out, _report(p, {"results": results}), list(p.inputs.values()))
-    plot(results, p.extra["png"], f"{p.inputs['valid'].name}: real vs predicted errors")
+    plot(results, p.plots["reliability"], f"{p.inputs['valid'].name}: real vs predicted errors")
     for kernel, by_score in results.items():
         for score, parts in by_score.items():
             if score == "calibration":
@@ -256,7 +228,7 @@ def run_evaluate(p: Plan, args) -> dict:
             line = "  ".join(f"{part} Spearman {m['spearman']:.2f} cov95 {m['coverage_95']:.2f} "
                              f"miscal {m['miscalibration_area']:.3f}" for part, m in parts.items())
             print(f"{kernel:>9} {score:>5}: {line}")
-    print(f"wrote {p.out}, {p.extra['png']}")
+    print(f"wrote {p.out}, {p.plots['reliability']}")
     return {"results": results}
 
 
@@ -271,6 +243,7 @@ def run_score(p: Plan, args) -> dict:
     from .acquisition.pipeline import Pipeline, featurizer_for
     from .api import scored_atoms
     from .io import atomic_output, write_extxyz, write_json
+    from .io.read import file_kind, open_text
     t0 = time.perf_counter()
     inputs = list(p.inputs.values())
     fz = featurizer_for(p.inputs["model"], p.opts)
@@ -289,24 +262,15 @@ def run_score(p: Plan, args) -> dict:
             missing = [c for c, part in enumerate(parts) if not part.exists()]
             if missing:
                 raise NtkalError(f"score parts missing for chunks {missing[:5]} in {ckpt.folder}")
-            with atomic_output(p.out, inputs) as tmp, _open_output(tmp) as fh:
+            with atomic_output(p.out, inputs) as tmp, open_text(tmp, "w", file_kind(p.out)[1]) as fh:
                 for part in parts:
-                    with open(part, "rb") as src:
+                    with open(part, encoding="utf-8") as src:
                         shutil.copyfileobj(src, fh)
             write_json(p.report, _report(p, {
                 "n_pool": pipe.n_pool, "n_train": post.n_train, "resumed_chunks": len(done),
                 "posterior": post.summary(), "featurizer": fz.settings(), "world_size": ckpt.dist.world,
                 "timings_s": {"total": time.perf_counter() - t0}}), inputs)
     return {"out": p.out, "report": p.report, "n": pipe.n_pool}
-
-
-def _open_output(path: Path):
-    """A binary writer for `path`, compressing by its suffix (.gz, .bz2, .xz) as the readers expect."""
-    import bz2
-    import gzip
-    import lzma
-    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(Path(path).suffix, open)
-    return opener(path, "wb")
 
 
 def run_demo(p: Plan, args) -> dict:
@@ -318,7 +282,7 @@ def run_demo(p: Plan, args) -> dict:
     seen = []
     done = run_select(p, args, on_chunk=lambda c, start, atoms, scored: seen.append(scored.values))
     res = done["result"]
-    plot_scores(res, p.extra["png"])
+    plot_scores(res, p.plots["scores"])
     real = real_force_errors(p.inputs["model"], p.inputs["pool"], p.opts)
     print(f"ntkal demo: picked {len(res.indices)} of {res.n_pool} Si structures "
           f"(kernel {p.opts.kernel}, score {res.info['score']}, {res.method}) in {time.perf_counter() - t0:.1f} s")
@@ -331,10 +295,8 @@ def run_demo(p: Plan, args) -> dict:
           f"pool {np.mean(real):.0f} (x{np.mean(real[res.indices]) / np.mean(real):.2f})")
     if seen and "force_error" in seen[0]:
         predicted = np.concatenate([v["force_error"] for v in seen])
-        plot_errors(predicted, real, res.indices, p.extra["errors_png"])
-        print(f"wrote {done['out']}, {done['report']}, {p.extra['png']}, {p.extra['errors_png']}")
-    else:
-        print(f"wrote {done['out']}, {done['report']}, {p.extra['png']}")
+        plot_errors(predicted, real, res.indices, p.plots["errors"])
+    print(f"wrote {done['out']}, {done['report']}, " + ", ".join(str(x) for x in p.plots.values() if x.exists()))
     return done
 
 
@@ -350,12 +312,9 @@ def real_force_errors(model, pool, opts):
 
 def plot_errors(predicted, real, picks, path: Path):
     """Predicted vs real force error of every pool structure, picks marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from scipy.stats import spearmanr
-    from .io import atomic_output
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    from .io.write import figure, save_png
+    fig, ax = figure(figsize=(4.5, 4))
     ax.scatter(predicted, real, s=6, color="0.6", label=f"pool (Spearman {spearmanr(predicted, real)[0]:.2f})")
     ax.scatter(predicted[picks], real[picks], s=14, color="C3", label=f"picked ({len(picks)})")
     lo, hi = 1.0, max(predicted.max(), real.max())  # below 1 meV/Å: symmetric cells with zero forces
@@ -367,21 +326,15 @@ def plot_errors(predicted, real, picks, path: Path):
     ax.set_xlabel("predicted force error (meV/Å)")
     ax.set_ylabel("real force error of the model (meV/Å)")
     ax.legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png", metadata={"Software": "ntkal"})
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_scores(res, path: Path):
     """Histogram of the shortlist's scores with the picks marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
-    from .io import atomic_output
+    from .io.write import figure, save_png
     scores = np.asarray(res.shortlist_scores)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = figure(figsize=(6, 3.5))
     bins = np.logspace(np.log10(max(scores.min(), 1e-12)), np.log10(scores.max()), 40)
     ax.hist(scores, bins=bins, color="0.7", label=f"shortlisted pool ({len(scores)})")
     ax.hist(res.scores, bins=bins, color="C3", label=f"picked by {res.method} ({len(res.scores)})")
@@ -389,10 +342,7 @@ def plot_scores(res, path: Path):
     ax.set_xlabel(f"{res.info['score']} score")
     ax.set_ylabel("structures")
     ax.legend(frameon=False)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png", metadata={"Software": "ntkal"})
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _import_quietly():

@@ -19,52 +19,42 @@ import torch
 from .acquisition.pipeline import Pipeline, Stream, featurizer_for
 from .acquisition.residuals import residual_rows
 from .errors import InputError
-from .features.rowblock import FORCE, KIND_NAMES, RowBlock
-from .options import KERNELS, Options
-
-SCORES = ("error", "pv")
+from .features.rowblock import ENERGY, FORCE, RowBlock
+from .options import KERNELS, SCORES, Options
 N_BINS = 8
 
 
 def evaluate(model, train, valid, kernels: Sequence[str] = ("energy", "force", "joint"),
              scores: Sequence[str] = SCORES, pretrain=None, progress: bool = False, **options) -> dict:
     """{kernel: {score: {"energy": metrics, "force": metrics}}} on the labelled structures `valid`."""
-    for k in kernels:
-        if k not in KERNELS:
-            raise InputError(f"--kernels: {k!r} is not one of {', '.join(KERNELS)}")
-    for s in scores:
-        if s not in SCORES:
-            raise InputError(f"--scores: {s!r} is not one of {', '.join(SCORES)}")
-    valid = list(Stream.of(valid, "valid").items)
+    for what, given, allowed in (("--kernels", kernels, KERNELS), ("--scores", scores, SCORES)):
+        bad = [x for x in given if x not in allowed]
+        if bad:
+            raise InputError(f"{what}: {bad[0]!r} is not one of {', '.join(allowed)}")
+    opts = Options.from_kwargs(**{**options, "kernel": "joint", "score": "error"}).validate()
+    base = featurizer_for(model, opts)
+    pipe = Pipeline(opts, base, progress)
+    src = Stream.of(valid, "valid")
+    valid = [a for _, _, chunk in pipe.chunks(src, "valid") for a in chunk]  # checked like any input
     if not valid:
-        raise InputError("the validation set is empty")
+        raise InputError("the validation set is empty", path=src.path)
+    e, f = base.predict(valid)
+    rows = {}  # exact rows of the validation set: the joint rows hold the energy and force kernels' rows
+    for kernel in ("joint", "embedding"):
+        if kernel in kernels or (kernel == "joint" and {"energy", "force"} & set(kernels)):
+            fz = base.with_kernel(kernel, None)
+            rows[kernel] = RowBlock.cat([fz(valid[i:i + opts.chunk()]) for i in range(0, len(valid), opts.chunk())])
     out: Dict[str, dict] = {}
-    fz0 = None
     for kernel in kernels:
-        opts = Options.from_kwargs(**{**options, "kernel": kernel, "score": "error"}).validate()
-        fz = featurizer_for(model, opts) if fz0 is None else fz0.with_kernel(kernel, opts.force_probes)
-        fz0 = fz0 or fz
-        post = Pipeline(opts, fz, progress).fit(train, pretrain)
-        exact = fz.with_kernel(kernel, None)
-        rows = RowBlock.cat([exact(valid[i:i + opts.chunk()]) for i in range(0, len(valid), opts.chunk())])
-        e, f = fz.predict(valid)
-        eps = residual_rows(rows, valid, e, f, required=True, path="valid")
-        out[kernel] = {s: _metrics(post, rows, eps, s) for s in scores}
+        post = Pipeline(opts, base.with_kernel(kernel, opts.force_probes), progress).fit(train, pretrain)
+        block = rows["embedding"] if kernel == "embedding" else rows["joint"]
+        if kernel in ("energy", "force"):
+            block = block.only((FORCE,) if kernel == "force" else (ENERGY,))
+        eps = residual_rows(block, valid, e, f, required=True, path=src.path)
+        out[kernel] = {s: _metrics(post, block, eps, s) for s in scores}
         out[kernel]["calibration"] = {"rho": post.rho, "alpha2": post.alpha2, "alpha2_pv": post.alpha2_pv,
                                       "how": post.info.get("calibration")}
     return out
-
-
-def predictive(post, rows: RowBlock, score: str):
-    """(μ, s²) per row in physical units: the predictive distribution of the residual."""
-    names = [KIND_NAMES[int(k)] for k in rows.kind.tolist()]
-    alpha2 = post.alpha2 if score == "error" else post.alpha2_pv
-    a2 = torch.tensor([alpha2.get(n, 1.0) for n in names], dtype=torch.float64)
-    rho2 = torch.tensor([post.rho.get(n, 0.0) ** 2 for n in names], dtype=torch.float64)
-    _, row_out = post.variances(rows)
-    s2 = a2 * rho2 * (post.row_scale(rows.kind) ** 2 * row_out + post.row_noise(rows.kind))
-    mu = post.residual_mean(rows) if score == "error" else torch.zeros_like(s2)
-    return mu, s2
 
 
 def _metrics(post, rows: RowBlock, eps: torch.Tensor, score: str) -> dict:
@@ -102,13 +92,10 @@ def summary(predicted: np.ndarray, real: np.ndarray, z: np.ndarray) -> dict:
 
 def plot(results: dict, path, title: str = ""):
     """Reliability plot: RMSE of the real errors in bins of predicted error, per kernel, score and part."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from .io import atomic_output
+    from .io.write import figure, save_png
     parts = ("energy", "force")
     kernels = list(results)
-    fig, axes = plt.subplots(len(parts), len(kernels), figsize=(3.2 * len(kernels), 5.6), squeeze=False)
+    fig, axes = figure(len(parts), len(kernels), figsize=(3.2 * len(kernels), 5.6), squeeze=False)
     for j, kernel in enumerate(kernels):
         for i, part in enumerate(parts):
             ax = axes[i, j]
@@ -133,7 +120,4 @@ def plot(results: dict, path, title: str = ""):
             ax.set_ylabel(f"real RMSE ({unit})", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png", metadata={"Software": "ntkal"})
-    plt.close(fig)
+    save_png(fig, path)

@@ -52,6 +52,7 @@ class Options:
     sketch_dim: int = SKETCH_DIM
     params: str = "all"
     force_probes: Optional[int] = None
+    train_force_probes: Optional[int] = None  # None: exact 3N force rows for the labelled set
     sigma_e2: float = SIGMA2
     sigma_f2: float = SIGMA2
     force_reduce: str = "mean"
@@ -67,25 +68,17 @@ class Options:
 
     def validate(self, target: bool = False) -> "Options":
         """Raise InputError naming the flag of the first bad setting; fill the derived defaults."""
-        choices = {"kernel": KERNELS, "mode": MODES, "params": PARAM_SETS,
-                   "force_reduce": FORCE_REDUCE, "device": DEVICES, "dtype": DTYPES, "impl": IMPLS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                _bad(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.score is not None and self.score not in SCORES:
-            _bad("score", f"must be one of {', '.join(SCORES)}, got {self.score!r}")
-        if self.method is not None and self.method not in METHODS:
-            _bad("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("budget", "sketch_dim", "chunk_size", "threads"):
-            _integer(self, name, 1)
-        for name in ("force_probes", "shortlist"):
+        for name, allowed in CHOICES.items():
+            v = getattr(self, name)
+            if v not in allowed and not (v is None and name in ("score", "method")):  # None: derived default
+                _bad(name, f"must be one of {', '.join(allowed)}, got {v!r}")
+        optional = ("force_probes", "train_force_probes", "shortlist")
+        for name in ("budget", "sketch_dim", "chunk_size", "threads", "seed") + optional:
+            if getattr(self, name) is not None or name not in optional:
+                _integer(self, name, None if name == "seed" else 1)
+        for name in ("sigma_e2", "sigma_f2", "memory_gb"):
             if getattr(self, name) is not None:
-                _integer(self, name, 1)
-        _integer(self, "seed", None)
-        for name in ("sigma_e2", "sigma_f2"):
-            _positive(self, name)
-        if self.memory_gb is not None:
-            _positive(self, "memory_gb")
+                _positive(self, name)
         if not (_number(self.checkpoint_every) and self.checkpoint_every >= 0):
             _bad("checkpoint_every", f"must be a number of seconds >= 0, got {self.checkpoint_every!r}")
         if self.method is None:
@@ -163,6 +156,8 @@ HELP = {
     "sketch_dim": f"sketch dimension k (default {SKETCH_DIM})",
     "params": "parameters in the NTK (default all)",
     "force_probes": "Rademacher probes per structure for pool force rows (default: exact 3N rows)",
+    "train_force_probes": "Rademacher probes for the labelled set's force rows (default: exact 3N rows): cost linear "
+                          "in the atoms instead of quadratic; the precision and residual sums stay unbiased",
     "sigma_e2": "energy noise variance after scaling",
     "sigma_f2": "force noise variance after scaling",
     "force_reduce": "combine a structure's force variances by mean (default) or sum over atoms",
@@ -183,7 +178,7 @@ CHOICES = {"kernel": KERNELS, "score": SCORES, "method": METHODS, "mode": MODES,
 def add_arguments(parser, skip=(), defaults=None):
     """One argparse option per Options field (type from the default, choices from CHOICES)."""
     defaults = defaults or {}
-    types = {"shortlist": int, "force_probes": int, "memory_gb": float, "method": str, "score": str, "head": str}
+    types = {"shortlist": int, "force_probes": int, "train_force_probes": int, "memory_gb": float, "method": str, "score": str, "head": str}
     for f in dataclasses.fields(Options):
         if f.name in skip:
             continue

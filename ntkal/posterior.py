@@ -42,28 +42,28 @@ KEEP_FOR_CALIBRATION = 2000  # labelled structures whose rows are kept for cross
 
 class Accumulator:
     """Sums over training rows, chunk by chunk: per-kind Grams, per-kind score parts, LCMD vectors and,
-    with residuals, per-kind Σ g ε, Σ ε², Σ |g|² (the labelled structures' rows are kept for calibration)."""
+    with residuals, per-kind Σ g ε, Σ ε², Σ |g|² (the first labelled structures' rows are kept for calibration)."""
 
-    def __init__(self, force_reduce: str = "mean"):
-        self.force_reduce = force_reduce
+    def __init__(self, force_reduce: str = "mean", seed: int = 0):
+        self.force_reduce, self.seed = force_reduce, seed
         self.gram: Dict[int, torch.Tensor] = {}
         self.part: Dict[int, float] = {}
         self.n = 0
         self.k: Optional[int] = None
-        self.psi: List[torch.Tensor] = []
-        self.psi_index: List[torch.Tensor] = []
+        self.psi: List[tuple] = []  # (first structure index, LCMD vectors of the chunk)
         self.psi_parts: Optional[List[int]] = None  # sizes of ψ's parts (energy, force), each scaled on its own
         self.b: Dict[int, torch.Tensor] = {}  # Σ g ε per kind (unscaled rows)
         self.res: Dict[int, List[float]] = {}  # per kind: Σ ε², Σ |g|², Σ_structures ε²/components (labelled)
-        self.kept: List[tuple] = []  # (rows, residuals) of labelled structures, for cross-fitting
+        self.kept: List[tuple] = []  # (first structure index, rows, residuals) of labelled chunks, for cross-fitting
 
-    def add(self, block: RowBlock, start: Optional[int] = None, psi: Optional[torch.Tensor] = None,
-            residuals: Optional[torch.Tensor] = None, labelled: bool = True):
-        """Add a chunk of rows. `start`: its first structure index (keeps LCMD centres in order); `residuals`:
-        float64 [R] label − prediction per row (NaN: unknown); labelled=False (a pretraining sample): the rows
-        enter the precision and Σ g ε only, not the scales, the LCMD centres or the calibration."""
+    def add(self, block: RowBlock, start: Optional[int] = None, residuals: Optional[torch.Tensor] = None,
+            labelled: bool = True):
+        """Add a chunk of rows. `start`: its first structure index (orders LCMD centres and the calibration set
+        the same whatever the sharding); `residuals`: float64 [R] label − prediction per row (NaN: unknown);
+        labelled=False (a pretraining sample): the rows enter the precision and Σ g ε only."""
         if len(block) == 0:
             return
+        from .acquisition.distances import lcmd_vectors
         rows = block.rows.detach()
         if self.k is None:
             self.k = rows.shape[1]
@@ -73,17 +73,14 @@ class Accumulator:
         if not torch.isfinite(sq).all():  # a NaN or inf anywhere in a row makes its squared norm one
             raise NtkalError("training features contain NaN or inf (check the training structures)")
         seg = block.seg.to(rows.device)
+        r = None if residuals is None else residuals.to(device=rows.device, dtype=F64)
         kinds = torch.unique(block.kind).tolist()
         for kind in kinds:
-            if len(kinds) == 1:  # no masked copy
-                g, sq_k, seg_k = rows, sq, seg
-            else:
-                m = (block.kind == kind).to(rows.device)
-                g, sq_k, seg_k = rows[m], sq[m], seg[m]
+            m = slice(None) if len(kinds) == 1 else (block.kind == kind).to(rows.device)  # no copy for one kind
+            g, sq_k, seg_k = rows[m], sq[m], seg[m]
             self.gram[kind] = self.gram.get(kind, 0) + _gram(g)
-            if residuals is not None:
-                r = residuals.to(device=rows.device, dtype=F64)
-                r_k = r if len(kinds) == 1 else r[m]
+            if r is not None:
+                r_k = r[m]
                 ok = torch.isfinite(r_k)
                 self.b[kind] = self.b.get(kind, 0) + g[ok].to(F64).T @ r_k[ok]
             if not labelled:
@@ -92,51 +89,47 @@ class Accumulator:
             if kind == FORCE and self.force_reduce == "mean":
                 per_struct = per_struct / block.natoms.to(per_struct)
             self.part[kind] = self.part.get(kind, 0.0) + float(per_struct.sum())
-            if residuals is not None:
+            if r is not None:
                 comps = 3 * block.natoms.to(F64) if kind == FORCE else torch.ones(len(block), dtype=F64)
                 per_s = torch.zeros(len(block), dtype=F64).index_add_(0, seg_k.cpu(), r_k.cpu().nan_to_num().square())
                 acc = self.res.setdefault(kind, [0.0, 0.0, 0.0])
                 acc[0] += float(r_k[ok].square().sum())
                 acc[1] += float(sq_k[ok].sum())
-                acc[2] += float((per_s / comps.to(per_s)).sum())
+                acc[2] += float((per_s / comps).sum())
         if not labelled:
             return
-        if residuals is not None and self.n < KEEP_FOR_CALIBRATION:
-            self.kept.append((block.to("cpu"), residuals.detach().cpu().to(F64)))
-        self.psi.append((block.lcmd_vectors() if psi is None else psi).detach().cpu())
         first = self.n if start is None else int(start)
-        self.psi_index.append(torch.arange(first, first + len(block)))
+        if r is not None and first < KEEP_FOR_CALIBRATION:
+            self.kept.append((first, block.to("cpu"), r.cpu()))
+        psi, self.psi_parts = lcmd_vectors(block, self.seed)
+        self.psi.append((first, psi))
         self.n += len(block)
 
     def merge(self, others: Iterable["Accumulator"]) -> "Accumulator":
-        """The sum of several accumulators (torchrun ranks' shards), LCMD vectors back in structure order."""
-        out = Accumulator(self.force_reduce)
-        out.psi_parts = self.psi_parts
+        """The sum of several accumulators (torchrun ranks' shards); LCMD centres and calibration rows back in
+        structure order, so every rank holds the one-process result."""
+        out = Accumulator(self.force_reduce, self.seed)
         for acc in [self, *others]:
             if acc.k is None:
                 continue
-            out.k = acc.k
-            for kind, g in acc.gram.items():
-                out.gram[kind] = out.gram.get(kind, 0) + g.cpu()
-            for kind, p in acc.part.items():
-                out.part[kind] = out.part.get(kind, 0.0) + p
-            for kind, b in acc.b.items():
-                out.b[kind] = out.b.get(kind, 0) + b.cpu()
+            out.k, out.psi_parts = acc.k, acc.psi_parts
+            for mine, theirs in ((out.gram, acc.gram), (out.part, acc.part), (out.b, acc.b)):
+                for kind, v in theirs.items():
+                    mine[kind] = mine.get(kind, 0) + (v.cpu() if torch.is_tensor(v) else v)
             for kind, r in acc.res.items():
                 out.res[kind] = [x + y for x, y in zip(out.res.get(kind, [0.0, 0.0, 0.0]), r)]
             out.n += acc.n
             out.psi += acc.psi
-            out.psi_index += acc.psi_index
-            out.kept += acc.kept[: max(0, KEEP_FOR_CALIBRATION - sum(len(b) for b, _ in out.kept))]
-        if out.psi:
-            order = torch.argsort(torch.cat(out.psi_index))
-            out.psi, out.psi_index = [torch.cat(out.psi)[order]], [torch.cat(out.psi_index)[order]]
+            out.kept += acc.kept
+        out.psi.sort(key=lambda t: t[0])
+        out.kept.sort(key=lambda t: t[0])
         return out
 
 
 @dataclass
 class Posterior:
-    """Λ = I + Σ_κ c_κ² Gram_κ / σ_κ² with its Cholesky factor and inverse, and the training LCMD centres."""
+    """Λ = I + Σ_κ c_κ² Gram_κ / σ_κ² with its Cholesky factor and inverse, the training LCMD centres and,
+    with labelled residuals, the residual model of the error-aware score (docs/design.md)."""
 
     L: torch.Tensor  # float64 [k, k], lower
     Linv: torch.Tensor  # float64 [k, k]
@@ -146,16 +139,16 @@ class Posterior:
     force_reduce: str
     jitter: float
     n_train: int
-    kinds: List[str]
     psi_scale: Union[float, torch.Tensor] = 1.0  # per ψ part (energy, force) when ψ has several
     train_psi: Optional[torch.Tensor] = None  # scaled LCMD vectors of the training structures
     info: dict = field(default_factory=dict)
-    # the residual model (error-aware score): posterior mean of ε/ρ, and per kind ρ (residual scale),
-    # α² (cross-fitted variance calibration) and the labelled set's mean squared residual per structure
+    # the residual model: posterior mean of ε/ρ, and per kind ρ (residual scale), α² (cross-fitted variance
+    # calibration; alpha2_pv for a zero mean, i.e. posterior variance alone) and the labelled set's mean
+    # squared residual per structure
     mean: Optional[torch.Tensor] = None
     rho: Dict[str, float] = field(default_factory=dict)
     alpha2: Dict[str, float] = field(default_factory=dict)
-    alpha2_pv: Dict[str, float] = field(default_factory=dict)  # the same calibration for a zero mean (PV alone)
+    alpha2_pv: Dict[str, float] = field(default_factory=dict)
     resid_ms: Dict[str, float] = field(default_factory=dict)
 
     # --- construction ---------------------------------------------------------------------------
@@ -183,24 +176,30 @@ class Posterior:
             scales[KIND_NAMES[kind]] = c
             lam = lam + (c * c / (sigma_f2 if kind == FORCE else sigma_e2)) * gram.cpu()
         L, jitter = robust_cholesky(lam)
-        psi, psi_scale = None, 1.0
-        if acc.psi:
-            psi = torch.cat(acc.psi).to(F64)
-            parts = acc.psi_parts or [psi.shape[1]]
-            factors = []
-            for block in psi.split(parts, dim=1):  # each part's mean squared norm over the labelled set is 1
-                ms = float(block.square().sum(1).mean())
-                factors.append(1.0 / math.sqrt(ms) if ms > 0 else 1.0)
-            psi_scale = factors[0] if len(parts) == 1 else torch.repeat_interleave(
-                torch.tensor(factors, dtype=F64), torch.tensor(parts))
-            psi = psi.mul_(psi_scale)
+        psi = torch.cat([p for _, p in acc.psi]).to(F64)
+        parts = acc.psi_parts or [psi.shape[1]]
+        factors = [1.0 / math.sqrt(ms) if ms > 0 else 1.0  # each part's mean squared norm over the labelled set is 1
+                   for ms in (float(b.square().sum(1).mean()) for b in psi.split(parts, dim=1))]
+        psi_scale = factors[0] if len(parts) == 1 else torch.repeat_interleave(torch.tensor(factors, dtype=F64),
+                                                                               torch.tensor(parts))
         post = cls(L=L, Linv=_tril_inverse(L), scales=scales, sigma_e2=float(sigma_e2), sigma_f2=float(sigma_f2),
-                   force_reduce=acc.force_reduce, jitter=jitter, n_train=acc.n, kinds=sorted(scales),
-                   psi_scale=psi_scale, train_psi=psi)
+                   force_reduce=acc.force_reduce, jitter=jitter, n_train=acc.n, psi_scale=psi_scale,
+                   train_psi=psi.mul_(psi_scale))
         if acc.res:
             post.fit_residuals(acc)
         return post
 
+    @classmethod
+    def fit(cls, featurizer, train_atoms, sigma_e2: float = SIGMA2, sigma_f2: float = SIGMA2,
+            force_reduce: str = "mean", chunk_size: int = 64, progress: bool = False) -> "Posterior":
+        """Featurise the training structures (exact force rows, also when the featurizer uses probes) and fit."""
+        from .acquisition.pipeline import Pipeline
+        from .options import Options
+        opts = Options(sigma_e2=sigma_e2, sigma_f2=sigma_f2, force_reduce=force_reduce, chunk_size=chunk_size)
+        opts.validate()
+        return Pipeline(opts, featurizer, progress).fit(train_atoms)
+
+    # --- the residual model -----------------------------------------------------------------------
     def fit_residuals(self, acc: Accumulator, rho: Optional[Dict[str, float]] = None):
         """ρ_κ² = Σε²/Σ|c g|² (the prior matches the labelled residuals' size; or the given ρ),
         m = Λ⁻¹ Σ_κ c_κ b_κ/(ρ_κ σ_κ²), then α² by cross-fitting."""
@@ -208,26 +207,15 @@ class Posterior:
         for kind, (ss, gg, per_struct) in acc.res.items():
             name, c = KIND_NAMES[kind], self.scales[KIND_NAMES[kind]]
             self.rho[name] = math.sqrt(ss / (c * c * gg)) if ss > 0 and gg > 0 else 0.0
-            if rho is not None and name in rho:
-                self.rho[name] = float(rho[name])
+            self.rho[name] = float((rho or {}).get(name, self.rho[name]))
             self.resid_ms[name] = per_struct / acc.n
             if self.rho[name] > 0:
-                b += c / (self.rho[name] * self.noise(kind)) * acc.b[kind].cpu()
+                b += c / (self.rho[name] * (self.sigma_f2 if kind == FORCE else self.sigma_e2)) * acc.b[kind].cpu()
         self.mean = self.Linv.T @ (self.Linv @ b)
         self.alpha2 = {name: 1.0 for name in self.rho}
         self.alpha2_pv = dict(self.alpha2)
         if acc.kept:
-            self.calibrate(acc.kept)
-
-    def residual_mean(self, rows: RowBlock) -> torch.Tensor:
-        """μ = ρ_κ c_κ gᵀm per row: the residual (label − prediction) the residual model predicts, in the
-        rows' physical units (eV/atom for energy rows, eV/Å for force components)."""
-        G = rows.rows.detach()
-        rho = torch.tensor([self.rho.get(KIND_NAMES[int(k)], 0.0) for k in rows.kind.tolist()], dtype=F64)
-        return (G @ self.mean.to(device=G.device, dtype=G.dtype)).cpu().to(F64) * self.row_scale(rows.kind) * rho
-
-    def noise(self, kind: int) -> float:
-        return self.sigma_f2 if kind == FORCE else self.sigma_e2
+            self.calibrate([(block, r) for _, block, r in acc.kept])
 
     def calibrate(self, kept, folds: int = 5, seed: int = 0):
         """α_κ² by K-fold cross-fitting over the kept labelled structures: with each fold's rows removed from Λ
@@ -240,28 +228,23 @@ class Posterior:
         if n < 2:
             self.info["calibration"] = "uncalibrated: fewer than 2 labelled structures with labels"
             return
-        g = rows.rows.detach().to(F64).cpu() * self.row_scale(rows.kind)[:, None]  # c g
-        rho = torch.tensor([self.rho.get(KIND_NAMES[int(k)], 0.0) for k in rows.kind.tolist()], dtype=F64)
-        noise = self.row_noise(rows.kind)
+        g = rows.rows.detach().to(F64).cpu() * self.per_row(rows.kind, self.scales)[:, None]  # c g
+        rho, noise = self.per_row(rows.kind, self.rho, 0.0), self.row_noise(rows.kind)
         ok = torch.isfinite(eps) & (rho > 0)
         target = torch.where(ok, eps / rho.clamp_min(1e-300), torch.zeros_like(eps))  # ε/ρ
         hat = g / noise.sqrt()[:, None]  # noise-normalised rows: Λ = I + Σ ĝĝᵀ, b = Σ ĝ (ε/ρ)/σ
         lam = self.L @ self.L.T
         b = lam @ self.mean
-        fold_of = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) % min(folds, n)
-        fold = fold_of[rows.seg.cpu()]
-        num = torch.zeros(len(KIND_NAMES), dtype=F64)
-        num_pv = torch.zeros(len(KIND_NAMES), dtype=F64)
-        den = torch.zeros(len(KIND_NAMES), dtype=F64)
+        fold = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)) % min(folds, n))[rows.seg.cpu()]
+        num, num_pv, den = (torch.zeros(len(KIND_NAMES), dtype=F64) for _ in range(3))
         for f in range(min(folds, n)):
-            sel = (fold == f) & ok
-            h = hat[sel]
-            Linv_f, _ = cholesky_inverse(lam - h.T @ h)
-            m_f = Linv_f.T @ (Linv_f @ (b - h.T @ (target[sel] / noise[sel].sqrt())))
-            mu = g[sel] @ m_f
+            out = fold == f  # every row of the fold leaves Λ; those with a residual are scored
+            sel = out & ok
+            Linv_f, _ = cholesky_inverse(lam - hat[out].T @ hat[out])
+            m_f = Linv_f.T @ (Linv_f @ (b - hat[sel].T @ (target[sel] / noise[sel].sqrt())))
             pv = (g[sel] @ Linv_f.T).square().sum(1)
             kinds = rows.kind[sel].long()
-            num.index_add_(0, kinds, (target[sel] - mu).square())
+            num.index_add_(0, kinds, (target[sel] - g[sel] @ m_f).square())
             num_pv.index_add_(0, kinds, target[sel].square())
             den.index_add_(0, kinds, pv + noise[sel])
         for kind, name in KIND_NAMES.items():
@@ -270,32 +253,52 @@ class Posterior:
                 self.alpha2_pv[name] = float(num_pv[kind] / den[kind])
         self.info["calibration"] = f"{min(folds, n)}-fold cross-fitted over {n} labelled structures"
 
-    @classmethod
-    def fit(cls, featurizer, train_atoms, sigma_e2: float = SIGMA2, sigma_f2: float = SIGMA2,
-            force_reduce: str = "mean", chunk_size: int = 64, progress: bool = False) -> "Posterior":
-        """Featurise the training structures (exact force rows, also when the featurizer uses probes) and fit."""
-        from .acquisition.pipeline import fit_posterior
-        return fit_posterior(featurizer, train_atoms, sigma_e2, sigma_f2, force_reduce, chunk_size, progress)
+    def predictive(self, rows: RowBlock, with_mean: bool = True):
+        """Per row, in the rows' physical units: μ = ρ c gᵀm (the residual the model predicts; 0 without the
+        mean), the calibrated epistemic variance α²ρ²c²‖L⁻¹g‖² and the noise floor α²ρ²σ²; and the variances'
+        (score [n], ‖L⁻¹g‖² [R]) of `variances`."""
+        seg_out, row_out = self.variances(rows)
+        a2 = self.per_row(rows.kind, self.alpha2 if with_mean else self.alpha2_pv, 1.0)
+        c, rho = self.per_row(rows.kind, self.scales), self.per_row(rows.kind, self.rho, 0.0)
+        G = rows.rows.detach()
+        mu = (G @ self.mean.to(device=G.device, dtype=G.dtype)).cpu().to(F64) * c * rho if with_mean else 0 * rho
+        return mu, a2 * rho.square() * c.square() * row_out, a2 * rho.square() * self.row_noise(rows.kind), \
+            (seg_out, row_out)
+
+    def residual_mean(self, rows: RowBlock) -> torch.Tensor:
+        """μ per row (see predictive)."""
+        return self.predictive(rows)[0]
 
     # --- per-row factors --------------------------------------------------------------------------
     @property
     def k(self) -> int:
         return self.L.shape[0]
 
+    @property
+    def kinds(self) -> List[str]:
+        return sorted(self.scales)
+
+    def per_row(self, kind: torch.Tensor, table: Dict[str, float], default: Optional[float] = None) -> torch.Tensor:
+        """table[name of the row's kind] for every row (float64); default None: a kind missing from the table
+        (one the training rows did not have) is an error."""
+        lut = torch.full((len(KIND_NAMES),), float("nan") if default is None else default, dtype=F64)
+        for k_id, name in KIND_NAMES.items():
+            if name in table:
+                lut[k_id] = table[name]
+        out = lut[kind.long().cpu()]
+        if default is None and bool(torch.isnan(out).any()):
+            missing = sorted({KIND_NAMES[int(k)] for k in kind[torch.isnan(out)].tolist()})
+            raise NtkalError(f"rows contain {', '.join(missing)} rows but the training rows had none (it knows "
+                             f"{', '.join(self.kinds) or 'nothing'}; use the same kernel)")
+        return out
+
     def row_scale(self, kind: torch.Tensor) -> torch.Tensor:
-        """c_κ of each row; an error for a kind the training rows did not have."""
-        c = torch.ones(kind.numel(), dtype=F64)
-        for k_id in torch.unique(kind).tolist():
-            name = KIND_NAMES.get(int(k_id))
-            if name not in self.scales:
-                raise NtkalError(f"rows contain {name} rows but the training rows had none (it knows "
-                                 f"{', '.join(self.kinds) or 'nothing'}; use the same kernel)")
-            c[kind == k_id] = self.scales[name]
-        return c
+        """c_κ of each row."""
+        return self.per_row(kind, self.scales)
 
     def row_noise(self, kind: torch.Tensor) -> torch.Tensor:
         """σ² of each row: σ_F² for force rows, σ_E² for energy and embedding rows."""
-        return torch.where(kind == FORCE, torch.tensor(self.sigma_f2, dtype=F64), torch.tensor(self.sigma_e2, dtype=F64))
+        return self.per_row(kind, {n: self.sigma_f2 if n == "force" else self.sigma_e2 for n in KIND_NAMES.values()})
 
     def row_weights(self, rows: RowBlock) -> torch.Tensor:
         """A row's weight in the structure score: c_κ²/σ_κ² (× 1/N for force rows with force_reduce='mean')."""
@@ -339,20 +342,19 @@ class Posterior:
         with force_reduce='mean' their mean over atoms is the force part of the score."""
         return self.score_with_atoms(rows)[1]
 
-    def atom_split(self, rows: RowBlock, row_out: torch.Tensor) -> List[Optional[np.ndarray]]:
+    def atom_split(self, rows: RowBlock, row_out: torch.Tensor, weight: Optional[float] = None):
+        """Per structure, per atom: weight × Σ over the atom's exact force rows of row_out (None without
+        them); weight defaults to c_F²/σ_F² (the atom's force variance)."""
         if rows.atom is None or "force" not in self.scales:
             return [None] * len(rows)
-        c2 = self.scales["force"] ** 2 / self.sigma_f2
+        w = self.scales["force"] ** 2 / self.sigma_f2 if weight is None else weight
         out: List[Optional[np.ndarray]] = []
         for s in range(len(rows)):
             a, b = int(rows.ptr[s]), int(rows.ptr[s + 1])
             atom = rows.atom[a:b]
             m = atom >= 0
-            if not bool(m.any()):
-                out.append(None)
-                continue
-            v = torch.zeros(int(rows.natoms[s]), dtype=F64).index_add_(0, atom[m], row_out[a:b][m] * c2)
-            out.append(v.numpy())
+            out.append(torch.zeros(int(rows.natoms[s]), dtype=F64).index_add_(0, atom[m], row_out[a:b][m] * w).numpy()
+                       if bool(m.any()) else None)
         return out
 
     def transform(self, psi: torch.Tensor) -> torch.Tensor:
@@ -362,7 +364,8 @@ class Posterior:
     def summary(self) -> dict:
         return {"k": self.k, "n_train": self.n_train, "sigma_e2": self.sigma_e2, "sigma_f2": self.sigma_f2,
                 "force_reduce": self.force_reduce, "scales": dict(self.scales), "jitter": self.jitter,
-                "kinds": list(self.kinds)}
+                "kinds": self.kinds, "rho": dict(self.rho), "alpha2": dict(self.alpha2),
+                "calibration": self.info.get("calibration")}
 
 
 def _tril_inverse(L: torch.Tensor) -> torch.Tensor:

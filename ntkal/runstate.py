@@ -140,25 +140,35 @@ class Checkpoint:
         errors = [e for e in self.dist.gather(error) if e]
         if errors:
             raise InputError(errors[0])
-        self.saved = bool(self.dist.gather(any(self.folder.glob(f"*{self.key}*")))[0])
+        # what _take left beside lock and meta.json is this key's resumable state
+        self.saved = bool(self.dist.gather(self.dist.rank == 0 and any(
+            p.name not in ("lock", "meta.json") for p in self.folder.iterdir()))[0])
         return self
 
     def _take(self):
         claim(self.folder, "checkpoint folder")
-        for _ in range(3):  # the folder may vanish between mkdir and open when another run just finished
+        lock = self.folder / "lock"
+        for _ in range(5):  # a run that just finished may remove the folder (and its lock) under us: retry
             self.folder.mkdir(parents=True, exist_ok=True)
             try:
-                fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-                break
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:
                 continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise InputError(f"another ntkal run (pid {holder}) is writing this output ({self.folder}); "
+                                 "wait for it to finish or choose another --out") from None
+            try:
+                if os.fstat(fd).st_ino == os.stat(lock).st_ino:  # the lock we hold is still the folder's
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise InputError(f"another ntkal run (pid {holder}) is writing this output ({self.folder}); "
-                             "wait for it to finish or choose another --out") from None
+        else:
+            raise InputError(f"could not take the lock of {self.folder}: other runs keep replacing it")
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock = fd

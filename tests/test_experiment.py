@@ -378,8 +378,9 @@ def test_verdicts_follow_the_intervals():
     assert got == pytest.approx(10 + 15 * (100.0 - 98.0) / (100.0 - 80.1666666), rel=1e-6)
     assert ratio == pytest.approx(got / 25) and seeds == (3, 3)
     goal = report.verdict_goal({"oc20": report.Records(_runs({"random": [99.0, 97.0, 98.0], "joint": [80.0, 79.0, 81.5]},
-                                                            scenario="biased"), "oc20", "biased")})
+                                                            scenario="biased"), "oc20", "biased")}, method="joint")
     assert goal[0] == "held"
+    assert report.verdict_goal({"oc20": None})[0] == "not tested"  # the default method (error:joint) did not run
 
 
 # ------------------------------------------------------------------ the CI smoke run

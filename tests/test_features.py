@@ -1,4 +1,4 @@
-"""Feature maps on a tiny random MACE in float64: the mathematics of DESIGN §2."""
+"""Feature maps on a tiny random MACE in float64: the mathematics of docs/design.md, Features."""
 import subprocess
 import sys
 from pathlib import Path

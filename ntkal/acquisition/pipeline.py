@@ -121,9 +121,10 @@ class Pipeline:
         self.score = opts.score  # resolved by fit() when opts.score is None
 
     # --- featurising ------------------------------------------------------------------------------
-    def _exact(self):
+    def _exact(self, probes=None):
+        """The featurizer with exact force rows (or `probes` probe rows)."""
         fz = self.fz
-        return fz if fz.force_probes is None else fz.with_kernel(fz.kernel, None)
+        return fz if fz.force_probes == probes else fz.with_kernel(fz.kernel, probes)
 
     def chunks(self, src: Stream, what: str) -> Iterator:
         """(chunk number, first structure index, chunk) over the stream; structures are checked on every
@@ -152,14 +153,13 @@ class Pipeline:
                     disable=not (self.progress and self.dist.rank == 0))
 
     # --- posterior --------------------------------------------------------------------------------
-    def psi(self, rows: RowBlock, post: Optional[Posterior] = None):
-        """LCMD vectors of a chunk (distances.py); P mode transforms the rows by L⁻¹ first."""
-        linv = post.Linv if post is not None and self.opts.mode == "p" else None
-        return lcmd_vectors(rows, self.opts.seed, linv)
+    def psi(self, rows: RowBlock, post: Posterior):
+        """Scaled LCMD vectors of a chunk (distances.py); P mode transforms the rows by L⁻¹ first."""
+        return lcmd_vectors(rows, self.opts.seed, post.Linv if self.opts.mode == "p" else None)[0] * post.psi_scale
 
     def fit(self, train, pretrain=None, residuals=None) -> Posterior:
-        """Fit the posterior on the labelled structures (exact force rows; sharded over ranks) and a
-        pretraining sample (pool featurisation, labels optional). With --score error, the labelled
+        """Fit the posterior on the labelled structures (exact force rows, or --train-force-probes; sharded over
+        ranks) and a pretraining sample (pool featurisation, labels optional). With --score error, the labelled
         residuals (label − model prediction) fit the residual model too: computed with the model's
         predictions, or given per chunk for precomputed rows (residuals = {"train": [...], "pretrain": [...]})."""
         if self.ckpt is not None:
@@ -168,7 +168,7 @@ class Pipeline:
                 self.score = saved["score"]
                 return saved["posterior"]
         t = time.perf_counter()
-        acc = Accumulator(self.opts.force_reduce)
+        acc = Accumulator(self.opts.force_reduce, self.opts.seed)
         need = self.opts.score != "pv"
         n_labelled, unlabelled = 0, 0
         for what, stream in (("train", train), ("pretrain", pretrain)):
@@ -176,7 +176,7 @@ class Pipeline:
                 continue
             src = Stream.of(stream, what)
             labelled = what == "train"
-            fz = None if src.rows else (self._exact() if labelled else self.fz)
+            fz = None if src.rows else (self._exact(self.opts.train_force_probes) if labelled else self.fz)
             given = (residuals or {}).get(what)
             given = None if given is None else iter(given)
             bar = self._bar(src.total, f"{what} features")
@@ -190,8 +190,7 @@ class Pipeline:
                                             required=labelled and self.opts.score == "error", path=src.path,
                                             start=start)
                         unlabelled += labelled and bool(torch.isnan(res).any())
-                    psi, acc.psi_parts = self.psi(rows) if labelled else (None, acc.psi_parts)
-                    acc.add(rows, start, psi, res, labelled)
+                    acc.add(rows, start, res, labelled)
                 n_labelled += len(chunk) if labelled else 0
                 bar.update(len(chunk))
             bar.close()
@@ -262,7 +261,7 @@ class Pipeline:
             def build(pos):
                 nonlocal psi
                 if psi is None:
-                    psi = self.psi(rows, post)[0] * post.psi_scale
+                    psi = self.psi(rows, post)
                 return [Candidate(start + j, float(scored.key[j]), psi[j].clone(), None if atoms is None else atoms[j],
                                   {n: float(v[j]) for n, v in scored.values.items()},
                                   {n: v[j] for n, v in scored.atom_values.items()}) for j in pos.tolist()]
@@ -302,7 +301,7 @@ class Pipeline:
         pos, status = selector.pick(cands, opts.budget, ctx)
         picks = [cands[i] for i in pos]
         self.timings["select"] = time.perf_counter() - t
-        self._exact_atom_variances(post, picks)
+        self._exact_atom_values(scorer, picks)
         self.timings["total"] = time.perf_counter() - t0
         atoms = [annotate(c, r) for r, c in enumerate(picks)] if picks and picks[0].atoms is not None else None
         info = {"shortlist_size": len(state.top), "world_size": self.dist.world, "score": scorer.name,
@@ -321,14 +320,21 @@ class Pipeline:
             atoms=atoms, info=info)
 
     def _rows_of(self, cands: List[Candidate]) -> Optional[RowBlock]:
-        """Exact feature rows of candidates: re-featurised structures, or the caller's exact_rows."""
+        """Exact feature rows of candidates: re-featurised structures, or the caller's exact_rows; rows made
+        for the shortlist (greedy) are reused for the picks."""
+        done = getattr(self, "_exact_done", {})
+        if done and all(c.index in done for c in cands):
+            return self._exact_block.select([done[c.index] for c in cands])
         if cands and cands[0].atoms is not None and self.fz is not None:
             from ..io import iter_chunks
             exact = self._exact()
-            return RowBlock.cat([exact(c) for c in iter_chunks([c.atoms for c in cands], self.opts.chunk())])
-        if self.exact_rows is not None:
-            return self.exact_rows([c.index for c in cands])
-        return None
+            block = RowBlock.cat([exact(c) for c in iter_chunks([c.atoms for c in cands], self.opts.chunk())])
+        elif self.exact_rows is not None:
+            block = self.exact_rows([c.index for c in cands])
+        else:
+            return None
+        self._exact_done, self._exact_block = {c.index: j for j, c in enumerate(cands)}, block
+        return block
 
     def _greedy(self, post, scorer):
         """Target-aware sequential picks on the shortlist's exact rows; each pick's reduction at pick time."""
@@ -342,18 +348,15 @@ class Pipeline:
             return pos, None
         return pick
 
-    def _exact_atom_variances(self, post, picks):
-        """Probe rows have no per-atom split: the B picks get exact force rows for their atom variances."""
+    def _exact_atom_values(self, scorer, picks):
+        """Probe rows have no per-atom split: the B picks are scored again on exact force rows for their
+        per-atom values (force variance, force error)."""
         fz = self.fz
         if fz is None or fz.force_probes is None or fz.kernel not in ("force", "joint") or not picks:
             return
         t = time.perf_counter()
-        for c, v in zip(picks, post.atom_variances(self._rows_of(picks))):
-            c.atom_values["atom_variance"] = v
-        self.timings["exact_atom_variances_of_picks"] = time.perf_counter() - t
-
-
-def fit_posterior(featurizer, train, sigma_e2, sigma_f2, force_reduce="mean", chunk_size=64, progress=False):
-    """Posterior.fit's body: the pipeline's fit with a given featurizer."""
-    opts = Options(sigma_e2=sigma_e2, sigma_f2=sigma_f2, force_reduce=force_reduce, chunk_size=chunk_size)
-    return Pipeline(opts.validate(), featurizer, progress).fit(train)
+        rows = self._rows_of(picks)
+        scored = (scorers.PVScorer(scorer.post) if isinstance(scorer, scorers.TargetScorer) else scorer)(rows)
+        for j, c in enumerate(picks):
+            c.atom_values.update({n: v[j] for n, v in scored.atom_values.items()})
+        self.timings["exact_atom_values_of_picks"] = time.perf_counter() - t

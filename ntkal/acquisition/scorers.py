@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..features.rowblock import RowBlock
+from ..features.rowblock import FORCE, KIND_NAMES, RowBlock
 
 
 @dataclass
@@ -82,38 +82,23 @@ class ErrorScorer:
         self.post, self.variance = post, variance  # variance=False ranks by the posterior mean alone
 
     def __call__(self, rows: RowBlock) -> Scored:
-        from ..features.rowblock import FORCE, KIND_NAMES
         post, F64 = self.post, torch.float64
-        pv_seg, row_out = post.variances(rows)
-        kind = rows.kind
-        c = post.row_scale(kind)
-        names = [KIND_NAMES[int(k)] for k in kind.tolist()]
-        rho = torch.tensor([post.rho.get(n, 0.0) for n in names], dtype=F64)
-        alpha2 = torch.tensor([post.alpha2.get(n, 1.0) for n in names], dtype=F64)
-        mu = post.residual_mean(rows)
-        spread = mu.square() + alpha2 * rho.square() * c.square() * row_out * self.variance  # without the noise floor
-        floor = alpha2 * rho.square() * post.row_noise(kind) * self.variance
-        n, seg = len(rows), rows.seg.cpu()
-        is_f = kind == FORCE
-        comps = 3 * rows.natoms.to(F64)
-        e2_f = torch.zeros(n, dtype=F64).index_add_(0, seg[is_f], spread[is_f]) / comps
-        e2_e = torch.zeros(n, dtype=F64).index_add_(0, seg[~is_f], (spread + floor)[~is_f])
-        has_f = torch.zeros(n, dtype=torch.bool).index_fill_(0, seg[is_f], True)
-        has_e = torch.zeros(n, dtype=torch.bool).index_fill_(0, seg[~is_f], True)
-        key = torch.zeros(n, dtype=F64)
-        values = {"pv": pv_seg.numpy()}
-        atom_values = {}
-        if bool(has_e.any()):
-            e_name = next(nm for nm in names if nm != "force")
-            key += e2_e / max(post.resid_ms.get(e_name, 1.0), 1e-300)
-            values["energy_error"] = 1e3 * e2_e.sqrt().numpy()  # meV/atom
-        if bool(has_f.any()):
-            f_floor = post.alpha2.get("force", 1.0) * post.rho.get("force", 0.0) ** 2 * post.sigma_f2 * self.variance
-            e2_f = e2_f + f_floor
-            key += e2_f / max(post.resid_ms.get("force", 1.0), 1e-300)
-            values["force_error"] = 1e3 * e2_f.sqrt().numpy()  # meV/Å
-            per_atom = post.atom_split(rows, torch.where(is_f, spread / (c.square() / post.sigma_f2 * 3), spread))
-            atom_values["atom_force_error"] = [None if a is None else 1e3 * np.sqrt(a + f_floor) for a in per_atom]
-        atom_values["atom_variance"] = post.atom_split(rows, row_out)
+        mu, epi, floor, (pv, row_out) = post.predictive(rows)
+        spread = mu.square() + epi * self.variance  # per row, without the noise floor
+        floor = floor * self.variance
+        n, seg, is_f = len(rows), rows.seg.cpu(), rows.kind == FORCE
+        key, values = torch.zeros(n, dtype=F64), {"pv": pv.numpy()}
+        atom_values = {"atom_variance": post.atom_split(rows, row_out)}
+        if bool((~is_f).any()):  # the energy (or embedding) row
+            e2 = torch.zeros(n, dtype=F64).index_add_(0, seg[~is_f], (spread + floor)[~is_f])
+            key += e2 / max(post.resid_ms.get(KIND_NAMES[int(rows.kind[~is_f][0])], 1.0), 1e-300)
+            values["energy_error"] = 1e3 * e2.sqrt().numpy()  # meV/atom
+        if bool(is_f.any()):  # mean over the 3N components (probe rows estimate the same sum), one floor
+            f_floor = float(floor[is_f][0])
+            e2 = torch.zeros(n, dtype=F64).index_add_(0, seg[is_f], spread[is_f]) / (3 * rows.natoms.to(F64)) + f_floor
+            key += e2 / max(post.resid_ms.get("force", 1.0), 1e-300)
+            values["force_error"] = 1e3 * e2.sqrt().numpy()  # meV/Å
+            atom_values["atom_force_error"] = [None if a is None else 1e3 * np.sqrt(a + f_floor)
+                                               for a in post.atom_split(rows, spread, weight=1 / 3)]
         values["score"] = key.numpy()
         return Scored(key.numpy(), values, atom_values)

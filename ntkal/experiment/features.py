@@ -34,19 +34,6 @@ _SOURCE = {("embedding", False): "embedding", ("embedding", True): "embedding",
            ("readout", False): "readout", ("readout", True): "readout"}
 
 
-def restrict(block: RowBlock, kinds: Tuple[int, ...]) -> RowBlock:
-    """The same structures with only rows of the given kinds (psi and natoms kept)."""
-    keep = torch.zeros(block.kind.shape[0], dtype=torch.bool)
-    for k in kinds:
-        keep |= block.kind == k
-    counts = torch.zeros(len(block), dtype=torch.int64).index_add_(
-        0, block.seg.cpu()[keep], torch.ones(int(keep.sum()), dtype=torch.int64))
-    ptr = torch.zeros(len(block) + 1, dtype=torch.int64)
-    ptr[1:] = torch.cumsum(counts, 0)
-    return RowBlock(block.rows[keep.to(block.rows.device)], ptr, block.kind[keep], block.natoms,
-                    None if block.atom is None else block.atom[keep], block.psi)
-
-
 class FeatureStore:
     """Per-structure RowBlocks of one model, computed on first use (chunked) and cached by exp_id."""
 
@@ -83,9 +70,9 @@ class FeatureStore:
         ids = [a.info["exp_id"] for a in structures]
         block = RowBlock.cat([self.cache[source][i] for i in ids])
         if kernel == "force":
-            block = restrict(block, (FORCE,))
+            block = block.only((FORCE,))
         elif kernel in ("energy", "readout"):
-            block = restrict(block, (ENERGY,))
+            block = block.only((ENERGY,))
         return block, float(sum(self.cost[source][i] for i in ids))
 
     def predictions(self, structures: Sequence):

@@ -1,4 +1,4 @@
-"""MACE featurizer: structures -> RowBlocks of embedding, energy-NTK and force-NTK rows (DESIGN §2).
+"""MACE featurizer: structures -> RowBlocks of embedding, energy-NTK and force-NTK rows (docs/design.md, Features).
 
 The reference path loops over structures with torch.autograd.grad: one backward for the energy
 row, one double backward per force row (3N exact rows, or m Rademacher probes). It is slow and
@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import mace  # noqa: F401  (before e3nn: research/deps.md §3)
+import mace  # noqa: F401  (before e3nn: docs/design.md, Imports)
 import numpy as np
 import torch
 
@@ -92,7 +92,7 @@ def _is_mace(obj) -> bool:
 
 
 class MACEFeaturizer:
-    """Feature rows of one pretrained MACE model for a list of ase.Atoms (DESIGN §2, §7).
+    """Feature rows of one pretrained MACE model for a list of ase.Atoms (docs/design.md, Features).
 
     kernel: "embedding" | "energy" | "force" | "joint"; sketch_dim k; params "readout" | "last" |
     "all"; force_probes None (exact 3N force rows) or m (Rademacher probe rows); seed fixes the
@@ -260,8 +260,7 @@ class MACEFeaturizer:
             k = self.psi_dim
             empty = torch.zeros(0, k, dtype=self.dtype, device=self.device)
             return RowBlock(empty, torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.int8),
-                            torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
-                            torch.zeros(0, k, dtype=self.dtype, device=self.device))
+                            torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
         self.check_elements(atoms_list)
         data_list = self.atomic_data(atoms_list)
         if self.kernel == "embedding":
@@ -307,7 +306,7 @@ class MACEFeaturizer:
         n = len(atoms_list)
         natoms = torch.tensor([len(a) for a in atoms_list], dtype=torch.int64)
         return RowBlock(rows, torch.arange(n + 1), torch.full((n,), EMBEDDING, dtype=torch.int8), natoms,
-                        torch.full((n,), -1, dtype=torch.int64), rows.clone())
+                        torch.full((n,), -1, dtype=torch.int64))
 
     def probe_vectors(self, atoms, m: int) -> torch.Tensor:
         """Rademacher z_j in {-1, +1}^{3N}, fixed by the seed and the structure's content (not its position in a pool)."""

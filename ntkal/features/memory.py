@@ -31,7 +31,7 @@ def _status_bytes(field: str) -> Optional[int]:
     return None
 
 
-def _reset_cpu_peak() -> bool:
+def reset_peak_rss() -> bool:
     """VmHWM := VmRSS (Linux); False where that is not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -96,7 +96,7 @@ class MemoryPlan:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        reset = cuda or _reset_cpu_peak()
+        reset = cuda or reset_peak_rss()
         yield
         if cuda:
             peak = float(torch.cuda.max_memory_allocated(self.device))

@@ -18,7 +18,9 @@ class RowBlock:
 
     `kind` says what each row observes (ENERGY, FORCE, EMBEDDING). Optional fields:
     `atom` — the atom index of an exact force row (-1 for other rows), for per-atom variances;
-    `psi` — one vector per structure [n, k'] for LCMD distances (energy row or embedding).
+    `psi` — one vector per structure [n, k']: the featurizer's energy rows, or precomputed vectors (a
+    committee's member deviations). LCMD uses it for rows of kind EMBEDDING only; other rows get their
+    vectors from ntkal/acquisition/distances.py.
     """
 
     rows: torch.Tensor
@@ -57,20 +59,15 @@ class RowBlock:
         counts = self.ptr[1:] - self.ptr[:-1]
         return torch.repeat_interleave(torch.arange(len(self), device=self.rows.device), counts.to(self.rows.device))
 
-    def lcmd_vectors(self) -> torch.Tensor:
-        """One vector per structure for LCMD distances: `psi`, else the energy/embedding row, else the
-        diagonal of the force rows' second moment / N (rotation-invariant; force rows alone sum to zero)."""
-        if self.psi is not None:
-            return self.psi
-        out = torch.zeros(len(self), self.k, dtype=self.rows.dtype, device=self.rows.device)
-        seg = self.seg
-        for kind in (ENERGY, EMBEDDING):
-            m = (self.kind == kind).to(self.rows.device)
-            if bool(m.any()):
-                return out.index_add_(0, seg[m], self.rows[m])
-        m = (self.kind == FORCE).to(self.rows.device)
-        out.index_add_(0, seg[m], self.rows[m].square())
-        return out / self.natoms.to(out)[:, None]
+    def only(self, kinds) -> "RowBlock":
+        """The same structures with only their rows of the given kinds (e.g. the energy rows of joint rows)."""
+        keep = torch.isin(self.kind, torch.tensor(list(kinds), dtype=self.kind.dtype))
+        counts = torch.zeros(len(self), dtype=torch.int64).index_add_(
+            0, self.seg.cpu()[keep], torch.ones(int(keep.sum()), dtype=torch.int64))
+        ptr = torch.zeros(len(self) + 1, dtype=torch.int64)
+        ptr[1:] = torch.cumsum(counts, 0)
+        return RowBlock(self.rows[keep.to(self.rows.device)], ptr, self.kind[keep], self.natoms,
+                        None if self.atom is None else self.atom[keep], self.psi)
 
     def to(self, *args, **kwargs) -> "RowBlock":
         return RowBlock(self.rows.to(*args, **kwargs), self.ptr, self.kind, self.natoms,
@@ -112,7 +109,7 @@ def structure_rows(psi: torch.Tensor, force_rows: Optional[list], natoms: torch.
                    exact: bool) -> RowBlock:
     """RowBlock of per-structure rows: the energy row psi[s] (if with_energy), then force_rows[s].
 
-    psi [n, k] are the energy rows (also the LCMD vectors); force_rows[s] [r_s, k] (None: no force rows);
+    psi [n, k] are the energy rows (kept as RowBlock.psi); force_rows[s] [r_s, k] (None: no force rows);
     exact force rows are atom-major (row j is atom j // 3), probe rows have no atom.
     """
     rows, kinds, atom_idx = [], [], []

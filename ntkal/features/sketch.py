@@ -1,4 +1,4 @@
-"""The deterministic parameter sketch S: P-dim parameter gradients -> k-dim features (DESIGN §2).
+"""The deterministic parameter sketch S: P-dim parameter gradients -> k-dim features (docs/design.md, Features).
 
 Every parameter tensor is cut into blocks. A block that is a weight of a linear map on per-row
 vectors (e3nn Linear instruction blocks, tensor-product paths, radial-MLP layers, nn.Linear,

@@ -261,3 +261,20 @@ def _verify_frame(text: str, expected, out: Path, index: int) -> set[str]:
         raise InputError("this structure does not survive writing to extxyz unchanged: "
                          + "; ".join(problems), out, index)
     return soft
+
+
+def figure(*args, **kwargs):
+    """(fig, axes) of a headless matplotlib figure (Agg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(*args, **kwargs)
+
+
+def save_png(fig, path) -> None:
+    """Write a figure as PNG atomically, marked as ntkal's (runstate.written_by_ntkal reads the mark)."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png", metadata={"Software": "ntkal"})
+    plt.close(fig)
