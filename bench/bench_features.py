@@ -74,6 +74,8 @@ def add_args(p: argparse.ArgumentParser):
     p.add_argument("--exact-structures", type=int, default=2,
                    help="--arch: structures for exact force rows (3N double backwards each; default 2)")
     p.add_argument("--memory-gb", type=float, default=None, help="--arch: MACEFeaturizer(memory_gb=...)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="--arch: where the model runs (cuda: wall time and allocated GPU memory)")
     p.add_argument("--no-labelled-reference", dest="labelled_reference", action="store_false",
                    help="--arch, case labelled: skip the reference path's exact rows")
     p.add_argument("--reference-memory-gb", type=float, default=6.0,

@@ -64,13 +64,14 @@ def run(a, argv) -> dict:
             raise SystemExit(f"unknown case {label!r}; one of {', '.join(list(CASES) + ['labelled'])}")
         n = a.exact_structures if label.startswith("exact") else a.n_structures
         rows.append(_run_case(a, label, CASES[label], _sizes(a)[0], n))
-    _ratios(rows)
+    _ratios(rows, a.pool_target)
     import torch
     n_params = sum(p.numel() for p in archs.model(a.arch).parameters())
     return utils.record("features", argv, rows,
                         settings={"arch": a.arch, "atoms": a.atoms, "n_structures": a.n_structures, "batch": a.batch,
                                   "exact_structures": a.exact_structures, "sketch_dim": a.sketch_dim,
-                                  "probes": a.probes, "dtype": a.dtype, "memory_gb": a.memory_gb,
+                                  "probes": a.probes, "dtype": a.dtype, "memory_gb": a.memory_gb, "device": a.device,
+                                  "pool_target": a.pool_target,
                                   "parameters": n_params, "torch_threads": torch.get_num_threads()})
 
 
@@ -81,7 +82,7 @@ def _run_case(a, label, case, n_atoms, n_struct) -> dict:
         memory_gb = a.reference_memory_gb
     spec = {"arch": a.arch, "atoms": n_atoms, "n": n_struct, "batch": min(a.batch, n_struct), "kernel": kernel,
             "probes": a.probes if probes == "m" else None, "impl": impl, "route": route,
-            "sketch_dim": a.sketch_dim, "dtype": a.dtype, "memory_gb": memory_gb}
+            "sketch_dim": a.sketch_dim, "dtype": a.dtype, "memory_gb": memory_gb, "device": a.device}
     env = {"OMP_NUM_THREADS": str(a.threads)} if a.threads else None
     r = utils.run_child([utils.PY, "-m", "bench.features_arch", json.dumps(spec)], env=env, cwd=str(utils.REPO))
     out = utils.last_json_line(r["stdout"]) or {}
@@ -93,17 +94,20 @@ def _run_case(a, label, case, n_atoms, n_struct) -> dict:
     return row
 
 
-def _ratios(rows):
-    """time / floor (CPU s per structure) and peak / floor peak against the matching floor row."""
+def _ratios(rows, pool_target=None):
+    """time / floor (per structure: CPU s, or wall s on a GPU) and peak / floor peak against the matching
+    floor row; with pool_target, the hours that many structures take at the measured rate."""
     floors = {}
     for r in rows:
-        if r.get("kernel") in ("floor", "floor1") and "cpu_s" in r:
+        if r.get("kernel") in ("floor", "floor1") and "time_s" in r:
             floors[(r["atoms"], r["case"].startswith("labelled"), r["n_structures"])] = r
     for r in rows:
+        if "time_s" in r and pool_target:
+            r["hours_for_pool_target"] = r["time_s"] / r["n_structures"] * pool_target / 3600
         f = floors.get((r["atoms"], r["case"].startswith("labelled"), r["n_structures"]))
-        if f is None or "cpu_s" not in r:
+        if f is None or "time_s" not in r:
             continue
-        r["over_floor"] = (r["cpu_s"] / r["n_structures"]) / (f["cpu_s"] / f["n_structures"])
+        r["over_floor"] = (r["time_s"] / r["n_structures"]) / (f["time_s"] / f["n_structures"])
         r["peak_over_floor"] = r["peak_rss_gib"] / f["peak_rss_gib"]
 
 
@@ -118,6 +122,8 @@ def child(spec: dict) -> dict:
     from ntkal.features import fast
     from . import archs
     dtype = getattr(torch, spec["dtype"])
+    device = spec.get("device", "cpu")
+    cuda = device == "cuda"
     path = archs.model_path(spec["arch"])
     ats = archs.structures(spec["arch"], spec["atoms"], spec["n"], seed=1)
     warm = archs.structures(spec["arch"], 6, 1, seed=2)
@@ -128,7 +134,7 @@ def child(spec: dict) -> dict:
             return {"note": "no old route in this tree"}
         fast._LEGACY_ROUTE = True
     if kernel in ("floor", "floor1"):
-        fz = ntkal.MACEFeaturizer(str(path), kernel="embedding", dtype=dtype)
+        fz = ntkal.MACEFeaturizer(str(path), kernel="embedding", dtype=dtype, device=device)
 
         def call(batch):
             chunks = [batch] if kernel == "floor" else [[x] for x in batch]
@@ -138,7 +144,7 @@ def child(spec: dict) -> dict:
         kw = {} if spec["memory_gb"] is None else {"memory_gb": spec["memory_gb"]}
         fz = ntkal.MACEFeaturizer(str(path), kernel=kernel, sketch_dim=spec["sketch_dim"],
                                   force_probes=spec["probes"], impl=spec["impl"], dtype=dtype,
-                                  batch_size=spec["batch"], **kw)
+                                  batch_size=spec["batch"], device=device, **kw)
         info = {"impl": fz.impl, "coverage": fz.coverage}
 
         def call(batch):
@@ -148,20 +154,27 @@ def child(spec: dict) -> dict:
     gc.collect()
     rss0 = utils.rss_mib()
     reset = utils.reset_peak_rss()
+    if cuda:  # GPU: wall time between synchronisations, and the allocator's peak instead of RSS
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        rss0 = torch.cuda.memory_allocated() / 2**20
     c0, t0 = time.process_time(), time.perf_counter()
     call(ats)
+    if cuda:
+        torch.cuda.synchronize()
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-    peak = utils.peak_rss_mib()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else utils.peak_rss_mib()
     return {"kernel": kernel, "probes": spec["probes"], "route": spec["route"] or "", "memory_gb": spec["memory_gb"],
-            **info, "cpu_s": cpu,
+            **info, "cpu_s": cpu, "time_s": wall if cuda else cpu, "device": device,
             "wall_s": wall, "rss_before_gib": rss0 / 1024, "peak_rss_gib": peak / 1024,
             "peak_is_call_only": reset, "natoms_mean": sum(len(x) for x in ats) / len(ats)}
 
 
-COLUMNS = ["case", "impl", "n_structures", "natoms_mean", "rows_per_struct", "cpu_s", "over_floor", "peak_rss_gib",
-           "peak_over_floor", "rss_before_gib", "memory_gb", "coverage", "note"]
-HEADERS = ["case", "impl", "structures", "atoms", "rows/structure", "CPU s (one call)", "time / floor (per structure)",
-           "peak RSS GiB", "peak / floor peak", "RSS before GiB", "memory_gb", "coverage", "note"]
+COLUMNS = ["case", "impl", "n_structures", "natoms_mean", "rows_per_struct", "time_s", "over_floor", "peak_rss_gib",
+           "peak_over_floor", "rss_before_gib", "memory_gb", "coverage", "hours_for_pool_target", "note"]
+HEADERS = ["case", "impl", "structures", "atoms", "rows/structure", "s (one call; CPU s, GPU wall s)",
+           "time / floor (per structure)", "peak GiB (RSS; GPU allocated)", "peak / floor peak", "before GiB",
+           "memory_gb", "coverage", "hours for --pool-target", "note"]
 
 
 def table(doc) -> str:

@@ -56,7 +56,7 @@ step kernels 120 $PY -m bench kernels --pool-size $POOL --json "$OUT/kernels.jso
 # 4. featurizer: fast vs reference on mp0-medium; energy NTK at 80 atoms for the 200k OC20-size extrapolation
 step features 240 $PY -m bench features --arch $ARCH --atoms $ATOMS --n-structures $NSTRUCT --device $DEV --json "$OUT/features.json"
 step features80 90 $PY -m bench features --arch $ARCH --atoms 80 --n-structures $NSTRUCT --batch $NSTRUCT --device $DEV \
-  --cases plain,energy --pool-target 200000 --json "$OUT/features80.json"
+  --cases "floor,energy fast" --pool-target 200000 --json "$OUT/features80.json"
 
 # 5. selection at 200k on the card
 step select 120 $PY -m bench select --device $DEV --pool-size $POOL --skip-bmdal $NTRAIN $REPEAT --json "$OUT/select.json"
