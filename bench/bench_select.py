@@ -121,6 +121,16 @@ def child_ntkal(a) -> dict:
     state = part("score_and_shortlist", lambda: pipe.scan(Stream(iter(chunks), rows=True), post, PVScorer(post),
                                                           a.shortlist)[0])
     prof["shortlist_merge_s"] = prof["score_and_shortlist_s"] - prof["pv_scoring_s"]
+    # the same scan with the error-aware score (residual mean: one more k-vector and GEMV per chunk)
+    from ntkal.acquisition.scorers import ErrorScorer
+    from ntkal.posterior import Accumulator
+    acc = Accumulator()
+    acc.add(tr_block, residuals=torch.randn(len(tr_block), generator=torch.Generator().manual_seed(0),
+                                            dtype=torch.float64))
+    post_err = Posterior.from_accumulator(acc)
+    part("score_and_shortlist_error", lambda: pipe.scan(Stream(iter(chunks), rows=True), post_err,
+                                                        ErrorScorer(post_err), a.shortlist)[0])
+    prof["error_over_pv_scan"] = prof["score_and_shortlist_error_cpu_s"] / prof["score_and_shortlist_cpu_s"]
     psi = torch.stack([c.psi for c in state.top.payload]).to(LCMD_DTYPE)  # as the LCMD selector does
     centres = post.train_psi.to(psi)
 
@@ -288,6 +298,9 @@ def summarise(n, nt, bm, floor) -> dict:
     row["ntkal_cpu_s"], row["floor_cpu_s"] = nt.get("cpu_s"), floor.get("cpu_s")
     row["posterior_cpu_s"], row["pv_cpu_s"] = prof.get("posterior_cpu_s"), prof.get("pv_scoring_cpu_s")
     row["tp_init_cpu_s"] = prof.get("lcmd_tp_init_cpu_s")
+    row["scan_pv_cpu_s"], row["scan_error_cpu_s"] = prof.get("score_and_shortlist_cpu_s"), \
+        prof.get("score_and_shortlist_error_cpu_s")
+    row["error_over_pv"] = prof.get("error_over_pv_scan")
     if row["ntkal_s"] and row["floor_s"]:
         row["ntkal_over_floor"] = row["ntkal_s"] / row["floor_s"]
     if bm is not None:
@@ -311,12 +324,14 @@ def summarise(n, nt, bm, floor) -> dict:
 
 
 COLUMNS = ["n_train", "ntkal_s", "posterior_s", "score_topm_s", "lcmd_s", "pv_alone_s", "tp_init_alone_s",
-           "ntkal_cpu_s", "posterior_cpu_s", "pv_cpu_s", "tp_init_cpu_s", "floor_cpu_s",
+           "ntkal_cpu_s", "posterior_cpu_s", "pv_cpu_s", "tp_init_cpu_s", "floor_cpu_s", "scan_pv_cpu_s",
+           "scan_error_cpu_s", "error_over_pv",
            "ntkal_rss_mib", "ntkal_added_mib", "floor_s", "ntkal_over_floor", "bmdal_s",
            "bmdal_rss_mib", "bmdal_added_mib", "speedup", "ntkal_over_bmdal", "common_picks", "bmdal_picks_in_shortlist",
            "bmdal_note"]
 HEADERS = ["n_train", "ntkal s", "posterior s", "PV + top-M s", "LCMD s", "(PV alone s)", "(LCMD TP init alone s)",
            "ntkal CPU s", "(posterior CPU s)", "(PV CPU s)", "(TP init CPU s)", "GEMM floor CPU s",
+           "(scan, PV: CPU s)", "(scan, error score: CPU s)", "error / PV scan",
            "ntkal peak RSS MiB", "ntkal added MiB", "GEMM floor s", "ntkal/floor", "bmdal s", "bmdal peak RSS MiB",
            "bmdal added MiB", "bmdal/ntkal", "ntkal/bmdal", "same picks", "bmdal picks in top-M", "bmdal note"]
 

@@ -206,3 +206,23 @@ def test_demo_on_the_shipped_data(tmp_path, capsys):
     assert report["n_pool"] == 600 and report["n_train"] == 40
     assert (out / "scores.png").stat().st_size > 1000
     assert "picked 5 of 600" in capsys.readouterr().out
+
+
+def test_multihead_model_end_to_end_with_head(files, tmp_path, capsys):
+    """A model written by mace_run_train --multiheads_finetuning: --head picks the head (default: the
+    fine-tuned one, not pt_head), the report names it, and an unknown head is a one-line error."""
+    from bench.archs import multihead_model
+    mh = multihead_model(tiny_mace(seed=37), tmp_path / "mh", head="target")
+    assert set(mh.heads) == {"pt_head", "target"}
+    args = _args(files, "--budget", "3", "--kernel", "energy")
+    args[args.index("--model") + 1] = str(mh.path)
+    scores = {}
+    for head in (None, "target", "pt_head"):
+        out = tmp_path / f"picks_{head}.extxyz"
+        extra = [] if head is None else ["--head", head]
+        assert main(["select", *args, *extra, "--out", str(out)]) == 0
+        report = json.loads((tmp_path / f"{out.name}.json").read_text())
+        assert report["featurizer"]["head"] == (head or "target")
+        scores[head] = [a.info["ntkal_score"] for a in ase.io.read(out, ":")]
+    assert scores[None] == scores["target"] and scores["pt_head"] != scores["target"]
+    _bad(files, tmp_path, capsys, ["select", *args, "--head", "nope"], "--head", "nope", "pt_head")

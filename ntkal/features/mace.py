@@ -364,7 +364,7 @@ def select_head(heads: Sequence[str], head: Optional[str], source: str = "model"
     heads = list(heads)
     if head is not None:
         if head not in heads:
-            raise InputError(f"head {head!r} is not in the model (its heads: {', '.join(heads)})", path=source)
+            raise InputError(f"--head {head!r} is not a head of the model (its heads: {', '.join(heads)})", path=source)
         return head
     if len(heads) == 1:
         return heads[0]
