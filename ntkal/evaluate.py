@@ -58,7 +58,8 @@ def evaluate(model, train, valid, kernels: Sequence[str] = ("energy", "force", "
 
 
 def _metrics(post, rows: RowBlock, eps: torch.Tensor, score: str) -> dict:
-    mu, s2 = predictive(post, rows, score)
+    mu, epistemic, noise, _ = post.predictive(rows, with_mean=score == "error")
+    s2 = epistemic + noise
     seg, n = rows.seg.cpu(), len(rows)
     out = {}
     for part, mask in (("energy", rows.kind != FORCE), ("force", rows.kind == FORCE)):

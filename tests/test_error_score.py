@@ -142,3 +142,38 @@ def test_error_score_outputs_physical_units_per_structure_and_atom(featurizer, t
         assert math.sqrt((per_atom ** 2).mean()) == pytest.approx(scored.values["force_error"][s], rel=1e-9)
     res = ntkal.select(fz.model, train, pool, budget=2, score="error", sketch_dim=24, seed=2, dtype="float64")
     assert all("ntkal_force_error" in a.info and "ntkal_energy_error" in a.info for a in res.atoms)
+
+
+def test_evaluate_summary_calibration_statistics():
+    """summary(): residuals drawn from the predicted distribution give 95 % coverage and a small
+    miscalibration area; predicted errors three times too small do not."""
+    from ntkal.evaluate import summary
+    rng = np.random.default_rng(5)
+    s = rng.uniform(0.5, 2.0, size=4000)
+    real = rng.normal(size=4000) * s
+    good = summary(s, np.abs(real), real / s)
+    assert abs(good["coverage_95"] - 0.95) < 0.015 and good["miscalibration_area"] < 0.02
+    assert good["spearman"] > 0.2 and sum(b["n"] for b in good["bins"]) == 4000
+    bad = summary(s / 3, np.abs(real), real / (s / 3))
+    assert bad["coverage_95"] < 0.5 and bad["miscalibration_area"] > 0.2
+
+
+def test_evaluate_end_to_end(featurizer):
+    """ntkal.evaluate.evaluate on labelled structures: every kernel and score, energy and force parts, each
+    structure counted once; an unknown kernel is an InputError naming the flag."""
+    from ntkal.evaluate import evaluate
+    train, valid = _labelled(structures(8, seed=70), 3), _labelled(structures(6, seed=71), 4)
+    out = evaluate(featurizer.model, train, valid, kernels=("energy", "force", "joint"), scores=("error", "pv"),
+                   sketch_dim=24, dtype="float64", seed=2)
+    assert set(out) == {"energy", "force", "joint"}
+    for kernel, parts in (("energy", {"energy"}), ("force", {"force"}), ("joint", {"energy", "force"})):
+        for score in ("error", "pv"):
+            got = out[kernel][score]
+            assert set(got) == parts
+            for part in parts:
+                m = got[part]
+                assert m["n"] == len(valid) and sum(b["n"] for b in m["bins"]) == len(valid)
+                assert 0.0 <= m["coverage_95"] <= 1.0 and m["rms_predicted"] > 0 and m["rmse_real"] > 0
+        assert set(out[kernel]["calibration"]["rho"]) >= parts
+    with pytest.raises(ntkal.InputError, match="--kernels"):
+        evaluate(featurizer.model, train, valid, kernels=("nope",))

@@ -1,12 +1,14 @@
 """Batches sized from a memory budget (MACEFeaturizer(memory_gb=...)).
 
 The budget is the process's peak memory: resident set size on a CPU, torch's allocated memory on a
-GPU. The first batch of each kind of call (kernel, probes, path) is one structure; its peak above the
-memory at the start of the first measured call is "what one unit costs". A structure's size in units
-is its atoms plus its edges / avg_num_neighbors; later batches take as many structures as fit in
-SAFETY x (budget - that base memory), and every batch is measured again: the per-unit cost of the
-largest batch so far is used (it includes the fixed part spread over more units, so estimates shrink
-as batches grow and never undershoot a measured one).
+GPU. The first batch of each kind of call (kernel, probes, path) is one structure. Every batch is
+measured: its peak above the memory in use at its start, per unit (a structure's atoms plus its edges
+/ avg_num_neighbors, or rows). A batch is planned to fit SAFETY x (budget - memory in use now: rows kept
+so far, memory the allocator holds) at the largest per-unit cost measured on batches at least half as
+large as the largest so far (small batches carry the fixed part; repeated batches of one size vary by
+tens of per cent on a CPU, so the highest is kept), and holds at most twice the units of the largest
+measured batch (a batch that reused memory the allocator still held looks cheaper than a larger one
+will be).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import contextlib
 import resource
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -32,13 +34,15 @@ def _status_bytes(field: str) -> Optional[int]:
 
 
 def reset_peak_rss() -> bool:
-    """VmHWM := VmRSS (Linux); False where that is not possible."""
+    """VmHWM := VmRSS (Linux); False where that is not possible or did not take effect (some sandboxes
+    accept the write and keep the old high-water mark, or report no VmHWM at all)."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
-        return True
     except OSError:
         return False
+    hwm, rss = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+    return hwm is not None and rss is not None and hwm <= 1.02 * rss + 2**22
 
 
 class MemoryPlan:
@@ -47,7 +51,7 @@ class MemoryPlan:
     def __init__(self, memory_gb: Optional[float], device: torch.device):
         self.limit = None if memory_gb is None else float(memory_gb) * 2**30
         self.device = device
-        self.base: Optional[float] = None
+        self.seen: Dict[str, List[Tuple[float, float]]] = {}  # key -> (units, bytes above the start)
         self.per_unit: Dict[str, float] = {}
         self.largest: Dict[str, float] = {}
         self._warned = False
@@ -59,7 +63,7 @@ class MemoryPlan:
         return float(rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
     def available(self) -> float:
-        return SAFETY * (self.limit - (self.base if self.base is not None else self.current()))
+        return SAFETY * (self.limit - self.current())
 
     def batches(self, key: str, order: Sequence[int], units: Sequence[float], cap: int) -> Iterator[List[int]]:
         """Consecutive slices of `order` of at most `cap` structures that fit the budget (one if nothing
@@ -71,16 +75,17 @@ class MemoryPlan:
                 if key not in self.per_unit:
                     size = 1
                 else:
-                    room, used, size = self.available(), 0.0, 0
+                    room, used, size, grown = self.available(), 0.0, 0, 0.0
                     while i + size < len(order) and size < cap:
-                        cost = units[order[i + size]] * self.per_unit[key]
-                        if size > 0 and used + cost > room:
+                        u = units[order[i + size]]
+                        cost = u * self.per_unit[key]
+                        if size > 0 and (used + cost > room or grown + u > 2 * self.largest[key]):
                             break
-                        used, size = used + cost, size + 1
+                        used, grown, size = used + cost, grown + u, size + 1
                     if used > room and not self._warned:
                         self._warned = True
                         warnings.warn(f"memory_gb={self.limit / 2**30:g}: one structure needs about "
-                                      f"{(self.base + used) / 2**30:.2f} GB; featurising one structure at a time",
+                                      f"{(self.current() + used) / 2**30:.2f} GB; featurising one structure at a time",
                                       RuntimeWarning, stacklevel=3)
             yield list(order[i:i + size])
             i += size
@@ -91,8 +96,7 @@ class MemoryPlan:
         if self.limit is None:
             yield
             return
-        if self.base is None:
-            self.base = self.current()
+        start = self.current()
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -100,11 +104,11 @@ class MemoryPlan:
         yield
         if cuda:
             peak = float(torch.cuda.max_memory_allocated(self.device))
-        elif reset:
-            peak = float(_status_bytes("VmHWM") or 0)
-        else:  # no reset: the lifetime peak, which over-states this block (safe side)
-            peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        need = max(peak - self.base, 1.0)
-        if units >= self.largest.get(key, 0.0):
-            self.largest[key] = units
-            self.per_unit[key] = need / max(units, 1e-9)
+        else:  # without a reset: the lifetime peak, which over-states this block (safe side)
+            hwm = _status_bytes("VmHWM") if reset else None
+            peak = float(hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        units = max(float(units), 1e-9)
+        largest = max(units, self.largest.get(key, 0.0))
+        seen = [(u, n) for u, n in self.seen.get(key, []) + [(units, max(peak - start, 1.0))] if u >= 0.5 * largest]
+        self.seen[key], self.largest[key] = seen, largest
+        self.per_unit[key] = max(n / u for u, n in seen)
