@@ -385,6 +385,22 @@ def test_verdicts_follow_the_intervals():
 
 # ------------------------------------------------------------------ the CI smoke run
 @pytest.mark.slow
+def test_report_lists_every_evaluate_record(tmp_path):
+    """The evaluation section has one row per record, kernel, score and part, with the record's own numbers."""
+    m = {"n": 7, "spearman": 0.5, "miscalibration_area": 0.125, "coverage_95": 0.9, "rms_predicted": 12.0,
+         "rmse_real": 15.0, "units": "meV/A", "bins": []}
+    doc = {"inputs": {"model": "a/si.model", "train": "a/si_train.xyz", "valid": "a/si_test.xyz"},
+           "results": {"force": {"error": {"force": m}, "pv": {"force": {**m, "spearman": None}},
+                                 "calibration": {"rho": {"force": 1.0}}}}}
+    (tmp_path / "si_plain").mkdir()
+    (tmp_path / "si_plain" / "evaluate.json").write_text(json.dumps(doc))
+    rows = [line for line in report._evaluate_section(tmp_path) if line.startswith("| si_plain")]
+    assert len(rows) == 2
+    assert "--valid si_test.xyz" in rows[0] and "| 7 | 0.50 | 0.90 | 0.125 | 12.0 / 15.0 meV/A |" in rows[0]
+    assert "| pv | force | 7 | – |" in rows[1]
+    assert report._evaluate_section(tmp_path / "none") == []
+
+
 def test_quick_study_curves_shards_resume_and_report_only(tmp_path):
     out = tmp_path / "exp"
     assert experiment_main(["--quick", "--curves", "--out", str(out)]) == 0

@@ -661,6 +661,35 @@ def _acquisition_section(path: Path) -> List[str]:
     return lines + [""]
 
 
+def _evaluate_section(folder: Path) -> List[str]:
+    """How good the predicted errors are on each dataset's test split (the `ntkal evaluate` records)."""
+    docs = sorted(folder.glob("*/evaluate.json"))
+    if not docs:
+        return []
+    lines = ["## Are the predicted errors right? (`ntkal evaluate` on the test splits)", "",
+             "Per record: the posterior fitted on the dataset's labelled train split (and, where `--pretrain` is "
+             "given, its pretraining split), the predicted error of each test structure against the pretrained "
+             "model's real error: Spearman over structures, the 95 % interval's coverage and the miscalibration "
+             "area over energy rows and force components, RMS predicted vs real RMSE (meV/atom, meV/Å). "
+             "`error` = the error-aware score (posterior mean of the residuals + calibrated variance), `pv` = "
+             "the calibrated posterior variance alone. Reliability plots: `results/evaluate/*/evaluate.png`.", "",
+             "| record | command | kernel | score | part | n | Spearman | 95 % coverage | miscal. area | "
+             "RMS predicted / real RMSE |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for path in docs:
+        doc = json.loads(path.read_text())
+        flags = " ".join(f"--{k} {Path(v).name}" for k, v in doc.get("inputs", {}).items())
+        for kernel, by_score in doc["results"].items():
+            for score, parts in by_score.items():
+                if score == "calibration":
+                    continue
+                for part, m in parts.items():
+                    sp = "–" if m.get("spearman") is None else f"{m['spearman']:.2f}"
+                    lines.append(f"| {path.parent.name} | `ntkal evaluate {flags}` | {kernel} | {score} | {part} | "
+                                 f"{m['n']} | {sp} | {m['coverage_95']:.2f} | {m['miscalibration_area']:.3f} | "
+                                 f"{m['rms_predicted']:.1f} / {m['rmse_real']:.1f} {m['units']} |")
+    return lines + [""]
+
+
 # ---------------------------------------------------------------------- the document
 def write_report(out: Path, docs_name: str = "results.md") -> Path:
     """Write out/<docs_name> and out/figures/*.png from out/results/ (nothing else is read)."""
@@ -715,6 +744,7 @@ def write_report(out: Path, docs_name: str = "results.md") -> Path:
                  ["   " + b for b in best] + [""]
     lines += ["6. The error-aware score:", ""] + verdict_error_aware(recs) + [""]
     lines += _acquisition_section(results / "acquisition.json")
+    lines += _evaluate_section(results / "evaluate")
     path = out / docs_name
     path.write_text("\n".join(lines) + "\n")
     return path
