@@ -159,7 +159,7 @@ HEADERS = ["pool", "command", "kernel", "wall s", "ntkal score s (report)", "str
 
 def table(doc) -> str:
     s = doc["settings"]
-    lines = [utils.header(doc), f"`ntkal {s['command']}` on generated Si pools; model `{s['model']}`, train `{s['train']}`, "
+    lines = [utils.header(doc), f"`ntkal {s['command']}` on generated {s.get('dataset', 'si')} pools (rattled, strained copies of its shipped pool); model `{s['model']}`, train `{s['train']}`, "
              f"chunk {s['chunk_size']}, k={s['sketch_dim']}\n",
              utils.markdown_table(doc["results"], COLUMNS, HEADERS)]
     if doc.get("memory_flat"):

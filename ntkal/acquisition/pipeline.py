@@ -256,15 +256,11 @@ class Pipeline:
             if saved is not None:
                 state, done = saved["state"], saved["done"]
         for c, start, atoms, rows, scored in self.scored_chunks(pool, scorer, skip, done):
-            psi = None
-
-            def build(pos):
-                nonlocal psi
-                if psi is None:
-                    psi = self.psi(rows, post)
-                return [Candidate(start + j, float(scored.key[j]), psi[j].clone(), None if atoms is None else atoms[j],
+            def build(pos):  # LCMD vectors only for the rows that enter a list (per structure: a chunk's others do not matter)
+                psi = self.psi(rows.select(pos), post)
+                return [Candidate(start + j, float(scored.key[j]), psi[i], None if atoms is None else atoms[j],
                                   {n: float(v[j]) for n, v in scored.values.items()},
-                                  {n: v[j] for n, v in scored.atom_values.items()}) for j in pos.tolist()]
+                                  {n: v[j] for n, v in scored.atom_values.items()}) for i, j in enumerate(pos.tolist())]
             state.add(scored.key, start, build)
             if on_chunk is not None:
                 on_chunk(c, start, atoms, scored)
