@@ -338,6 +338,13 @@ def _setup(cfg: dict, run_info: dict) -> List[str]:
                  "the rest target region, drawn per seed; " if s["name"] == "biased" else "the dataset's pool; ")
         lines.append(f"- scenario **{s['name']}**: {extra}primary split {s.get('primary')}; methods "
                      + ", ".join(f"`{m}`" for m in s.get("methods", [])) + ".")
+    everywhere = {m for s in cfg.get("scenarios", []) for m in s.get("methods", [])}
+    for s in cfg.get("scenarios", []):
+        left_out = sorted(everywhere - set(s.get("methods", [])))
+        if left_out:
+            lines.append(f"- not run in **{s['name']}** (why: the config's comments, "
+                         f"ntkal/experiment/configs/study.yaml for the shipped study): "
+                         + ", ".join(f"`{m}`" for m in left_out) + ".")
     lines.append("")
     for d in cfg.get("datasets", []):
         info = run_info.get(d["name"], {})
