@@ -117,9 +117,12 @@ def peak_rss_mib() -> Optional[float]:
 
 def run_child(argv: Sequence[str], timeout: Optional[float] = None, env: Optional[dict] = None,
               cwd=None) -> dict:
-    """Run a command in a fresh process: wall time, exit code, output, and ITS OWN peak RSS (os.wait4's, or
-    VmRSS sampled every 10 ms (50 ms after 30 s) where that is higher).
+    """Run a command in a fresh process: wall time, exit code, output, and ITS OWN peak RSS.
 
+    os.wait4's ru_maxrss counts the forked copy of THIS process before exec (Linux folds the old memory
+    map's high-water mark into it), so it is used only where it exceeds this process's RSS at the start;
+    otherwise, and where it is lower, the child's VmRSS sampled every 10 ms (50 ms after 30 s) after its
+    exec (Popen returns after the exec), which also sees a peak the child reset (ntkal.features.memory).
     stdout/stderr go to files (no pipe deadlock with a blocking wait4); stdout is read back afterwards.
     """
     import tempfile
@@ -129,6 +132,7 @@ def run_child(argv: Sequence[str], timeout: Optional[float] = None, env: Optiona
     with tempfile.TemporaryDirectory(prefix="ntkal-bench-") as tmp:
         out_p, err_p = Path(tmp) / "out", Path(tmp) / "err"
         with open(out_p, "w") as fo, open(err_p, "w") as fe:
+            own_kib = _status_kib("VmRSS") or 0
             t0 = time.perf_counter()
             proc = subprocess.Popen(list(argv), stdout=fo, stderr=fe, env=full_env, cwd=cwd)
             deadline = None if timeout is None else t0 + timeout
@@ -138,7 +142,7 @@ def run_child(argv: Sequence[str], timeout: Optional[float] = None, env: Optiona
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
                 if pid == proc.pid:
                     break
-                try:  # ru_maxrss misses a peak the child itself reset (ntkal.features.memory.reset_peak_rss)
+                try:
                     for line in status_file.read_text().splitlines():
                         if line.startswith("VmRSS:"):
                             sampled = max(sampled, int(line.split()[1]))
@@ -154,7 +158,7 @@ def run_child(argv: Sequence[str], timeout: Optional[float] = None, env: Optiona
             proc.returncode = os.waitstatus_to_exitcode(status)
         out, err = out_p.read_text(), err_p.read_text()
     return {"argv": list(argv), "rc": proc.returncode, "wall_s": wall, "timed_out": timed_out,
-            "stdout": out, "stderr": err, "child_peak_rss_mib": max(usage.ru_maxrss, sampled) / 1024}
+            "stdout": out, "stderr": err, "child_peak_rss_mib": max(usage.ru_maxrss if usage.ru_maxrss > own_kib + 2048 else 0, sampled) / 1024}
 
 
 def last_json_line(text: str) -> Optional[dict]:

@@ -50,6 +50,17 @@ def test_utils_child_rss_and_record(tmp_path):
     assert "| 1.5 | – |" in utils.markdown_table(doc["results"], ["a", "b"])
 
 
+def test_child_peak_rss_is_the_childs_own():
+    """A small child of a large parent reports its own peak (the forked copy before exec is not counted), and a
+    child larger than the parent reports its peak."""
+    ballast = torch.ones(300 * 2**20 // 4)  # 300 MiB held by this process
+    small = utils.run_child([sys.executable, "-c", "print(1)"])
+    big = utils.run_child([sys.executable, "-c", "import numpy as np; x = np.ones(80 * 2**20); print(x.sum() > 0)"])
+    assert float(ballast[0]) == 1.0
+    assert small["child_peak_rss_mib"] < 100, small["child_peak_rss_mib"]
+    assert 640 <= big["child_peak_rss_mib"] < 1000, big["child_peak_rss_mib"]
+
+
 def test_select_cases_tiny():
     a = _args(bench_select, ["--pool-size", "3000", "--n-train", "200", "--sketch-dim", "32", "--budget", "10",
                              "--shortlist", "300", "--chunk", "1000", "--repeat", "1"])
