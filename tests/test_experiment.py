@@ -383,8 +383,6 @@ def test_verdicts_follow_the_intervals():
     assert report.verdict_goal({"oc20": None})[0] == "not tested"  # the default method (error:joint) did not run
 
 
-# ------------------------------------------------------------------ the CI smoke run
-@pytest.mark.slow
 def test_report_lists_every_evaluate_record(tmp_path):
     """The evaluation section has one row per record, kernel, score and part, with the record's own numbers."""
     m = {"n": 7, "spearman": 0.5, "miscalibration_area": 0.125, "coverage_95": 0.9, "rms_predicted": 12.0,
@@ -401,6 +399,8 @@ def test_report_lists_every_evaluate_record(tmp_path):
     assert report._evaluate_section(tmp_path / "none") == []
 
 
+# ------------------------------------------------------------------ the CI smoke run
+@pytest.mark.slow
 def test_quick_study_curves_shards_resume_and_report_only(tmp_path):
     out = tmp_path / "exp"
     assert experiment_main(["--quick", "--curves", "--out", str(out)]) == 0

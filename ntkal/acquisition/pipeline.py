@@ -256,7 +256,7 @@ class Pipeline:
             if saved is not None:
                 state, done = saved["state"], saved["done"]
         for c, start, atoms, rows, scored in self.scored_chunks(pool, scorer, skip, done):
-            def build(pos):  # LCMD vectors only for the rows that enter a list (per structure: a chunk's others do not matter)
+            def build(pos):  # LCMD vectors only for the rows entering a list (psi is per structure)
                 psi = self.psi(rows.select(pos), post)
                 return [Candidate(start + j, float(scored.key[j]), psi[i], None if atoms is None else atoms[j],
                                   {n: float(v[j]) for n, v in scored.values.items()},
