@@ -258,7 +258,7 @@ class Pipeline:
         for c, start, atoms, rows, scored in self.scored_chunks(pool, scorer, skip, done):
             def build(pos):  # LCMD vectors only for the rows entering a list (psi is per structure)
                 psi = self.psi(rows.select(pos), post)
-                return [Candidate(start + j, float(scored.key[j]), psi[i], None if atoms is None else atoms[j],
+                return [Candidate(start + j, float(scored.key[j]), psi[i].clone(), None if atoms is None else atoms[j],
                                   {n: float(v[j]) for n, v in scored.values.items()},
                                   {n: v[j] for n, v in scored.atom_values.items()}) for i, j in enumerate(pos.tolist())]
             state.add(scored.key, start, build)
