@@ -158,7 +158,8 @@ def run_child(argv: Sequence[str], timeout: Optional[float] = None, env: Optiona
             proc.returncode = os.waitstatus_to_exitcode(status)
         out, err = out_p.read_text(), err_p.read_text()
     return {"argv": list(argv), "rc": proc.returncode, "wall_s": wall, "timed_out": timed_out,
-            "stdout": out, "stderr": err, "child_peak_rss_mib": max(usage.ru_maxrss if usage.ru_maxrss > own_kib + 2048 else 0, sampled) / 1024}
+            "stdout": out, "stderr": err,
+            "child_peak_rss_mib": max(usage.ru_maxrss if usage.ru_maxrss > own_kib + 2048 else 0, sampled) / 1024}
 
 
 def last_json_line(text: str) -> Optional[dict]:
