@@ -120,7 +120,8 @@ def run_child(argv: Sequence[str], timeout: Optional[float] = None, env: Optiona
     """Run a command in a fresh process: wall time, exit code, output, and ITS OWN peak RSS.
 
     os.wait4's ru_maxrss counts the forked copy of THIS process before exec (Linux folds the old memory
-    map's high-water mark into it), so it is used only where it exceeds this process's RSS at the start;
+    map's high-water mark, i.e. this process's peak, into it), so it is used only where it exceeds this
+    process's peak RSS (VmHWM) at the start;
     otherwise, and where it is lower, the child's VmRSS sampled every 10 ms (50 ms after 30 s) after its
     exec (Popen returns after the exec), which also sees a peak the child reset (ntkal.features.memory).
     stdout/stderr go to files (no pipe deadlock with a blocking wait4); stdout is read back afterwards.
@@ -132,7 +133,7 @@ def run_child(argv: Sequence[str], timeout: Optional[float] = None, env: Optiona
     with tempfile.TemporaryDirectory(prefix="ntkal-bench-") as tmp:
         out_p, err_p = Path(tmp) / "out", Path(tmp) / "err"
         with open(out_p, "w") as fo, open(err_p, "w") as fe:
-            own_kib = _status_kib("VmRSS") or 0
+            own_kib = max(_status_kib("VmHWM") or 0, _status_kib("VmRSS") or 0)
             t0 = time.perf_counter()
             proc = subprocess.Popen(list(argv), stdout=fo, stderr=fe, env=full_env, cwd=cwd)
             deadline = None if timeout is None else t0 + timeout

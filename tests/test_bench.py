@@ -51,8 +51,10 @@ def test_utils_child_rss_and_record(tmp_path):
 
 
 def test_child_peak_rss_is_the_childs_own():
-    """A small child of a large parent reports its own peak (the forked copy before exec is not counted), and a
-    child larger than the parent reports its peak."""
+    """A small child of a large parent reports its own peak (the forked copy before exec is not counted, nor the
+    parent's earlier peak), and a child larger than the parent reports its peak."""
+    freed = torch.ones(400 * 2**20 // 4)  # a 400 MiB peak of this process, returned before the children run
+    del freed
     ballast = torch.ones(300 * 2**20 // 4)  # 300 MiB held by this process
     small = utils.run_child([sys.executable, "-c", "print(1)"])
     big = utils.run_child([sys.executable, "-c", "import numpy as np; x = np.ones(80 * 2**20); print(x.sum() > 0)"])
