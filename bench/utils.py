@@ -89,30 +89,20 @@ def do_bench_ms(fn: Callable, warmup: int = 25, rep: int = 100) -> dict:
     return {"median_ms": q50, "p20_ms": q20, "p80_ms": q80}
 
 
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-from ntkal.features.memory import reset_peak_rss  # noqa: E402,F401  (one VmHWM reset for the benches too)
+from ntkal.features.memory import reset_peak_rss, status_bytes  # noqa: E402,F401  (one /proc reader, one reset)
 
 
 def rss_mib() -> Optional[float]:
-    v = _status_kib("VmRSS")
-    return None if v is None else v / 1024
+    v = status_bytes("VmRSS")
+    return None if v is None else v / 2**20
 
 
 def peak_rss_mib() -> Optional[float]:
     """Peak RSS of this process since start or since the last reset_peak_rss() (VmHWM)."""
-    v = _status_kib("VmHWM")
+    v = status_bytes("VmHWM")
     if v is None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return v / 1024
+    return v / 2**20
 
 
 def run_child(argv: Sequence[str], timeout: Optional[float] = None, env: Optional[dict] = None,
@@ -133,22 +123,16 @@ def run_child(argv: Sequence[str], timeout: Optional[float] = None, env: Optiona
     with tempfile.TemporaryDirectory(prefix="ntkal-bench-") as tmp:
         out_p, err_p = Path(tmp) / "out", Path(tmp) / "err"
         with open(out_p, "w") as fo, open(err_p, "w") as fe:
-            own_kib = max(_status_kib("VmHWM") or 0, _status_kib("VmRSS") or 0)
+            own_kib = max(status_bytes("VmHWM") or 0, status_bytes("VmRSS") or 0) / 1024
             t0 = time.perf_counter()
             proc = subprocess.Popen(list(argv), stdout=fo, stderr=fe, env=full_env, cwd=cwd)
             deadline = None if timeout is None else t0 + timeout
             timed_out, sampled = False, 0
-            status_file = Path(f"/proc/{proc.pid}/status")
             while True:
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
                 if pid == proc.pid:
                     break
-                try:
-                    for line in status_file.read_text().splitlines():
-                        if line.startswith("VmRSS:"):
-                            sampled = max(sampled, int(line.split()[1]))
-                except (OSError, ValueError):
-                    pass
+                sampled = max(sampled, (status_bytes("VmRSS", proc.pid) or 0) // 1024)
                 if deadline is not None and time.perf_counter() > deadline:
                     proc.kill()
                     pid, status, usage = os.wait4(proc.pid, 0)

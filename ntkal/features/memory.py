@@ -23,9 +23,11 @@ import torch
 SAFETY = 0.85
 
 
-def _status_bytes(field: str) -> Optional[int]:
+def status_bytes(field: str, pid="self") -> Optional[int]:
+    """A memory field of /proc/<pid>/status (VmRSS, VmHWM) in bytes; None where there is none (not Linux,
+    or the process is gone)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
@@ -41,7 +43,7 @@ def reset_peak_rss() -> bool:
             fh.write("5")
     except OSError:
         return False
-    hwm, rss = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+    hwm, rss = status_bytes("VmHWM"), status_bytes("VmRSS")
     return hwm is not None and rss is not None and hwm <= 1.02 * rss + 2**22
 
 
@@ -59,7 +61,7 @@ class MemoryPlan:
     def current(self) -> float:
         if self.device.type == "cuda":
             return float(torch.cuda.memory_allocated(self.device))
-        rss = _status_bytes("VmRSS")
+        rss = status_bytes("VmRSS")
         return float(rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
     def available(self) -> float:
@@ -105,7 +107,7 @@ class MemoryPlan:
         if cuda:
             peak = float(torch.cuda.max_memory_allocated(self.device))
         else:  # without a reset: the lifetime peak, which over-states this block (safe side)
-            hwm = _status_bytes("VmHWM") if reset else None
+            hwm = status_bytes("VmHWM") if reset else None
             peak = float(hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         units = max(float(units), 1e-9)
         largest = max(units, self.largest.get(key, 0.0))
