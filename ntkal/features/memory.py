@@ -53,9 +53,8 @@ class MemoryPlan:
     def __init__(self, memory_gb: Optional[float], device: torch.device):
         self.limit = None if memory_gb is None else float(memory_gb) * 2**30
         self.device = device
-        self.seen: Dict[str, List[Tuple[float, float]]] = {}  # key -> (units, bytes above the start)
-        self.per_unit: Dict[str, float] = {}
-        self.largest: Dict[str, float] = {}
+        # key -> (units, bytes above the start) of the batches at least half as large as the largest
+        self.seen: Dict[str, List[Tuple[float, float]]] = {}
         self._warned = False
 
     def current(self) -> float:
@@ -67,6 +66,11 @@ class MemoryPlan:
     def available(self) -> float:
         return SAFETY * (self.limit - self.current())
 
+    def cost(self, key: str) -> Tuple[float, float]:
+        """(bytes per unit to plan with, units of the largest measured batch) for `key`."""
+        seen = self.seen[key]
+        return max(n / u for u, n in seen), max(u for u, _ in seen)
+
     def batches(self, key: str, order: Sequence[int], units: Sequence[float], cap: int) -> Iterator[List[int]]:
         """Consecutive slices of `order` of at most `cap` structures that fit the budget (one if nothing
         is known yet for `key`); re-planned after every batch, so each uses the latest measurement."""
@@ -74,14 +78,15 @@ class MemoryPlan:
         while i < len(order):
             size = cap
             if self.limit is not None:
-                if key not in self.per_unit:
+                if key not in self.seen:
                     size = 1
                 else:
-                    room, used, size, grown = self.available(), 0.0, 0, 0.0
+                    (per_unit, largest), room = self.cost(key), self.available()
+                    used, size, grown = 0.0, 0, 0.0
                     while i + size < len(order) and size < cap:
                         u = units[order[i + size]]
-                        cost = u * self.per_unit[key]
-                        if size > 0 and (used + cost > room or grown + u > 2 * self.largest[key]):
+                        cost = u * per_unit
+                        if size > 0 and (used + cost > room or grown + u > 2 * largest):
                             break
                         used, grown, size = used + cost, grown + u, size + 1
                     if used > room and not self._warned:
@@ -106,11 +111,9 @@ class MemoryPlan:
         yield
         if cuda:
             peak = float(torch.cuda.max_memory_allocated(self.device))
-        else:  # without a reset: the lifetime peak, which over-states this block (safe side)
+        else:  # VmHWM since the reset; without one the lifetime peak, which over-states this block (safe side)
             hwm = status_bytes("VmHWM") if reset else None
             peak = float(hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        units = max(float(units), 1e-9)
-        largest = max(units, self.largest.get(key, 0.0))
-        seen = [(u, n) for u, n in self.seen.get(key, []) + [(units, max(peak - start, 1.0))] if u >= 0.5 * largest]
-        self.seen[key], self.largest[key] = seen, largest
-        self.per_unit[key] = max(n / u for u, n in seen)
+        seen = self.seen.get(key, []) + [(max(float(units), 1e-9), max(peak - start, 1.0))]
+        largest = max(u for u, _ in seen)
+        self.seen[key] = [(u, n) for u, n in seen if u >= 0.5 * largest]
