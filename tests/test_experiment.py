@@ -399,6 +399,22 @@ def test_report_lists_every_evaluate_record(tmp_path):
     assert report._evaluate_section(tmp_path / "none") == []
 
 
+def test_report_acquisition_section_pairs_each_method_with_random_by_draw(tmp_path):
+    """ΔF vs random is the per-draw difference of the F ratios with its 95 % t-interval (n = 3, t = 4.303)."""
+    rows = []
+    for d, (rand, pv) in enumerate([(1.0, 2.0), (1.2, 2.4), (0.8, 2.0)]):
+        for method, f in (("random", rand), ("pv", pv)):
+            rows.append({"dataset": "si", "draw": d, "method": method, "kernel": None if method == "random" else "joint",
+                         "shortlist": None, "pool": 300, "budget": 40, "pool_target_share": 0.2, "f_ratio": f,
+                         "e_ratio": 1.0, "target_share": 0.2, "spearman_f": None})
+    path = tmp_path / "acquisition.json"
+    path.write_text(json.dumps({"command": "python -m bench acquisition", "timestamp": "t", "results": rows}))
+    lines = {line.split(" | ")[1]: line for line in report._acquisition_section(path) if line.startswith("| si |")}
+    half = 4.302653 * math.sqrt(((1.0 - 1.1333333) ** 2 + (1.2 - 1.1333333) ** 2 + (1.2 - 1.1333333) ** 2) / 2) / math.sqrt(3)
+    assert f"| +1.13 [{1.1333333 - half:+.2f}, {1.1333333 + half:+.2f}] |" in lines["pv"]
+    assert "| 1.00 ± 0.20 |  |" in lines["random"]
+
+
 # ------------------------------------------------------------------ the CI smoke run
 @pytest.mark.slow
 def test_quick_study_curves_shards_resume_and_report_only(tmp_path):

@@ -650,21 +650,25 @@ def _acquisition_section(path: Path) -> List[str]:
              f"`{doc['command']}` ({doc['timestamp']}); the stage's description is in bench/bench_acquisition.py. "
              "Per dataset and method, mean ± sd over the draws: the pretrained model's mean error on the picks ÷ "
              "the pool's (force, energy), the target-region share of the picks, and Spearman(score, pretrained "
-             "force error) over the pool. `oracle` = the B largest real force errors (the ceiling of the ratio).", ""]
+             "force error) over the pool; ΔF vs random = the F ratio minus random's on the same draw (pool, seed "
+             "and samples shared), mean [95 % t-interval over the draws]. `oracle` = the B largest real force "
+             "errors (the ceiling of the ratio).", ""]
     pools = {}
     for r in rows:
         pools[r["dataset"]] = (r["pool"], r["budget"], r["pool_target_share"])
     lines += [f"- {d}: pool {n} ({share:.0%} target region), budget {b}, {len({r['draw'] for r in rows if r['dataset'] == d})} draws"
               for d, (n, b, share) in pools.items()] + [""]
-    lines += ["| dataset | method | kernel | shortlist (× B) | F picks/pool | E picks/pool | target share | "
-              "Spearman(score, F) |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["| dataset | method | kernel | shortlist (× B) | F picks/pool | ΔF vs random | E picks/pool | "
+              "target share | Spearman(score, F) |", "|---|---|---|---|---|---|---|---|---|"]
     groups: Dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["method"], r["kernel"] or "-", r.get("shortlist") or "-"), []).append(r)
     for (d, m, k, sl), rs in groups.items():
         cells = [_msd([r[key] for r in rs if r[key] is not None], 2)
                  for key in ("f_ratio", "e_ratio", "target_share", "spearman_f")]
-        lines.append(f"| {d} | {m} | {k} | {sl} | " + " | ".join(cells) + " |")
+        random = {r["draw"]: r["f_ratio"] for r in rows if r["dataset"] == d and r["method"] == "random"}
+        delta = "" if m == "random" else _ci(paired_difference({r["draw"]: r["f_ratio"] for r in rs}, random), 2)
+        lines.append(f"| {d} | {m} | {k} | {sl} | {cells[0]} | {delta} | " + " | ".join(cells[1:]) + " |")
     return lines + [""]
 
 
