@@ -1,4 +1,4 @@
-"""Command line: `ntkal select | score | demo | experiment` (options + parser + plan + run, as mace-torch's CLIs).
+"""Command line: `ntkal select | score | evaluate | demo` (options + parser + plan + run, as mace-torch's CLIs).
 
 Every option and input/output file is checked before any model is loaded and before anything is
 written; a user error is one line on stderr and exit code 2 (docs/design.md, "Safe on disk").
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ntkal", description="Force-aware NTK active learning for MACE potentials: pick the "
                                                "structures worth a DFT calculation.")
     parser.add_argument("--version", action="version", version=f"ntkal {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{select,score,evaluate,demo,experiment}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{select,score,evaluate,demo}")
 
     def command(name, help, description, files, out, skip=(), defaults=None):
         p = sub.add_parser(name, help=help, description=description)
@@ -80,18 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
             {"default": "ntkal-demo", "help": "output directory (default ./ntkal-demo)"},
             defaults={"budget": 20, "force_probes": 8})
 
-    p = sub.add_parser("experiment", help="active-learning study: select, label, fine-tune, evaluate",
-                       description="Rounds of select -> label -> mace_run_train --foundation_model fine-tune -> "
-                                   "evaluate, for every method, dataset and seed of the config; writes results/*.json, "
-                                   "figures/*.png and results.md under --out (rerun to resume).")
-    p.add_argument("config", nargs="?", default=None, help="study YAML (default: the packaged study.yaml)")
-    p.add_argument("--quick", action="store_true", help="smoke run: the config's `quick:` sizes")
-    p.add_argument("--out", default="ntkal-experiment", help="output directory (default ./ntkal-experiment)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--shard", default=None, help="I/N: run the I-th of N disjoint blocks of cells (run N processes)")
-    p.add_argument("--curves", action="store_true", help="only the fine-tune validation curves per dataset")
-    p.add_argument("--report-only", action="store_true", help="only results.md from the records under --out")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -363,14 +351,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error already printed as one line
         return int(exc.code or 0)
     try:
-        if args.command == "experiment":
-            _import_quietly()
-            from .experiment.cli import run
-            import torch
-            torch.set_num_threads(max(1, args.threads))
-            run(args.config, args.quick, Path(args.out), shard=args.shard, curves=args.curves,
-                report_only=args.report_only)
-            return 0
         p = plan(args)
         _import_quietly()
         import torch
