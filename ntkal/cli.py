@@ -38,6 +38,7 @@ FILES = {  # file flags: (required, help)
                         "enters the posterior, so what the model already knows is not novel"),
 }
 SELECTION = ("budget", "method", "mode", "shortlist")
+MIN_VALID = 3  # evaluate's Spearman and calibration need a few structures
 EVALUATE_SKIP = SELECTION + ("kernel", "score", "checkpoint_every")  # options evaluate does not take
 
 
@@ -91,6 +92,7 @@ class Plan:
     command: str
     opts: Options
     inputs: dict = field(default_factory=dict)   # name -> Path (model, train, pool, target, pretrain, valid)
+    surveys: dict = field(default_factory=dict)  # name -> ntkal.io.Survey of each structure file
     out: Optional[Path] = None
     plots: dict = field(default_factory=dict)    # name -> Path
 
@@ -110,7 +112,7 @@ def report_path(out: Path) -> Path:
 
 def plan(args) -> Plan:
     """Options checked, inputs present and readable, outputs writable and not someone else's."""
-    from .io import COMPRESSION_SUFFIXES, EXTXYZ_SUFFIXES, check_output_path, read_structures
+    from .io import COMPRESSION_SUFFIXES, EXTXYZ_SUFFIXES, check_output_path, survey
     from .runstate import claim
     names = {f.name for f in dataclasses.fields(Options)}
     opts = Options(**{k: v for k, v in vars(args).items() if k in names})
@@ -120,19 +122,18 @@ def plan(args) -> Plan:
             path = p.inputs[what] = Path(getattr(args, what)).expanduser()
             if not path.is_file():
                 raise InputError(f"{flag(what)}: {'not a file' if path.exists() else 'no such file'}", path=path)
-            if what != "model":
-                read_structures(path)  # checks the suffix and readability now; reads nothing
-    folder = Path(args.out)
-    if p.command in ("demo", "evaluate") and folder.exists() and not folder.is_dir():
-        raise InputError(f"--out of {p.command} must be a directory", path=folder)
     if p.command == "demo":
         from .data import demo_files
         p.inputs = {k: v for k, v in demo_files().items() if k in ("model", "train", "pool")}
+    folder = None if args.out is None else Path(args.out).expanduser()
+    if p.command in ("demo", "evaluate") and folder.exists() and not folder.is_dir():
+        raise InputError(f"--out of {p.command} must be a directory", path=folder)
+    if p.command == "demo":
         p.out, p.plots = folder / "selected.extxyz", {"scores": folder / "scores.png", "errors": folder / "errors.png"}
     elif p.command == "evaluate":
         p.out, p.plots = folder / "evaluate.json", {"reliability": folder / "evaluate.png"}
     else:
-        p.out = Path(args.out or (Path(args.pool).name.split(".")[0] + "_selected.extxyz")).expanduser()
+        p.out = folder or Path(p.inputs["pool"].name.split(".")[0] + "_selected.extxyz")
         name = p.out.name.lower()
         for c in COMPRESSION_SUFFIXES:
             name = name[: -len(c)] if name.endswith(c) else name
@@ -154,7 +155,37 @@ def plan(args) -> Plan:
                 except InputError as exc:
                     raise InputError(f"{what}: {exc}") from None
             claim(path, what)
+    writable_folder(p.out.parent)
+    for what, path in p.inputs.items():  # every structure file read through once, before the model loads
+        if what != "model":
+            try:
+                p.surveys[what] = survey(path, labels=what in ("train", "pretrain", "valid"))
+            except InputError as exc:
+                raise InputError(f"{flag(what)}: {exc}") from None
+            if p.surveys[what].count == 0:
+                raise InputError(f"{flag(what)}: the file holds no structures", path=path)
+    if "pool" in p.inputs and p.command in ("select", "demo") \
+            and p.opts.budget > p.surveys["pool"].count:
+        raise InputError(f"--budget {p.opts.budget} is larger than the pool ({p.surveys['pool'].count} structures "
+                         f"in {p.inputs['pool']})")
+    if p.command == "evaluate" and p.surveys["valid"].count < MIN_VALID:
+        raise InputError(f"--valid: {p.surveys['valid'].count} structures; evaluate needs at least {MIN_VALID} "
+                         "to rank and calibrate predicted errors", path=p.inputs["valid"])
     return p
+
+
+def writable_folder(folder: Path):
+    """InputError unless a file can be created in `folder` (or, if it does not exist yet, in its nearest
+    existing parent): found out now, not after the model has loaded. The probe file is removed at once."""
+    import tempfile
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".ntkal-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"--out: cannot write in {existing} ({exc.strerror or exc})") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,14 +273,16 @@ def run_score(p: Plan, args) -> dict:
         for c, start, atoms, _, scored in pipe.scored_chunks(p.inputs["pool"], pipe.scorer(post, p.inputs.get("target")),
                                                              skip=done):
             write_extxyz(ckpt.part(c), scored_atoms(start, atoms, scored), inputs, verify=False)
+            ckpt.seal(ckpt.part(c))
             ckpt.saved = True
         ckpt.dist.barrier()
         n_chunks = -(-pipe.n_pool // p.opts.chunk())
         if ckpt.dist.rank == 0:
             parts = [ckpt.part(c) for c in range(n_chunks)]
-            missing = [c for c, part in enumerate(parts) if not part.exists()]
-            if missing:
-                raise NtkalError(f"score parts missing for chunks {missing[:5]} in {ckpt.folder}")
+            missing = [c for c, part in enumerate(parts) if not ckpt.sealed(part)]
+            if missing:  # a part removed or changed while the run went on: never join it
+                raise NtkalError(f"score parts missing or changed for chunks {missing[:5]} in {ckpt.folder}; "
+                                 "run the same command again to redo them")
             with atomic_output(p.out, inputs) as tmp, open_text(tmp, "w", file_kind(p.out)[1]) as fh:
                 for part in parts:
                     with open(part, encoding="utf-8") as src:

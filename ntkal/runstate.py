@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from .errors import InputError
+
+log = logging.getLogger("ntkal")
 
 
 @dataclass
@@ -66,9 +69,15 @@ def init_distributed() -> Dist:
 
 
 def file_fingerprint(path) -> dict:
+    """What identifies an input for a checkpoint: its resolved path and a SHA-256 of its content (streamed;
+    a file edited in place with size and mtime kept is another input)."""
     p = Path(path)
-    st = p.stat()
-    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": str(p.resolve()), "sha256": sha256_file(p)}
+
+
+def sha256_file(path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def run_key(settings: dict) -> str:
@@ -202,35 +211,128 @@ class Checkpoint:
         return False
 
     def _file(self, name: str, shared: bool) -> Path:
-        return self.folder / (f"{name}.pt" if shared else f"{name}-rank{self.dist.rank}of{self.dist.world}.pt")
+        suffix = "" if shared else f"-rank{self.dist.rank}of{self.dist.world}"
+        return self.folder / f"{name}{suffix}.safetensors"
 
     def load(self, name: str, shared: bool = False) -> Optional[dict]:
-        """The saved state `name` if it was written for this run key, else None."""
-        import torch
+        """The saved state `name` if it was written for this run key and its content hash holds, else None
+        (a torn, edited or foreign file: that work is done again)."""
         f = self._file(name, shared)
         if not f.exists():
             return None
-        try:
-            state = torch.load(f, weights_only=False)
-        except Exception:  # a torn or foreign file: start that part again
+        if not self.sealed(f):
+            log.warning("checkpoint state %s failed its integrity check; redoing that work", f.name)
             return None
-        return state if state.get("key") == self.key else None
+        try:
+            state = state_from_bytes(f.read_bytes())
+        except (ValueError, OSError):
+            return None
+        return state["state"] if state.get("key") == self.key else None
 
     def due(self) -> bool:
         return time.monotonic() - self._last >= self.every_s
 
     def save(self, name: str, state: dict, shared: bool = False):
-        import torch
+        """Save plain state (nested dicts/lists of str, numbers, None, tensors, arrays; no pickles) atomically,
+        with its content hash beside it."""
         f = self._file(name, shared)
-        tmp = f.with_name(f".{f.name}.tmp")
-        torch.save({**state, "key": self.key}, tmp)
-        os.replace(tmp, f)
+        data = state_to_bytes({"key": self.key, "state": state})
+        _write_atomic(f, data)
+        self.seal(f, hashlib.sha256(data).hexdigest())
         self.saved = True
         self._last = time.monotonic()
+
+    def seal(self, path: Path, digest: Optional[str] = None):
+        """Record `path`'s content hash (computed if not given) in `<path>.sha256`, written after the file:
+        a file without a matching seal is never trusted."""
+        _write_atomic(_seal_of(path), (digest or sha256_file(path)).encode())
+
+    def sealed(self, path: Path) -> bool:
+        """Whether `path` exists and still has the content hash recorded when it was written."""
+        try:
+            return _seal_of(path).read_text().strip() == sha256_file(path)
+        except OSError:
+            return False
 
     def part(self, chunk: int) -> Path:
         """A chunk's output part; its name carries the run key."""
         return self.folder / f"part-{self.key}-{chunk:08d}.extxyz"
 
     def parts_done(self) -> set:
-        return {int(p.stem.rsplit("-", 1)[1]) for p in self.folder.glob(f"part-{self.key}-*.extxyz")}
+        """Chunks whose part is complete and unchanged (content hash as sealed); other parts are redone."""
+        done = set()
+        for p in self.folder.glob(f"part-{self.key}-*.extxyz"):
+            if self.sealed(p):
+                done.add(int(p.stem.rsplit("-", 1)[1]))
+            else:
+                log.warning("checkpoint part %s failed its integrity check; scoring that chunk again", p.name)
+        return done
+
+
+def _seal_of(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _write_atomic(path: Path, data: bytes):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# plain state: tensors and arrays in safetensors, everything else JSON (nothing is unpickled)
+
+_TENSOR, _ARRAY = "__ntkal_tensor__", "__ntkal_array__"
+
+
+def state_to_bytes(state) -> bytes:
+    """Serialise nested dicts (str keys) / lists / tuples of str, int, float, bool, None, torch tensors and
+    numpy arrays: the tensors as safetensors, the structure as JSON in its metadata."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save
+    tensors = {}
+
+    def plain(x):
+        if isinstance(x, (torch.Tensor, np.ndarray)):
+            name = f"t{len(tensors)}"
+            is_array = isinstance(x, np.ndarray)
+            tensors[name] = (torch.from_numpy(np.array(x)) if is_array else x.detach().cpu().clone()).contiguous()
+            return {_ARRAY if is_array else _TENSOR: name}
+        if isinstance(x, dict):
+            if not all(isinstance(k, str) for k in x):
+                raise TypeError(f"checkpoint state: dict keys must be str, got {sorted(map(repr, x))[:3]}")
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, np.generic):
+            return x.item()
+        if x is None or isinstance(x, (str, bool, int, float)):
+            return x
+        raise TypeError(f"checkpoint state holds only plain data and tensors, not {type(x).__name__}")
+    meta = json.dumps(plain(state), allow_nan=True)
+    return save(tensors, metadata={"ntkal_state": meta})
+
+
+def state_from_bytes(data: bytes):
+    """The nested state of `state_to_bytes` (tuples come back as lists)."""
+    import struct
+    from safetensors.torch import load
+    try:
+        tensors = load(data)  # checks the header and every tensor's extent
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8:8 + n])["__metadata__"]["ntkal_state"]
+    except Exception as exc:  # safetensors' own error type, struct, JSON or a missing key: not our state
+        raise ValueError(f"not an ntkal checkpoint state ({type(exc).__name__}: {exc})") from None
+
+    def restore(x):
+        if isinstance(x, dict):
+            if len(x) == 1 and _TENSOR in x:
+                return tensors[x[_TENSOR]]
+            if len(x) == 1 and _ARRAY in x:
+                return tensors[x[_ARRAY]].numpy()
+            return {k: restore(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [restore(v) for v in x]
+        return x
+    return restore(json.loads(meta))

@@ -10,12 +10,12 @@ entries, so plain keys are unsafe; every calculator result ``p`` is moved to ``R
 (MACE's ``load_from_xyz`` does the same with a warning) and nothing named like a calculator property
 is ever written.
 """
-from .checks import check_structure
+from .checks import check_labels, check_structure
 from .jsonio import write_json
 from .read import (CALCULATOR_KEYS, COMPRESSION_SUFFIXES, DB_SUFFIXES, EXTXYZ_SUFFIXES, count_structures,
-                   iter_chunks, normalize_labels, read_structures)
+                   iter_chunks, normalize_labels, read_structures, survey)
 from .write import atomic_output, check_output_path, write_extxyz
 
 __all__ = ["EXTXYZ_SUFFIXES", "COMPRESSION_SUFFIXES", "DB_SUFFIXES", "CALCULATOR_KEYS", "read_structures",
-           "count_structures", "normalize_labels", "check_structure", "iter_chunks", "check_output_path",
+           "count_structures", "normalize_labels", "check_structure", "check_labels", "survey", "iter_chunks", "check_output_path",
            "atomic_output", "write_extxyz", "write_json"]

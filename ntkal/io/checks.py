@@ -46,6 +46,29 @@ def check_structure(atoms, index, path, known_numbers=None, min_distance: float 
         raise InputError(f"{what}, closer than {min_distance:g} Å (coinciding atoms?)", path, index)
 
 
+#: label keys whose values must be finite (MACE's default keys, ntkal.io.read normalises onto them)
+LABEL_KEYS = ("REF_energy", "REF_forces", "REF_stress", "REF_virials", "REF_dipole", "REF_charges")
+
+
+def check_labels(atoms, index, path) -> None:
+    """Raise :class:`InputError` naming ``path``, ``index`` and the key for a label that holds NaN or inf:
+    one such value would silently change every scale and score fitted from the labelled set."""
+    for key in LABEL_KEYS:
+        value = atoms.info.get(key, atoms.arrays.get(key))
+        if value is None:
+            continue
+        try:
+            finite = np.isfinite(np.asarray(value, dtype=float))
+        except (TypeError, ValueError):
+            raise InputError(f"label {key} is not numeric ({str(value)[:40]!r})", path, index) from None
+        if not finite.all():
+            where = ""
+            if finite.ndim == 2 and key in atoms.arrays:
+                bad = np.flatnonzero(~finite.all(axis=1))
+                where = f" for atom{'s' if len(bad) > 1 else ''} {_list_ints(bad)}"
+            raise InputError(f"label {key} holds NaN or inf{where}; fix or remove this structure", path, index)
+
+
 def _symbol(z) -> str:
     from ase.data import chemical_symbols
 

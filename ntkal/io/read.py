@@ -16,7 +16,9 @@ import logging
 import lzma
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,7 @@ _PER_ATOM_RESULTS = frozenset(("forces", "stresses", "charges", "magmoms", "ener
 _DB_PAGE = 1000  # rows fetched per query (ase's sqlite backend fetches a whole query at once)
 _SUFFIX_HELP = ("ntkal reads .xyz and .extxyz files (optionally compressed: .gz, .bz2, .xz) "
                 "and ASE databases (.db)")
-_READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError)
+_READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError, zlib.error)
 _BARE_INT = re.compile(r"^\s*[+-]?\d+\s*$", re.MULTILINE)
 
 
@@ -335,6 +337,63 @@ def count_structures(path) -> int:
         return int(_connect_db(path).count())
     except Exception as exc:
         raise _db_error(path, exc) from exc
+
+
+@dataclass
+class Survey:
+    """What a pre-pass over a structure file found: how many structures, and where each element first occurs
+    (atomic number -> 0-based structure index; empty for ASE databases, whose rows are not read ahead)."""
+
+    count: int
+    first_of: dict = field(default_factory=dict)
+
+    def check_elements(self, known_numbers, path) -> None:
+        """InputError naming the first structure with an element outside ``known_numbers``."""
+        from .checks import _symbol
+        known = {int(z) for z in known_numbers}
+        unknown = sorted((i, z) for z, i in self.first_of.items() if z not in known)
+        if unknown:
+            index, _ = unknown[0]
+            bad = sorted(z for _, z in unknown)
+            raise InputError(f"element{'s' if len(bad) > 1 else ''} {', '.join(_symbol(z) for z in bad)} not known "
+                             f"to the model (it knows {', '.join(_symbol(z) for z in sorted(known))})", path, index)
+
+
+def survey(path, labels: bool = False) -> Survey:
+    """Stream a file once before any model is loaded: frame layout and atom counts (every structure has at
+    least one atom), chemical symbols, and with ``labels`` every structure parsed and its labels checked
+    finite (:func:`ntkal.io.checks.check_labels`). Errors are InputErrors naming the file and structure."""
+    from ase.data import atomic_numbers
+    from .checks import check_labels
+    path = _check_readable(path)
+    kind, compression = file_kind(path)
+    if kind == "db":
+        out = Survey(count_structures(path))
+        if labels:
+            for index, atoms in enumerate(read_structures(path)):
+                check_labels(atoms, index, path)
+        return out
+    first_of: dict = {}
+    count = 0
+    for index, lines in enumerate(_extxyz_frames(path, compression)):
+        count += 1
+        natoms = int(lines[0])
+        if natoms == 0:
+            raise InputError("the structure has no atoms", path, index)
+        for line in lines[2:2 + natoms]:
+            symbol = line.split(None, 1)[0] if line.strip() else ""
+            z = atomic_numbers.get(symbol.capitalize())
+            if z is None:
+                raise InputError(f"malformed extxyz frame: {symbol[:20]!r} is not a chemical symbol", path, index)
+            first_of.setdefault(z, index)
+        if labels:
+            try:
+                atoms = parse_frame(lines)
+            except Exception as exc:  # as _read_extxyz
+                raise InputError(f"malformed extxyz frame: {reason(exc)}", path, index) from exc
+            normalize_labels(atoms)
+            check_labels(atoms, index, path)
+    return Survey(count, first_of)
 
 
 def iter_chunks(iterable: Iterable, size: int) -> Iterator[list]:

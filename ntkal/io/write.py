@@ -10,6 +10,7 @@ import io
 import os
 import re
 import tempfile
+from glob import escape as glob_escape
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -63,6 +64,21 @@ def _new_file_mode(existing: Path) -> int:
         return 0o666 & ~mask
 
 
+def _remove_stale_temporaries(out: Path):
+    """Remove the temporaries of `out` that a killed ntkal process left (named .ntkal-tmp-<pid>-*-<name>,
+    the pid no longer running); those of a live process and any other file are left alone."""
+    for tmp in out.parent.glob(f".ntkal-tmp-*-{glob_escape(out.name)}"):
+        pid = tmp.name[len(".ntkal-tmp-"):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 @contextmanager
 def atomic_output(path, inputs=()):
     """Context manager yielding a temporary Path in ``path``'s directory; on normal exit the
@@ -71,7 +87,8 @@ def atomic_output(path, inputs=()):
     name, so suffix-based format detection still works. Checks :func:`check_output_path` first.
     """
     out = check_output_path(path, inputs)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=".ntkal-tmp-", suffix="-" + out.name)
+    _remove_stale_temporaries(out)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".ntkal-tmp-{os.getpid()}-", suffix="-" + out.name)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
