@@ -87,9 +87,9 @@ def run_dataset(name, a, methods, shortlists, log):
     from ntkal.acquisition.scorers import ErrorScorer
     from ntkal.data import dataset_files
     from ntkal.options import KERNELS
-    from ntkal.experiment import acquisition
-    from ntkal.experiment.config import SelectionConfig
-    from ntkal.experiment.features import FeatureStore
+    from study import acquisition
+    from study.config import SelectionConfig
+    from study.features import FeatureStore
     model = dataset_files(name)["model"]
     sel = SelectionConfig(sketch_dim=a.sketch_dim, force_probes=a.force_probes, target_shortlist=max(60, a.budget))
     store = FeatureStore(model, sel)
@@ -157,10 +157,10 @@ def run_dataset(name, a, methods, shortlists, log):
 
 def committee_picks(model, labelled, pool, budget, draw, a):
     """4 members fine-tuned (naive protocol) from the pretrained model on the seed with different seeds."""
-    from ntkal.experiment.acquisition import Picks
-    from ntkal.experiment.committee import committee_select, member_seeds
-    from ntkal.experiment.config import FinetuneConfig
-    from ntkal.experiment.finetune import finetune, foundation_e0s
+    from study.acquisition import Picks
+    from study.committee import committee_select, member_seeds
+    from study.config import FinetuneConfig
+    from study.finetune import finetune, foundation_e0s
     cfg = FinetuneConfig(protocol="naive", epochs=a.committee_epochs, batch_size=4, lr=1e-3, energy_weight=10.0,
                          forces_weight=100.0, valid_size=2)
     e0s = foundation_e0s(model)

@@ -23,7 +23,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..features import ENERGY, FORCE, MACEFeaturizer, RowBlock
+from ntkal.features import ENERGY, FORCE, MACEFeaturizer, RowBlock
 from .config import SelectionConfig
 
 #: which cached featurisation serves each (kernel, exact?) request
@@ -87,7 +87,7 @@ class FeatureStore:
 
     def residuals(self, kernel: str, structures: Sequence, exact: bool):
         """(rows, per-row residuals label − pretrained prediction, seconds): the error-aware score's input."""
-        from ..acquisition.residuals import residual_rows
+        from ntkal.acquisition.residuals import residual_rows
         rows, secs = self.rows(kernel, structures, exact)
         e, f = self.predictions(structures)
         fz = self.featurizers["joint"]

@@ -11,14 +11,14 @@ import torch
 from ase import Atoms
 
 from ntkal.data import demo_files
-from ntkal.experiment import acquisition, committee, report, stats
-from ntkal.experiment.__main__ import main as experiment_main
-from ntkal.experiment.config import ConfigError, ScenarioConfig, SelectionConfig, config_from_dict, load_config
-from ntkal.experiment.datasets import Dataset
-from ntkal.experiment.features import FeatureStore
-from ntkal.experiment.finetune import build_args, foundation_e0s, replay_foundation
-from ntkal.experiment.metrics import errors, evaluate, evaluate_splits, load_model, predict
-from ntkal.experiment.runner import (Cell, biased_pool, cheap_metrics, initial_set, parse_shard, region_tests,
+from study import acquisition, committee, report, stats
+from study.__main__ import main as experiment_main
+from study.config import ConfigError, ScenarioConfig, SelectionConfig, config_from_dict, load_config
+from study.datasets import Dataset
+from study.features import FeatureStore
+from study.finetune import build_args, foundation_e0s, replay_foundation
+from study.metrics import errors, evaluate, evaluate_splits, load_model, predict
+from study.runner import (Cell, biased_pool, cheap_metrics, initial_set, parse_shard, region_tests,
                                      shard_cells)
 from ntkal.io import read_structures
 
@@ -187,7 +187,7 @@ def _fake(n, region, split="pool", start=0):
 
 
 def _fake_dataset():
-    from ntkal.experiment.config import Region
+    from study.config import Region
     pool_all = _fake(60, "base") + _fake(60, "target", start=60)
     ds = Dataset(name="fake", model=None, pool_all=pool_all, pool=pool_all[::2], region=Region("region", ["target"]),
                  train=_fake(6, "base", "train") + _fake(8, "target", "train", 6),

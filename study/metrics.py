@@ -45,7 +45,7 @@ def predict(model, structures: Sequence, batch_size: int = 32) -> Tuple[np.ndarr
     """Total energies [n] (eV) and forces (list of [N_i, 3], eV/Å) of a mace model, batched."""
     from mace.tools import AtomicNumberTable
 
-    from ..features.mace import mace_batch
+    from ntkal.features.mace import mace_batch
     dtype = next(model.parameters()).dtype
     z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
     r_max = float(model.r_max)

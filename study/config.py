@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..errors import InputError
+from ntkal.errors import InputError
 
 KERNELS = ("embedding", "energy", "force", "joint")
 #: NTK kernels that can rank by expected target-variance reduction (`ntkal select --target`).

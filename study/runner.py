@@ -243,7 +243,7 @@ class Runner:
             missing = [m for m in s.methods if m not in can]
             if missing:
                 raise ConfigError(f"scenarios.{s.name}: method {missing[0]!r} has no acquisition yet "
-                                  "(ntkal/experiment/acquisition.py, Runner._select)")
+                                  "(study/acquisition.py, Runner._select)")
 
     # ------------------------------------------------------------------ study
     def run(self) -> dict:

@@ -2,7 +2,7 @@
 
 Usage (needs the ``study`` extra, ``pip install tblite==0.8.0``)::
 
-    python -m ntkal.data.make_t1x_like             # writes t1x_<split>.extxyz.gz next to this file
+    python -m study.data.make_t1x_like             # writes t1x_<split>.extxyz.gz next to this file
 
 Molecules: the closed-shell members of ``ase.collections.g2`` made only of C, H, N and O with
 3 to 12 atoms. Each is relaxed with GFN2-xTB (tblite), its Hessian is taken by central finite
@@ -44,9 +44,8 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import thermalize_momenta
 from ase.optimize import BFGS
 
-from ntkal.data.make_si_data import generator_parser, write_split
-
-DATA_DIR = pathlib.Path(__file__).resolve().parent
+from ntkal.data import DATA_DIR
+from study.data.make_si_data import generator_parser, write_split
 
 NM_TEMPERATURES = (300.0, 600.0, 1000.0)
 MD_TEMPERATURES = (1000.0, 1500.0)

@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..api import select_rows
-from ..options import KERNELS
+from ntkal.api import select_rows
+from ntkal.options import KERNELS
 from .config import SelectionConfig
 from .features import FeatureStore
 

@@ -1,4 +1,4 @@
-"""`python -m ntkal.experiment`: the study with sharding, curve calibration and report-only flags."""
+"""`python -m study`: the study with sharding, curve calibration and report-only flags."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ntkal.experiment", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m study", description=__doc__)
     p.add_argument("config", nargs="?", default=None, help="study YAML (default: the packaged study.yaml)")
     p.add_argument("--quick", action="store_true", help="smoke run: the config's `quick:` sizes")
     p.add_argument("--out", default="ntkal-experiment", help="output directory (default ./ntkal-experiment)")
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     import mace  # noqa: F401  (before e3nn)
     import torch
     torch.set_num_threads(max(1, args.threads))
-    from ..errors import NtkalError
+    from ntkal.errors import NtkalError
     from .cli import run
     try:
         if args.plan:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..errors import NtkalError
+from ntkal.errors import NtkalError
 from .config import FinetuneConfig
 
 
@@ -143,7 +143,7 @@ def build_args(cfg: FinetuneConfig, foundation: Path, train: Path, valid: Path, 
 
 def mace_run_train_path() -> Path:
     """The mace_run_train script (ntkal.data.train_model's lookup), a FinetuneError when there is none."""
-    from ..data.train_model import mace_run_train_path as lookup
+    from .data.train_model import mace_run_train_path as lookup
     try:
         return Path(lookup())
     except FileNotFoundError as exc:

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m ntkal.data.make_oc20_like            # writes oc20_<split>.extxyz.gz next to this file
+    python -m study.data.make_oc20_like            # writes oc20_<split>.extxyz.gz next to this file
 
 Every structure is a frame of a short MD trajectory: a 2x2x3 fcc(111) or fcc(100)
 slab (12 metal atoms, 6 A vacuum each side, periodic in-plane only) with 0-2 adsorbates on a
@@ -47,9 +47,8 @@ from ase.md.velocitydistribution import thermalize_momenta
 from ase.optimize import FIRE
 from ase.units import fs
 
-from ntkal.data.make_si_data import generator_parser, write_split
-
-DATA_DIR = pathlib.Path(__file__).resolve().parent
+from ntkal.data import DATA_DIR
+from study.data.make_si_data import generator_parser, write_split
 
 METALS_ID = ("Cu", "Pt", "Au", "Ni")
 METALS_OOD = ("Pd", "Ag")

@@ -18,7 +18,7 @@ from .runner import Runner, parse_shard
 
 def command_line(config: Optional[str], quick: bool, out: Path, shard: Optional[str] = None,
                  curves: bool = False) -> str:
-    parts = ["python", "-m", "ntkal.experiment"] + ([str(config)] if config else []) + (["--quick"] if quick else [])
+    parts = ["python", "-m", "study"] + ([str(config)] if config else []) + (["--quick"] if quick else [])
     parts += (["--shard", shard] if shard else []) + (["--curves"] if curves else [])
     return shlex.join(parts + ["--out", str(out)])
 

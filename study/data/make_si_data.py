@@ -3,8 +3,8 @@
 Usage::
 
     pip download --no-deps --no-binary :all: pyxtal-ff==0.2.3 -d /tmp/pyxtal
-    python -m ntkal.data.make_si_data --sdist /tmp/pyxtal/pyxtal_ff-0.2.3.tar.gz
-    python -m ntkal.data.make_si_data test-splits --sdist /tmp/pyxtal/pyxtal_ff-0.2.3.tar.gz
+    python -m study.data.make_si_data --sdist /tmp/pyxtal/pyxtal_ff-0.2.3.tar.gz
+    python -m study.data.make_si_data test-splits --sdist /tmp/pyxtal/pyxtal_ff-0.2.3.tar.gz
 
 The sdist is read with :mod:`tarfile`; PyXtal_FF is never installed or imported.
 Source records (``pyxtal_ff/datasets/Si/PyXtal/Si{4,6,8,16}.json``) hold
@@ -37,7 +37,8 @@ import numpy as np
 from ase import Atoms
 from ase.io import read, write
 
-DATA_DIR = pathlib.Path(__file__).resolve().parent
+from ntkal.data import DATA_DIR
+
 MEMBER = "pyxtal_ff-0.2.3/pyxtal_ff/datasets/Si/PyXtal/{stem}.json"
 
 PRETRAIN_SOURCES = ("Si4", "Si6")

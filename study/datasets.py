@@ -70,7 +70,7 @@ class Dataset:
 
 def dataset_files(cfg: DatasetConfig) -> Dict[str, Path]:
     """{"model": path, split-file name: path}: ntkal.data's shipped files, or `<files>/<name>_<split>.*`."""
-    from .. import data as shipped
+    import ntkal.data as shipped
     if cfg.files == "builtin":
         folder = shipped.DATA_DIR
         found = {}
@@ -97,7 +97,7 @@ def dataset_files(cfg: DatasetConfig) -> Dict[str, Path]:
 
 
 def _read(path: Path) -> list:
-    from ..io import read_structures
+    from ntkal.io import read_structures
     return list(read_structures(path))
 
 

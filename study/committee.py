@@ -17,9 +17,9 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..acquisition.scorers import CommitteeScorer
-from ..api import select_rows
-from ..features.rowblock import EMBEDDING, RowBlock
+from ntkal.acquisition.scorers import CommitteeScorer
+from ntkal.api import select_rows
+from ntkal.features.rowblock import EMBEDDING, RowBlock
 from .metrics import load_model, predict
 
 

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m ntkal.data.train_model --dataset oc20     # writes oc20_mace.model + oc20_mace.json
-    python -m ntkal.data.train_si_model                 # the same with --dataset si (alias)
+    python -m study.data.train_model --dataset oc20     # writes oc20_mace.model + oc20_mace.json
+    python -m study.data.train_si_model                 # the same with --dataset si (alias)
 
 Runs the ``mace_run_train`` console script (found next to ``sys.executable``) on
 ``<dataset>_pretrain.extxyz.gz`` in a temporary working directory, copies the plain
@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-DATA_DIR = pathlib.Path(__file__).resolve().parent
+from ntkal.data import DATA_DIR
 
 # per-dataset defaults; epoch counts keep training within ~15 min at one CPU thread
 DATASETS = {
@@ -294,7 +294,7 @@ def main(argv=None, default_dataset: str | None = None) -> None:
     evals = {split: evaluate(out_model, path) for split, path in splits.items() if split != "pretrain"}
     eval_time = time.perf_counter() - t0
 
-    launcher = "ntkal.data.train_si_model" if default_dataset == "si" else "ntkal.data.train_model"
+    launcher = "study.data.train_si_model" if default_dataset == "si" else "study.data.train_model"
     final = tables[-1] if tables else {}
     info = {
         "command": shlex.join(["mace_run_train"] + opts),
