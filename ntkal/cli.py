@@ -198,6 +198,18 @@ def _checkpoint(p: Plan):
     return Checkpoint(p.checkpoint, key, Dist.current(), p.opts.checkpoint_every)
 
 
+def _featurizer(p: Plan):
+    """The model's featurizer; every structure file's elements checked against the model before any work."""
+    from .acquisition.pipeline import featurizer_for
+    fz = featurizer_for(p.inputs["model"], p.opts)
+    for what, found in p.surveys.items():
+        try:
+            found.check_elements(fz.atomic_numbers, p.inputs[what])
+        except InputError as exc:
+            raise InputError(f"{flag(what)}: {exc}") from None
+    return fz
+
+
 def _report(p: Plan, body: dict) -> dict:
     from . import __version__
     from .provenance import versions
@@ -208,9 +220,9 @@ def _report(p: Plan, body: dict) -> dict:
 
 def run_select(p: Plan, args, on_chunk=None) -> dict:
     """ntkal select: the picks as extxyz plus a JSON report."""
-    from .acquisition.pipeline import Pipeline, featurizer_for
+    from .acquisition.pipeline import Pipeline
     from .io import write_extxyz, write_json
-    fz = featurizer_for(p.inputs["model"], p.opts)
+    fz = _featurizer(p)
     with _checkpoint(p) as ckpt:
         res = Pipeline(p.opts, fz, args.progress, ckpt).select(p.inputs["train"], p.inputs["pool"],
                                                                p.inputs.get("target"), on_chunk=on_chunk,
@@ -259,13 +271,13 @@ def run_score(p: Plan, args) -> dict:
     then joins the parts.
     """
     import shutil
-    from .acquisition.pipeline import Pipeline, featurizer_for
+    from .acquisition.pipeline import Pipeline
     from .api import scored_atoms
     from .io import atomic_output, write_extxyz, write_json
     from .io.read import file_kind, open_text
     t0 = time.perf_counter()
     inputs = list(p.inputs.values())
-    fz = featurizer_for(p.inputs["model"], p.opts)
+    fz = _featurizer(p)
     with _checkpoint(p) as ckpt:
         pipe = Pipeline(p.opts, fz, args.progress, ckpt)
         post = pipe.fit(p.inputs["train"], p.inputs.get("pretrain"))

@@ -13,7 +13,7 @@ class InputError(NtkalError):
         self.index = index
         where = "" if self.path is None else f"{self.path}: "
         if index is not None:
-            where += f"structure {index}: "
+            where += f"structure {index} (0-based): "
         super().__init__(where + message)
 
 

@@ -234,18 +234,18 @@ def test_reader_is_lazy_and_names_the_bad_frame(tmp_path, bad):
     with pytest.raises(InputError) as err:
         next(stream)
     message = str(err.value)
-    assert message.startswith(f"{path}: structure 2: ")
+    assert message.startswith(f"{path}: structure 2 (0-based): ")
     assert err.value.index == 2 and err.value.path == str(path)
 
 
 def test_count_names_the_bad_frame(tmp_path):
     path = tmp_path / "pool.xyz"
     _write_three_frames(path, "two\ncomment\nH 0 0 0\n")
-    with pytest.raises(InputError, match=re.escape(f"{path}: structure 2: ")):
+    with pytest.raises(InputError, match=re.escape(f"{path}: structure 2 (0-based): ")):
         count_structures(path)
     path2 = tmp_path / "short.xyz"
     _write_three_frames(path2, "5\ncomment\nH 0 0 0\n")
-    with pytest.raises(InputError, match=re.escape(f"{path2}: structure 2: ")):
+    with pytest.raises(InputError, match=re.escape(f"{path2}: structure 2 (0-based): ")):
         count_structures(path2)
 
 
@@ -263,7 +263,7 @@ def test_wrong_atom_count_is_reported_at_its_own_structure(tmp_path, delta):
     path.write_text("".join(lines))
     stream = read_structures(path)
     assert_same_structures([next(stream) for _ in range(3)], structures[:3])
-    expected = f"{path}: structure 3: malformed extxyz frame: " + ("more" if delta < 0 else "fewer")
+    expected = f"{path}: structure 3 (0-based): malformed extxyz frame: " + ("more" if delta < 0 else "fewer")
     with pytest.raises(InputError, match=re.escape(expected)):
         next(stream)
     with pytest.raises(InputError, match=re.escape(expected)):
@@ -276,7 +276,7 @@ def test_corrupt_gzip_is_an_input_error(tmp_path):
     write_extxyz(path, structures)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # truncated download
-    with pytest.raises(InputError, match=re.escape(str(path)) + ".*structure [0-9]+: cannot read"):
+    with pytest.raises(InputError, match=re.escape(str(path)) + ".*structure [0-9]+ \(0-based\): cannot read"):
         list(read_structures(path))
     with pytest.raises(InputError, match="cannot read"):
         count_structures(path)
@@ -331,7 +331,7 @@ def _message(atoms, **kwargs):
     with pytest.raises(InputError) as err:
         check_structure(atoms, 7, "pool.xyz", **kwargs)
     message = str(err.value)
-    assert message.startswith("pool.xyz: structure 7: ")
+    assert message.startswith("pool.xyz: structure 7 (0-based): ")
     return message
 
 
@@ -597,7 +597,7 @@ def test_write_extxyz_keeps_ntkal_outputs_and_fails_on_lost_labels(tmp_path):
                                atol=1e-7)
     broken = labelled_structures()[0]
     broken.info["REF_energy"] = {"not": object()}  # cannot be written: ASE skips it
-    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'bad.extxyz'}: structure 0: ")):
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'bad.extxyz'}: structure 0 (0-based): ")):
         write_extxyz(tmp_path / "bad.extxyz", [broken])
     assert not (tmp_path / "bad.extxyz").exists()
 
@@ -607,7 +607,7 @@ def test_write_extxyz_verifies_every_new_layout(tmp_path, caplog):
     ASE cannot write, a string ASE reads back as a bool) must still be caught."""
     frames = labelled_structures(n_bulk=3)[:3]
     frames[2].info["REF_energy"] = {"not": object()}
-    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'a.extxyz'}: structure 2: ")):
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'a.extxyz'}: structure 2 (0-based): ")):
         write_extxyz(tmp_path / "a.extxyz", frames)
     frames = labelled_structures(n_bulk=3)[:3]
     frames[2].info["config_type"] = "T"
