@@ -16,28 +16,24 @@ from typing import List
 
 from . import utils
 
-# label -> (kernel, probes ("m" = --probes), impl, route): route "before" is the fast path's old per-structure
-# perturbation of tensor products and symmetric contractions (ntkal.features.fast._LEGACY_ROUTE)
+# label -> (kernel, probes ("m" = --probes), impl)
 CASES = {
-    "floor": ("floor", None, None, None),
-    "embedding": ("embedding", None, "reference", None),
-    "energy fast": ("energy", None, "fast", None),
-    "energy fast (before)": ("energy", None, "fast", "before"),
-    "energy reference": ("energy", None, "reference", None),
-    "probes fast": ("force", "m", "fast", None),
-    "probes fast (before)": ("force", "m", "fast", "before"),
-    "probes reference": ("force", "m", "reference", None),
-    "exact floor": ("floor", None, None, None),
-    "exact fast": ("force", None, "fast", None),
-    "exact fast (before)": ("force", None, "fast", "before"),
-    "exact reference": ("force", None, "reference", None),
+    "floor": ("floor", None, None),
+    "embedding": ("embedding", None, "reference"),
+    "energy fast": ("energy", None, "fast"),
+    "energy reference": ("energy", None, "reference"),
+    "probes fast": ("force", "m", "fast"),
+    "probes reference": ("force", "m", "reference"),
+    "exact floor": ("floor", None, None),
+    "exact fast": ("force", None, "fast"),
+    "exact reference": ("force", None, "reference"),
 }
 DEFAULT_CASES = list(CASES)
 LABELLED = {  # labelled-set featurisation: joint rows as the posterior fit takes them
-    "floor (1 structure per call)": ("floor1", None, None, None),
-    "joint exact, fast": ("joint", None, "fast", None),
-    "joint exact, reference": ("joint", None, "reference", None),
-    "joint probes, fast": ("joint", "m", "fast", None),
+    "floor (1 structure per call)": ("floor1", None, None),
+    "joint exact, fast": ("joint", None, "fast"),
+    "joint exact, reference": ("joint", None, "reference"),
+    "joint probes, fast": ("joint", "m", "fast"),
 }
 
 
@@ -76,12 +72,12 @@ def run(a, argv) -> dict:
 
 
 def _run_case(a, label, case, n_atoms, n_struct) -> dict:
-    kernel, probes, impl, route = case
+    kernel, probes, impl = case
     memory_gb = a.memory_gb
     if memory_gb is None and impl == "reference" and kernel in ("force", "joint") and probes is None:
         memory_gb = a.reference_memory_gb
     spec = {"arch": a.arch, "atoms": n_atoms, "n": n_struct, "batch": min(a.batch, n_struct), "kernel": kernel,
-            "probes": a.probes if probes == "m" else None, "impl": impl, "route": route,
+            "probes": a.probes if probes == "m" else None, "impl": impl,
             "sketch_dim": a.sketch_dim, "dtype": a.dtype, "memory_gb": memory_gb, "device": a.device}
     env = {"OMP_NUM_THREADS": str(a.threads)} if a.threads else None
     r = utils.run_child([utils.PY, "-m", "bench.features_arch", json.dumps(spec)], env=env, cwd=str(utils.REPO))
@@ -119,7 +115,6 @@ def child(spec: dict) -> dict:
     import gc
     import torch
     import ntkal
-    from ntkal.features import fast
     from . import archs
     dtype = getattr(torch, spec["dtype"])
     device = spec.get("device", "cpu")
@@ -129,10 +124,6 @@ def child(spec: dict) -> dict:
     warm = archs.structures(spec["arch"], 6, 1, seed=2)
     kernel = spec["kernel"]
     info = {}
-    if spec["route"] == "before":
-        if not hasattr(fast, "_LEGACY_ROUTE"):
-            return {"note": "no old route in this tree"}
-        fast._LEGACY_ROUTE = True
     if kernel in ("floor", "floor1"):
         fz = ntkal.MACEFeaturizer(str(path), kernel="embedding", dtype=dtype, device=device)
 
@@ -164,7 +155,7 @@ def child(spec: dict) -> dict:
         torch.cuda.synchronize()
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else utils.peak_rss_mib()
-    return {"kernel": kernel, "probes": spec["probes"], "route": spec["route"] or "", "memory_gb": spec["memory_gb"],
+    return {"kernel": kernel, "probes": spec["probes"], "memory_gb": spec["memory_gb"],
             **info, "cpu_s": cpu, "time_s": wall if cuda else cpu, "device": device,
             "wall_s": wall, "rss_before_gib": rss0 / 1024, "peak_rss_gib": peak / 1024,
             "peak_is_call_only": reset, "natoms_mean": sum(len(x) for x in ats) / len(ats)}

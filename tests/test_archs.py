@@ -9,6 +9,7 @@ import torch
 
 import ntkal
 from bench import archs
+from ntkal.features.fast import FastRoute
 
 F64 = torch.float64
 NAMES = ["mp0-small", "mp0-medium", "mp0-large", "off-small"]
@@ -19,26 +20,31 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_miniature_fast_equals_reference(name, monkeypatch):
-    from ntkal.features import rules
-    monkeypatch.setattr(rules, "_BIG_LAYER_NUMEL", 0)  # the full model's rules on the miniature's small layers
+def test_miniature_fast_equals_reference(name):
+    """Both rule sets: the full model's (big_layer_numel=0 gives the miniature's small layers the element-group
+    and Δ rules) and the default's (small layers: taps and the per-structure perturbation)."""
     arch = archs.miniature(archs.ARCHS[name])
     model = archs.build(arch, seed=3)
     assert len(model.atomic_numbers) == len(arch.atomic_numbers)
     ats = archs.structures(name, 7, 2, seed=4)
     kw = dict(sketch_dim=24, seed=1, dtype=F64)
     for kernel, probes in (("joint", None), ("joint", 3)):
-        fast = ntkal.MACEFeaturizer(model, kernel=kernel, force_probes=probes, impl="fast", **kw)
         ref = ntkal.MACEFeaturizer(model, kernel=kernel, force_probes=probes, impl="reference", **kw)
-        assert fast.coverage == 1.0 and fast.fallback_reason is None
-        counts = fast._taps.rule_counts()
-        assert counts["ElementTPRule"] > 0 and counts["GroupedContraction"] > 0 and "PerStructure" not in counts
-        a, b = fast(ats), ref(ats)
-        assert torch.equal(a.kind, b.kind) and torch.equal(a.ptr, b.ptr)
-        for kind in set(b.kind.tolist()):  # energy and force rows each non-trivial and equal
-            m = b.kind == kind
-            assert float(b.rows[m].abs().max()) > 0
-            assert rel(a.rows[m], b.rows[m]) <= 1e-9, (name, kernel, probes, kind)
+        b = ref(ats)
+        for route in (FastRoute(big_layer_numel=0), FastRoute()):
+            fast = ntkal.MACEFeaturizer(model, kernel=kernel, force_probes=probes, impl="fast", route=route, **kw)
+            assert fast.coverage == 1.0 and fast.fallback_reason is None
+            counts = fast._taps.rule_counts()
+            if route.big_layer_numel == 0:
+                assert counts["ElementTPRule"] > 0 and counts["GroupedContraction"] > 0 and "PerStructure" not in counts
+            else:
+                assert counts["PerStructure"] > 0 and "ElementTPRule" not in counts
+            a = fast(ats)
+            assert torch.equal(a.kind, b.kind) and torch.equal(a.ptr, b.ptr)
+            for kind in set(b.kind.tolist()):  # energy and force rows each non-trivial and equal
+                m = b.kind == kind
+                assert float(b.rows[m].abs().max()) > 0
+                assert rel(a.rows[m], b.rows[m]) <= 1e-9, (name, kernel, probes, kind, route)
 
 
 def test_mp0_medium_has_the_published_size_and_takes_the_element_rules():

@@ -2,13 +2,16 @@
 import pytest
 import torch
 
+import ntk_kernels
 import ntkal
 from ntkal.features import fast as fastmod
-from ntkal.features import rules
-from ntkal.features.fast import size_groups
+from ntkal.features.fast import FastRoute, size_groups
+from ntkal.features.rules import BIG_LAYER_NUMEL
 from tiny import structures, tiny_mace
 
 F64 = torch.float64
+TENSOR_SKETCH = ntk_kernels.tensor_sketch
+ALL_RULES = FastRoute(big_layer_numel=0)  # every layer of the tiny model takes the big-layer rules (element groups, radial Δ)
 
 
 @pytest.fixture(scope="module")
@@ -22,20 +25,15 @@ def atoms():
     return structures(7, seed=13)
 
 
-def pair(model, kernel, probes=None, params="all", k=40, seed=3, batch_size=32):
+def pair(model, kernel, probes=None, params="all", k=40, seed=3, batch_size=32, route=FastRoute()):
     kw = dict(kernel=kernel, sketch_dim=k, params=params, force_probes=probes, seed=seed, dtype=F64,
               batch_size=batch_size)
-    return (ntkal.MACEFeaturizer(model, impl="fast", **kw), ntkal.MACEFeaturizer(model, impl="reference", **kw))
+    return (ntkal.MACEFeaturizer(model, impl="fast", route=route, **kw),
+            ntkal.MACEFeaturizer(model, impl="reference", **kw))
 
 
 def rel(a, b):
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
-
-
-@pytest.fixture
-def all_rules(monkeypatch):
-    """Every layer of the tiny model takes the foundation-size rules (element groups, radial Δ)."""
-    monkeypatch.setattr(rules, "_BIG_LAYER_NUMEL", 0)
 
 
 @pytest.mark.parametrize("big", [True, False], ids=["big-layer-rules", "small-layer-rules"])
@@ -43,12 +41,14 @@ def all_rules(monkeypatch):
 @pytest.mark.parametrize("kernel,probes", [("energy", None), ("force", None), ("force", 3), ("joint", None),
                                            ("joint", 5)])
 def test_fast_equals_reference(model, atoms, kernel, probes, route, big, monkeypatch):
-    monkeypatch.setattr(fastmod, "_ROUTE", route)
-    if big:
-        monkeypatch.setattr(rules, "_BIG_LAYER_NUMEL", 0)
-    fast, ref = pair(model, kernel, probes)
+    """On both rule sets (the tiny model's layers are all small: the default takes the small-layer rules)."""
+    fast, ref = pair(model, kernel, probes, route=FastRoute(tap_route=route, big_layer_numel=0 if big else BIG_LAYER_NUMEL))
     assert fast.impl == "fast" and ref.impl == "reference"
+    assert ("PerStructure" in fast._taps.rule_counts()) != big
+    fused = []  # the "rows" route calls the fused tensor sketch, the "dense" route never does
+    monkeypatch.setattr(ntk_kernels, "tensor_sketch", lambda *a: fused.append(1) or TENSOR_SKETCH(*a))
     a, b = fast(atoms), ref(atoms)
+    assert bool(fused) == (route == "rows")
     for name in ("ptr", "kind", "natoms", "atom"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert rel(a.rows, b.rows) <= 1e-9
@@ -66,11 +66,10 @@ def test_fast_equals_reference_for_parameter_subsets(model, atoms, params):
     assert rel(fast(atoms).rows, ref(atoms).rows) <= 1e-9
 
 
-def test_fast_path_covers_every_parameter(model, monkeypatch):
-    small, _ = pair(model, "joint")  # the tiny model's layers are all below _BIG_LAYER_NUMEL
+def test_fast_path_covers_every_parameter(model):
+    small, _ = pair(model, "joint")  # the tiny model's layers are all below rules.BIG_LAYER_NUMEL
     assert set(small._taps.rule_counts()) == {"LinearRule", "DenseTapRule", "PerStructure"}
-    monkeypatch.setattr(rules, "_BIG_LAYER_NUMEL", 0)
-    fast, _ = pair(model, "joint")
+    fast, _ = pair(model, "joint", route=ALL_RULES)
     assert fast.impl == "fast" and fast.fallback_reason is None
     assert fast.coverage >= 0.95
     sketched = sum(b.numel for b in fast.sketch.blocks)
@@ -85,19 +84,22 @@ def test_fast_path_covers_every_parameter(model, monkeypatch):
 
 
 def test_double_backward_loop_equals_vmapped(model, atoms, monkeypatch):
-    fast, _ = pair(model, "force", 3)
-    monkeypatch.setattr(fastmod, "_VMAP", False)
-    a = fast(atoms).rows
-    monkeypatch.setattr(fastmod, "_VMAP", True)
-    b = fast(atoms).rows
-    assert rel(a, b) <= 1e-12
+    """The force double backward as a loop (the CPU default) and vmapped (the CUDA default)."""
+    seen = []
+    double_backward = fastmod._double_backward
+    monkeypatch.setattr(fastmod, "_double_backward", lambda *a: seen.append(a[-1]) or double_backward(*a))
+    a = pair(model, "force", 3, route=FastRoute(vmap=False))[0](atoms).rows
+    assert seen and not any(seen)
+    seen.clear()
+    b = pair(model, "force", 3, route=FastRoute(vmap=True))[0](atoms).rows
+    assert seen and all(seen)
+    assert rel(a, b) <= 1e-12 and float(a.abs().max()) > 0
 
 
-def test_rows_do_not_depend_on_batching(model, atoms, monkeypatch, all_rules):
-    one, _ = pair(model, "joint", None, batch_size=1)
-    many, _ = pair(model, "joint", None, batch_size=5)
+def test_rows_do_not_depend_on_batching(model, atoms):
+    one, _ = pair(model, "joint", None, batch_size=1, route=ALL_RULES)
+    many, _ = pair(model, "joint", None, batch_size=5, route=ALL_RULES)
     a = one(atoms)
-    monkeypatch.setattr(fastmod, "_VEC_CHUNK", 4)
     b = many(atoms)
     assert torch.equal(a.ptr, b.ptr) and rel(a.rows, b.rows) <= 1e-12
 
@@ -110,11 +112,17 @@ def test_size_groups_bound_the_spread_and_keep_every_index():
         assert len(g) <= 3 and max(sizes[i] for i in g) <= 1.25 * min(sizes[i] for i in g)
 
 
-def test_unsupported_parameter_falls_back_or_raises(model):
+def test_unsupported_parameter_falls_back_or_raises(model, caplog):
+    """impl="auto" falls back to the reference path and says so: one warning and the report's settings."""
     odd = tiny_mace(seed=22)
     odd.register_parameter("extra_scale", torch.nn.Parameter(torch.ones(3, dtype=F64)))
-    auto = ntkal.MACEFeaturizer(odd, kernel="energy", sketch_dim=16, dtype=F64)
+    with caplog.at_level("WARNING", logger="ntkal"):
+        auto = ntkal.MACEFeaturizer(odd, kernel="energy", sketch_dim=16, dtype=F64)
     assert auto.impl == "reference" and "extra_scale" in auto.fallback_reason
+    warned = [r for r in caplog.records if r.name == "ntkal" and "reference path (slower)" in r.getMessage()]
+    assert len(warned) == 1 and "extra_scale" in warned[0].getMessage()
+    assert auto.settings()["fallback_reason"] == auto.fallback_reason
+    assert ntkal.MACEFeaturizer(model, kernel="energy", sketch_dim=16, dtype=F64).settings()["fallback_reason"] is None
     with pytest.raises(ValueError, match="extra_scale"):
         ntkal.MACEFeaturizer(odd, kernel="energy", sketch_dim=16, dtype=F64, impl="fast")
 
@@ -124,8 +132,7 @@ def test_rows_route_through_triton_interpreter(model, monkeypatch):
     """The fused Triton tensor_sketch (interpreted on CPU) inside the featurizer, on two small structures."""
     pytest.importorskip("triton")
     monkeypatch.setenv("NTK_KERNELS_IMPL", "triton")
-    monkeypatch.setattr(fastmod, "_ROUTE", "rows")
-    fast, ref = pair(model, "force", 2, k=16, params="readout")
+    fast, ref = pair(model, "force", 2, k=16, params="readout", route=FastRoute(tap_route="rows"))
     ats = structures(2, seed=5)
     assert rel(fast(ats).rows, ref(ats).rows) <= 1e-9
 
@@ -139,21 +146,6 @@ def test_auto_takes_the_fast_path_for_every_force_kernel(model):
     exact = ntkal.MACEFeaturizer(model, kernel="joint", **kw)
     assert exact.impl == "fast" and exact.with_kernel("energy").impl == "fast"
     assert ntkal.MACEFeaturizer(model, kernel="joint", impl="reference", **kw).impl == "reference"
-
-
-def test_old_per_structure_route_equals_the_element_groups(model, atoms, monkeypatch, all_rules):
-    """The per-structure perturbation (the route before element groups, still the one for small layers and
-    other tensor products) gives the same rows, as one vmapped call and as a loop over structures."""
-    fast, ref = pair(model, "joint", 3)
-    new = fast(atoms).rows
-    monkeypatch.setattr(fastmod, "_LEGACY_ROUTE", True)
-    old, _ = pair(model, "joint", 3)
-    assert set(old._taps.rule_counts()) == {"LinearRule", "DenseTapRule", "PerStructure"}
-    monkeypatch.setattr(fastmod, "_PERTURB_VMAP", False)
-    a = old(atoms).rows
-    monkeypatch.setattr(fastmod, "_PERTURB_VMAP", True)
-    b = old(atoms).rows
-    assert rel(a, b) <= 1e-12 and rel(b, new) <= 1e-9 and rel(new, ref(atoms).rows) <= 1e-9
 
 
 def test_a_call_leaves_no_graph_behind(model, atoms, monkeypatch):
@@ -184,18 +176,18 @@ def _hooked(module):
                for m in module.modules())
 
 
-def test_hooks_go_with_the_featurizer(model, atoms, all_rules):
+def test_hooks_go_with_the_featurizer(model, atoms):
     """close() (or the with-block) removes every hook and rerouted forward; so does dropping the last
     featurizer that shares the taps; a copy whose taps were closed takes the reference path."""
     import gc
-    fz = ntkal.MACEFeaturizer(model, kernel="joint", sketch_dim=8, dtype=F64, force_probes=2)
+    fz = ntkal.MACEFeaturizer(model, kernel="joint", sketch_dim=8, dtype=F64, force_probes=2, route=ALL_RULES)
     m = fz.model
     assert _hooked(m) > 0
     copy = fz.with_kernel("energy")
     with fz:
         fz(atoms[:2])
     assert _hooked(m) == 0 and copy.impl == "reference" and fz.impl == "reference"
-    fz2 = ntkal.MACEFeaturizer(model, kernel="energy", sketch_dim=8, dtype=F64)
+    fz2 = ntkal.MACEFeaturizer(model, kernel="energy", sketch_dim=8, dtype=F64, route=ALL_RULES)
     m2, copy2 = fz2.model, fz2.with_kernel("joint", 2)
     del fz2
     gc.collect()

@@ -162,16 +162,27 @@ def test_probe_rows_are_rademacher_combinations_of_exact_rows(joint):
     torch.testing.assert_close(probe([a]).rows, z @ exact / np.sqrt(5), rtol=1e-9, atol=1e-12)
 
 
-def test_probe_scores_are_unbiased(joint, monkeypatch):
+def test_probe_seed_draws_other_probes_with_the_same_sketch(model, joint):
+    """probe_seed (constructor or with_kernel) changes the probes only; None means the sketch's seed."""
+    a = structures(1, seed=15)[0]
+    probe = joint.with_kernel("force", force_probes=3)
+    other = joint.with_kernel("force", force_probes=3, probe_seed=9)
+    built = ntkal.MACEFeaturizer(model, kernel="force", sketch_dim=48, dtype=F64, seed=5, force_probes=3, probe_seed=9)
+    assert probe.probe_seed == 5 and other.probe_seed == 9 and built.settings()["probe_seed"] == 9
+    assert not torch.equal(probe.probe_vectors(a, 3), other.probe_vectors(a, 3))
+    torch.testing.assert_close(built([a]).rows, other([a]).rows, rtol=1e-12, atol=0)
+    assert other.with_kernel("force", probe_seed=None).probe_seed == 5
+
+
+def test_probe_scores_are_unbiased(joint):
     """Mean over probe draws of the probe-mode score equals the exact score (within 4 standard errors)."""
     fz = joint.with_kernel("force")
     post = ntkal.Posterior.fit(fz, structures(3, seed=16))
     ats = structures(2, seed=17)
     exact = post.score(fz(ats))
-    probe = fz.with_kernel("force", force_probes=2)
     draws = []
     for s in range(30):
-        monkeypatch.setattr(ntkal.features.mace, "_PROBE_SEED", 1000 + s)  # new probes, same sketch
+        probe = fz.with_kernel("force", force_probes=2, probe_seed=1000 + s)  # new probes, same sketch
         draws.append(post.score(probe(ats)))
     draws = torch.stack(draws)
     mean, se = draws.mean(0), draws.std(0) / np.sqrt(len(draws))

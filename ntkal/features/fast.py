@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 
 from .rowblock import RowBlock, structure_rows
-from .rules import LEGACY_RULES, RULES, Chunk, UnsupportedModel
+from .rules import BIG_LAYER_NUMEL, RULES, Chunk, UnsupportedModel
 
-__all__ = ["FastTaps", "UnsupportedModel", "fast_rows", "size_groups"]
+__all__ = ["FastRoute", "FastTaps", "UnsupportedModel", "fast_rows", "size_groups"]
 
-# Private settings (tests and the benchmark set them; nothing else should):
-_ROUTE = "auto"  # tapped blocks: "auto" (fewer flops), "rows" (fused tensor sketch) or "dense"
-_VMAP: Optional[bool] = None  # double backward over projections: vmapped (True), a loop (False); None: vmapped on CUDA
-_VEC_CHUNK: Optional[int] = None  # projections sketched together; None: 4 on a CPU, 16 on CUDA (see _vec_chunk)
-_PERTURB_VMAP = True  # per-structure perturbation: one vmapped call (True) or a loop over structures
-_LEGACY_ROUTE = False  # tensor products and contractions by per-structure perturbation (the route before groups)
+
+@dataclass(frozen=True)
+class FastRoute:
+    """How the fast path computes its rows. Every route gives the same rows to rounding (tests); the
+    defaults are the ones measured fastest (bench/RESULTS.md, features)."""
+
+    tap_route: str = "auto"  # tapped blocks: "auto" (fewer flops), "rows" (fused tensor sketch) or "dense"
+    big_layer_numel: float = BIG_LAYER_NUMEL  # layers this large take the big-layer rules (rules.py); 0: all
+    vmap: Optional[bool] = None  # force double backward: vmapped (True) or a loop (False); None: vmapped on CUDA
 
 # Structures per batch for force rows on a CPU: the per-projection double backward ran ~1.2x faster on
 # batches of 16 than of 64 there (bench/RESULTS.md); exact-row batches are also grouped by size.
@@ -54,11 +58,10 @@ class FastTaps:
     close()), every hook is removed and rerouted forwards are restored.
     """
 
-    def __init__(self, model: torch.nn.Module, sketch, legacy: Optional[bool] = None):
-        self.model, self.sketch = model, sketch
+    def __init__(self, model: torch.nn.Module, sketch, route: FastRoute = FastRoute()):
+        self.model, self.sketch, self.route = model, sketch, route
         self.phase = "off"  # "forward" while recording, "first" during the first backward
         self.guard = False  # a rule is evaluating its own layer (no recording)
-        rules = LEGACY_RULES if (_LEGACY_ROUTE if legacy is None else legacy) else RULES
         blocks_of: Dict[str, list] = {}
         for i, b in enumerate(sketch.blocks):
             blocks_of.setdefault(b.param, []).append(i)
@@ -67,7 +70,7 @@ class FastTaps:
             mod, local, prefix = _owner(model, name)
             layer = self.layers.get(prefix)
             if layer is None:
-                layer = self.layers[prefix] = self._rule_for(rules, mod, local, prefix, name)
+                layer = self.layers[prefix] = self._rule_for(mod, local, prefix, name)
             elif not layer.claims(mod, local):
                 raise UnsupportedModel(f"no fast-path rule for parameter {name} ({type(mod).__name__})")
             layer.add(local, j, blocks_of[name])
@@ -76,9 +79,10 @@ class FastTaps:
             handles.extend(layer.install())
         self._finalizer = weakref.finalize(self, _remove, handles)
 
-    def _rule_for(self, rules, mod, local, prefix, name):
-        for rule in rules:
-            if rule.claims(mod, local):
+    def _rule_for(self, mod, local, prefix, name):
+        big = sum(p.numel() for p in mod.parameters()) >= self.route.big_layer_numel
+        for rule in RULES:
+            if (big or not rule.big_only) and rule.claims(mod, local):
                 try:
                     return rule(self, mod, prefix)
                 except UnsupportedModel:
@@ -114,7 +118,7 @@ class FastTaps:
     def _run(self, data, n, want_forces, vectors):
         sk = self.sketch
         node_seg = data["batch"]
-        chunk = Chunk(n, data["ptr"].cpu(), node_seg, node_seg[data["edge_index"][0]], _ROUTE, _PERTURB_VMAP)
+        chunk = Chunk(n, data["ptr"].cpu(), node_seg, node_seg[data["edge_index"][0]], self.route.tap_route)
         layers = list(self.layers.values())
         for layer in layers:
             layer.begin(chunk)
@@ -148,9 +152,10 @@ class FastTaps:
         seconds = [layer.second_inputs() for layer in layers]
         second_in = [t for s in seconds for t in s]
         parts = []
+        batched = vectors.is_cuda if self.route.vmap is None else self.route.vmap
         for vc in vectors.split(_vec_chunk(vectors.device)):
             J = vc.shape[0]
-            g2 = _double_backward(forces, second_in, vc, batched=vc.is_cuda if _VMAP is None else _VMAP)
+            g2 = _double_backward(forces, second_in, vc, batched)
             part = torch.zeros(J, n, sk.k, dtype=dtype, device=device)
             off = 0
             with torch.no_grad():
@@ -165,8 +170,6 @@ def _vec_chunk(device) -> int:
     """Projections whose adjoints are held and sketched together. On a CPU the double backwards run one
     at a time anyway and 2-4 measured as fast as 16 with half the peak memory (tiny model, 16 exact-row
     structures: 0.85 vs 1.38 GB); on CUDA they are one vmapped call, which wants more."""
-    if _VEC_CHUNK is not None:
-        return int(_VEC_CHUNK)
     return 16 if torch.device(device).type == "cuda" else 4
 
 

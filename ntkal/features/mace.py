@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import math
 import os
 from pathlib import Path
@@ -19,17 +20,14 @@ import numpy as np
 import torch
 
 from ..errors import InputError, ModelError
-from .fast import FastTaps, UnsupportedModel, fast_rows
+from ..options import IMPLS, KERNELS, PARAM_SETS
+from .fast import FastRoute, FastTaps, UnsupportedModel, fast_rows
 from .memory import MemoryPlan
 from .rowblock import EMBEDDING, RowBlock, structure_rows
-from .sketch import PARAM_SETS, Sketch
+from .sketch import Sketch
 
-KERNELS = ("embedding", "energy", "force", "joint")
-IMPLS = ("auto", "fast", "reference")
 PT_HEAD = "pt_head"  # the pretraining head mace_run_train --multiheads_finetuning adds
-
-# Private: the probes' seed when not None (tests redraw probes without changing the sketch).
-_PROBE_SEED: Optional[int] = None
+log = logging.getLogger("ntkal")
 
 
 def load_model(model: Union[str, os.PathLike, torch.nn.Module], device="cpu", dtype=torch.float32) -> torch.nn.Module:
@@ -96,16 +94,18 @@ class MACEFeaturizer:
 
     kernel: "embedding" | "energy" | "force" | "joint"; sketch_dim k; params "readout" | "last" |
     "all"; force_probes None (exact 3N force rows) or m (Rademacher probe rows); seed fixes the
-    sketch and the probes; impl "auto" | "fast" | "reference"; head: the head of a multi-head model
-    (None: the fine-tuned one, i.e. the only head that is not "pt_head"); memory_gb: a peak-memory
-    budget (process RSS on a CPU, allocated memory on a GPU) from which every call sizes its batches
-    (memory.py), None: batches of batch_size.
+    sketch and the probes; probe_seed, if given, the probes instead (new probes, same sketch); impl
+    "auto" | "fast" | "reference"; route: how the fast path computes (fast.FastRoute; the same rows on
+    every route); head: the head of a multi-head model (None: the fine-tuned one, i.e. the only head
+    that is not "pt_head"); memory_gb: a peak-memory budget (process RSS on a CPU, allocated memory on
+    a GPU) from which every call sizes its batches (memory.py), None: batches of batch_size.
     """
 
     def __init__(self, model, kernel: str = "joint", sketch_dim: int = 512, params: str = "all",
                  force_probes: Optional[int] = None, seed: int = 0, impl: str = "auto",
                  dtype=torch.float32, device: Union[str, torch.device] = "cpu", batch_size: int = 32,
-                 head: Optional[str] = None, memory_gb: Optional[float] = None):
+                 head: Optional[str] = None, memory_gb: Optional[float] = None,
+                 probe_seed: Optional[int] = None, route: FastRoute = FastRoute()):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if params not in PARAM_SETS:
@@ -119,6 +119,8 @@ class MACEFeaturizer:
         if memory_gb is not None and not float(memory_gb) > 0:
             raise ValueError("memory_gb must be positive or None")
         self.kernel, self.params, self.seed = kernel, params, int(seed)
+        self._probe_seed = None if probe_seed is None else int(probe_seed)
+        self.route = route
         self.sketch_dim = int(sketch_dim)
         self.force_probes = None if force_probes is None else int(force_probes)
         self.dtype, self.device, self.batch_size = dtype, torch.device(device), int(batch_size)
@@ -147,19 +149,21 @@ class MACEFeaturizer:
                 "force_probes": self.force_probes, "seed": self.seed, "probe_seed": self.probe_seed,
                 "impl": self.impl, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
                 "coverage": self.coverage, "model": self.model_source, "head": self.head,
-                "memory_gb": self.memory_gb}
+                "memory_gb": self.memory_gb, "fallback_reason": self.fallback_reason}
 
     @property
     def probe_seed(self) -> int:
-        return self.seed if _PROBE_SEED is None else int(_PROBE_SEED)
+        return self.seed if self._probe_seed is None else self._probe_seed
 
-    def with_kernel(self, kernel: str, force_probes="same") -> "MACEFeaturizer":
-        """A shallow copy sharing the model, sketch, fast-path taps and memory plan, with another kernel
-        or probe setting."""
+    def with_kernel(self, kernel: str, force_probes="same", probe_seed="same") -> "MACEFeaturizer":
+        """A shallow copy sharing the model, sketch, fast-path taps and memory plan, with another kernel,
+        probe count or probe seed."""
         other = copy.copy(self)
         other.kernel = kernel
         if force_probes != "same":
             other.force_probes = force_probes
+        if probe_seed != "same":
+            other._probe_seed = None if probe_seed is None else int(probe_seed)
         if other.sketch is None and kernel != "embedding":
             other._make_sketch()
         return other
@@ -171,11 +175,12 @@ class MACEFeaturizer:
         if self.requested_impl == "reference":
             return
         try:
-            self._taps = FastTaps(self.model, self.sketch)
+            self._taps = FastTaps(self.model, self.sketch, self.route)
         except UnsupportedModel as exc:
             if self.requested_impl == "fast":
                 raise ValueError(f"impl='fast' cannot handle this model: {exc}") from None
             self.fallback_reason = str(exc)
+            log.warning("fast featurizer unavailable for this model (%s); using the reference path (slower)", exc)
 
     def close(self):
         """Remove the fast path's hooks from the model (shared with with_kernel copies, which then take

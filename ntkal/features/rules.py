@@ -13,14 +13,14 @@ path, channel], per atom only the atom's element block is used) are sketched per
 group, so no per-structure dense gradient of their ~90 % of a foundation model's parameters is formed.
 
 DenseRule gives radial-MLP layers a zero per-structure weight Δ_s instead of taps, so a projection's
-double backward returns [structures, d_in, d_out] rather than per-edge adjoints. These three serve layers
-of at least _BIG_LAYER_NUMEL weights; smaller ones keep taps (DenseTapRule) and the per-structure
-perturbation, which are cheaper to call. BesselRule handles the radial basis weights that fine-tuning
+double backward returns [structures, d_in, d_out] rather than per-edge adjoints. These three (big_only)
+serve layers of at least BIG_LAYER_NUMEL weights (fast.FastRoute); smaller ones keep taps (DenseTapRule)
+and the per-structure perturbation, which are cheaper to call. BesselRule handles the radial basis weights that fine-tuning
 with mace_run_train makes trainable.
 
 RULES maps a layer type to its rule (first match wins); PerStructure (a zero per-structure weight
 perturbation, exact for any layer that is linear in its weights) is the fallback for other tensor
-products and small layers and, behind fast._LEGACY_ROUTE, the old route for all of them.
+products and small layers.
 """
 from __future__ import annotations
 
@@ -38,12 +38,8 @@ import ntk_kernels
 # Layers whose weights have fewer elements than this keep the cheaper-to-call routes (taps for radial-MLP
 # layers, the per-structure perturbation for tensor products and contractions): on the shipped 33k-parameter
 # model those measured 15-20 % faster than the element-group and Δ routes, whose point is bounded memory on
-# foundation-size layers (bench/RESULTS.md, features). Tests set it to 0 to exercise every rule.
-_BIG_LAYER_NUMEL = 1 << 15
-
-
-def _big(module) -> bool:
-    return sum(p.numel() for p in module.parameters()) >= _BIG_LAYER_NUMEL
+# foundation-size layers (bench/RESULTS.md, features). The default of fast.FastRoute.big_layer_numel.
+BIG_LAYER_NUMEL = 1 << 15
 
 
 class UnsupportedModel(ValueError):
@@ -59,7 +55,6 @@ class Chunk:
     node_seg: torch.Tensor
     edge_seg: torch.Tensor
     route: str = "auto"
-    perturb_vmap: bool = True
 
     def seg_for(self, n_rows: int) -> torch.Tensor:
         if n_rows == self.node_seg.shape[0]:
@@ -186,6 +181,8 @@ def sketch_pairs(A, B, terms, seg, n_seg, J, route="auto"):
 
 class Rule:
     """One layer of the model under the fast path: first-backward inputs, double-backward inputs, sketches."""
+
+    big_only = False  # True: only for layers of at least FastRoute.big_layer_numel weights (fast.FastTaps)
 
     def __init__(self, taps, module, prefix: str):
         self._taps = weakref.ref(taps)  # hooks must not keep the taps alive (fast.FastTaps finalizer)
@@ -365,7 +362,7 @@ def _dense_alpha(m) -> float:
 class DenseTapRule(TapRule):
     """e3nn FullyConnectedNet layer (_Layer), tapped: pre = α x W through a forward pre-hook on its
     activation module (or the layer's output when it has none). Per projection it holds the adjoints
-    [edges, d_out] of every layer; the route before DenseRule (LEGACY_RULES)."""
+    [edges, d_out] of every layer (DenseRule, for big layers, holds [structures, d_in, d_out])."""
 
     @staticmethod
     def claims(module, local) -> bool:
@@ -405,9 +402,8 @@ class DenseRule(Rule):
     it has none), so autograd returns ∂E/∂Δ_s = α Σ_{e∈s} x_e ⊗ ∂E/∂pre_e and, in the double backward,
     both force terms, as [structures, d_in, d_out]: far smaller than per-edge adjoints [edges, d_out]."""
 
-    @staticmethod
-    def claims(module, local) -> bool:
-        return DenseTapRule.claims(module, local) and _big(module)
+    big_only = True
+    claims = staticmethod(DenseTapRule.claims)
 
     def install(self):
         mod = self.module
@@ -478,11 +474,12 @@ class ElementTPRule(TapRule):
     """o3.TensorProduct(x, one_hot(Z)) with internal weights W[u, Z, w] (MACE's skip_tp): per atom the
     linear map x -> c x W[:, Z, :] of each path; rows (atom, m) grouped by (structure, element)."""
 
+    big_only = True
+
     @staticmethod
     def claims(module, local) -> bool:
         from e3nn import o3
-        if not (isinstance(module, o3.TensorProduct) and local == "weight" and module.internal_weights
-                and _big(module)):
+        if not (isinstance(module, o3.TensorProduct) and local == "weight" and module.internal_weights):
             return False
         in2 = module.irreps_in2
         if len(in2) != 1 or in2[0].ir.l != 0 or in2[0].ir.p != 1:
@@ -626,10 +623,11 @@ class GroupedContraction(RerouteRule):
     num_elements groups per call): ∂E/∂Δ[g] is the group's gradient block [path, channel], sketched with
     the element factor."""
 
+    big_only = True
+
     @staticmethod
     def claims(module, local) -> bool:
-        return (type(module).__name__ == "Contraction" and (local == "weights_max" or local.startswith("weights."))
-                and _big(module))
+        return type(module).__name__ == "Contraction" and (local == "weights_max" or local.startswith("weights."))
 
     def call(self, module, x, y):
         groups = Groups.from_onehot(y, self.chunk.node_seg)
@@ -695,7 +693,7 @@ class BesselRule(RerouteRule):
 class PerStructure(Rule):
     """Any layer linear in its weights (tensor products, symmetric contractions): a zero per-structure
     perturbation Δ_s; y(W + Δ_s) = y(W) + y(Δ_s) on structure s's rows, and ∂E/∂Δ_s is its gradient.
-    Costs a dense [structures, numel] gradient per projection (the old route for skip_tp/contractions)."""
+    Costs a dense [structures, numel] gradient per projection (small layers; see BIG_LAYER_NUMEL)."""
 
     @staticmethod
     def claims(module, local) -> bool:
@@ -729,24 +727,15 @@ class PerStructure(Rule):
         zeros = {n: torch.zeros_like(q) for n, q in module.named_parameters() if n in self.others}
         taps = self._taps()
         taps.guard = True
-        try:
-            if self.chunk.perturb_vmap:  # one vmapped call over zero-padded per-structure rows
-                sizes = (ptr[1:] - ptr[:-1]).tolist()
-                pos = torch.cat([torch.arange(c) + s * max(sizes) for s, c in enumerate(sizes)]).to(output.device)
-                padded = [_pad(x, pos, len(sizes), max(sizes)) if torch.is_tensor(x) else x for x in inputs]
+        try:  # one vmapped call over zero-padded per-structure rows
+            sizes = (ptr[1:] - ptr[:-1]).tolist()
+            pos = torch.cat([torch.arange(c) + s * max(sizes) for s, c in enumerate(sizes)]).to(output.device)
+            padded = [_pad(x, pos, len(sizes), max(sizes)) if torch.is_tensor(x) else x for x in inputs]
 
-                def one(deltas, *args):
-                    return torch.func.functional_call(module, {**zeros, **deltas}, args)
-                extra = torch.func.vmap(one)(self.deltas, *padded)
-                return extra.reshape(-1, *extra.shape[2:]).index_select(0, pos)
-            extra = []
-            for s in range(len(ptr) - 1):
-                a, b = int(ptr[s]), int(ptr[s + 1])
-                params = dict(zeros)
-                params.update({n: d[s] for n, d in self.deltas.items()})
-                args = tuple(x[a:b] if torch.is_tensor(x) else x for x in inputs)
-                extra.append(torch.func.functional_call(module, params, args))
-            return torch.cat(extra)
+            def one(deltas, *args):
+                return torch.func.functional_call(module, {**zeros, **deltas}, args)
+            extra = torch.func.vmap(one)(self.deltas, *padded)
+            return extra.reshape(-1, *extra.shape[2:]).index_select(0, pos)
         finally:
             taps.guard = False
 
@@ -775,4 +764,3 @@ class PerStructure(Rule):
 
 # layer type -> rule; the first rule that claims a parameter handles it (Opacus-style registry)
 RULES = (LinearRule, DenseRule, DenseTapRule, ElementTPRule, GroupedContraction, BesselRule, PerStructure)
-LEGACY_RULES = (LinearRule, DenseTapRule, BesselRule, PerStructure)  # the route before element groups (bench 'before')
