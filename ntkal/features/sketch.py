@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-PARAM_SETS = ("readout", "last", "all")
+from ..options import PARAM_SETS
 
 
 @dataclass(frozen=True)
