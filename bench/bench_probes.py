@@ -15,7 +15,6 @@ import numpy as np
 
 def run(pool_size: int = 600, sketch_dim: int = 512, budget: int = 20, probes=(1, 2, 4, 8, 16), seed: int = 0):
     import ase.io
-    import torch
     from scipy.stats import spearmanr
 
     import ntkal

@@ -79,11 +79,6 @@ def collate(data_list: Sequence, dtype, device="cpu", head: Optional[int] = None
     return out
 
 
-def mace_batch(atoms_list: Sequence, z_table, r_max: float, heads, dtype, device="cpu", head: Optional[int] = None) -> dict:
-    """One MACE input batch (a dict) of `atoms_list` through MACE's own data path, floats in `dtype`."""
-    return collate(atomic_data(atoms_list, z_table, r_max, heads, dtype), dtype, device, head)
-
-
 def _is_mace(obj) -> bool:
     return isinstance(obj, torch.nn.Module) and all(
         hasattr(obj, a) for a in ("atomic_numbers", "r_max", "interactions", "products", "readouts"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -164,11 +164,4 @@ class Sketch:
             g = grads[self.block_param[i]]
             s = self.block_sketch(i, g[:, b.offset:b.offset + b.numel])
             out = s if out is None else out + s
-        return out
-
-    def describe(self) -> Dict[str, int]:
-        """Number of parameters sketched per layer kind."""
-        out: Dict[str, int] = {}
-        for b in self.blocks:
-            out[b.layer] = out.get(b.layer, 0) + b.numel
         return out
