@@ -1,7 +1,9 @@
-"""`ntkal experiment`: active-learning study harness (select -> label -> fine-tune -> evaluate, per round).
+"""The active-learning study of ntkal (`python -m study` from the repository root): select -> label ->
+fine-tune -> evaluate, per round, for every method, dataset and seed of a config; not part of the package.
 
-Modules: config (YAML settings), datasets (splits), finetune (mace_run_train --foundation_model),
-metrics (errors and predictions), features (one pretrained model's cached feature rows),
-committee (the 4-member baseline), acquisition (every method's picks), runner (rounds x methods x
-seeds, resumable), report (docs/results.md tables and plots).
+Modules: config (YAML settings), methods (method names), datasets (splits), finetune (mace_run_train
+--foundation_model), metrics (errors), features (the pretrained model's cached rows), committee (the
+baseline), acquisition (every method's picks), runner (cells x methods x rounds, resumable), curves
+(fine-tune calibration), records / claims / report (docs/results.md and the config's claims judged),
+stats / fmt (intervals and their text); data/ (the generators of ntkal/data's files).
 """

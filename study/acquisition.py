@@ -1,14 +1,7 @@
-"""One round's picks for every method, with the acquisition time it costs — all through ntkal's pipeline.
+"""One round's picks for every method (study/methods.py names them), with the acquisition time it costs.
 
-Methods: "random"; "embedding" / "energy" / "force" / "joint" (PV shortlist + LCMD on the pretrained
-model's cached rows, `ntkal.select_rows`: the paper's method); "top" (top-PV of `selection.top_kernel`,
-no LCMD: the ablation); "committee" (committee.py, scored by member disagreement); "<kernel>+target"
-(shortlist ranked by the expected reduction of the target set's predictive variance, then greedy
-variance reduction on exact rows, as `ntkal select --target` does); "error:<kernel>" (the error-aware
-score: the labelled residuals' posterior mean + calibrated variance, shortlist + LCMD, as
-`ntkal select --score error`); "error+pretrain:<kernel>" (the same with a pretraining sample in the
-posterior, `--pretrain`); "llpr" (PV of the readout parameters alone: a last-layer posterior, the
-LLPR-style peer baseline).
+Feature methods go through ntkal's own row-level selection (`ntkal.select_rows`) on the pretrained
+model's cached rows (features.py); the committee is committee.py's.
 
 Acquisition seconds = what a fresh selection call would spend at that round beyond the fine-tune every
 method does anyway: for feature methods, featurising the labelled set (exact rows), the pool (probe
@@ -25,38 +18,23 @@ from typing import Sequence
 
 import numpy as np
 
-from ntkal.api import select_rows
-from ntkal.options import KERNELS
+from ntkal import select_rows
+
 from .config import SelectionConfig
 from .features import FeatureStore
 
 
 @dataclass
 class Picks:
+    """One round's picks of one method and what they cost."""
+
     positions: np.ndarray                # into the available pool, in pick order
     seconds: float                       # acquisition time charged to this round
     detail: dict = field(default_factory=dict)
 
 
-def known_methods():
-    """Every method name the study accepts."""
-    return (["random", "committee", "top", "llpr"] + list(KERNELS) + [f"{k}+target" for k in KERNELS[1:]]
-            + [f"error:{k}" for k in KERNELS] + [f"error+pretrain:{k}" for k in KERNELS])
-
-
-def parse_method(method: str):
-    """(base, kernel, with_target): 'joint+target' -> ('joint', 'joint', True); 'top' -> ('top', None, False);
-    'error+pretrain:force' -> ('error+pretrain', 'force', False)."""
-    if ":" in method:
-        base, kernel = method.split(":", 1)
-        return base, kernel, False
-    with_target = method.endswith("+target")
-    base = method[: -len("+target")] if with_target else method
-    kernel = base if base in KERNELS else None
-    return base, kernel, with_target
-
-
 def random_picks(n_available: int, budget: int, seed: int, round_index: int, key: str) -> Picks:
+    """`budget` uniform draws without replacement, seeded by (seed, round, method key)."""
     t0 = time.perf_counter()
     rng = np.random.default_rng([int(seed), int(round_index), zlib.crc32(key.encode())])
     pos = rng.choice(n_available, size=budget, replace=False)

@@ -3,40 +3,25 @@
 A config names the datasets (files or the shipped ones) with their target region, the scenarios (the
 natural pool and a pool biased towards the pretraining region), the active-learning schedule (initial
 labels, rounds, batch size, seeds), the methods of each scenario, the fine-tuning recipe (per-dataset
-overrides allowed) and the fine-tune-curve calibration. `--quick` applies the config's own `quick:`
-overrides on top (smaller sizes).
+overrides allowed), the fine-tune-curve calibration and the claims the report judges on the records.
+`--quick` applies the config's own `quick:` overrides on top (smaller sizes).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ntkal.errors import InputError
+from ntkal import InputError
+from ntkal.options import KERNELS
 
-KERNELS = ("embedding", "energy", "force", "joint")
-#: NTK kernels that can rank by expected target-variance reduction (`ntkal select --target`).
-TARGET_KERNELS = ("energy", "force", "joint")
-#: Every method name the study plans for: random, committee, top-PV, the LLPR-style last-layer posterior,
-#: PV shortlist + LCMD per kernel, "<kernel>+target", and the error-aware score "error:<kernel>" /
-#: "error+pretrain:<kernel>". Which of them can run is acquisition.known_methods() once it exists.
-METHOD_PATTERN = re.compile(r"^(random|committee|top|llpr|(embedding|energy|force|joint)"
-                            r"|(energy|force|joint)\+target|error(\+pretrain)?:(embedding|energy|force|joint))$")
+from .claims import LABELS, TESTS, Claim
+from .methods import known_methods
+
 SCENARIOS = ("natural", "biased")
 PROTOCOLS = ("replay", "naive")
-
-
-def known_method(name: str) -> bool:
-    """A method name the config may use: acquisition.known_methods() when the acquisition module
-    provides it (the one list the acquisition code extends), else the planned names' pattern."""
-    from . import acquisition
-    listed = getattr(acquisition, "known_methods", None)
-    if listed is not None:
-        return name in set(listed())
-    return bool(METHOD_PATTERN.match(name))
 
 
 class ConfigError(InputError):
@@ -143,7 +128,7 @@ class CurveConfig:
 
 @dataclass
 class StudyConfig:
-    """Everything one `ntkal experiment` run depends on; written into every results JSON."""
+    """Everything one `python -m study` run depends on; written into every results JSON."""
 
     name: str = "study"
     datasets: List[DatasetConfig] = field(default_factory=list)
@@ -158,6 +143,7 @@ class StudyConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     curve: CurveConfig = field(default_factory=CurveConfig)
+    claims: List[Claim] = field(default_factory=list)
     quick: bool = False
     source: str = ""                    # the YAML file it came from
 
@@ -186,7 +172,7 @@ def default_config_path() -> Path:
 
 
 def load_config(path=None, quick: bool = False) -> StudyConfig:
-    """Read and check a study YAML (default: the packaged study.yaml); --quick applies its `quick:` block."""
+    """Read and check a study YAML (default: study/configs/study.yaml); --quick applies its `quick:` block."""
     import yaml
     path = Path(path) if path is not None else default_config_path()
     if not path.exists():
@@ -224,9 +210,14 @@ def config_from_dict(raw, quick: bool = False, source: str = "") -> StudyConfig:
         if name not in SCENARIOS:
             raise ConfigError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})", path=where)
         scenarios.append(_build(ScenarioConfig, {**(spec or {}), "name": name}, f"scenarios.{name}", where))
+    claims_raw = data.pop("claims", None) or []
+    if not isinstance(claims_raw, list):
+        raise ConfigError("'claims' must be a list of claims", path=where)
+    claims = [_build(Claim, c, f"claims[{i}]", where) for i, c in enumerate(claims_raw)]
     ds = [_dataset(d, i, where) for i, d in enumerate(datasets)]
     cfg = _build(StudyConfig, data, "", where)
     cfg.datasets, cfg.finetune, cfg.selection, cfg.curve, cfg.scenarios = ds, ft, sel, curve, scenarios
+    cfg.claims = claims
     cfg.quick, cfg.source = bool(quick), source
     validate(cfg)
     return cfg
@@ -348,7 +339,7 @@ def validate(cfg: StudyConfig) -> None:
         where_s = f"scenarios.{s.name}"
         need(isinstance(s.methods, list) and s.methods, f"{where_s}.methods must be a non-empty list")
         need(len(set(s.methods)) == len(s.methods), f"{where_s}.methods lists a method twice")
-        bad = [m for m in s.methods if not isinstance(m, str) or not known_method(m)]
+        bad = [m for m in s.methods if not isinstance(m, str) or m not in known_methods()]
         need(not bad, f"unknown method {bad[0]!r} in {where_s}.methods" if bad else "")
         need(isinstance(s.primary, str) and s.primary.startswith("test"),
              f"{where_s}.primary must name a test split (test_...), got {s.primary!r}")
@@ -390,6 +381,31 @@ def validate(cfg: StudyConfig) -> None:
                 need(required in d.splits, f"datasets[{d.name}].splits needs a '{required}' split")
             need(any(s.startswith("test") for s in d.splits),
                  f"datasets[{d.name}].splits needs at least one test split (a name starting with 'test')")
+    _check_claims(cfg, need)
+
+
+def _check_claims(cfg: StudyConfig, need) -> None:
+    """Every claim names a known test, methods, quantities and scenarios (datasets the run lacks, as under
+    --quick, leave the claim "not tested")."""
+    ids = [c.id for c in cfg.claims]
+    need(len(set(ids)) == len(ids), "two claims share an id")
+    for c in cfg.claims:
+        what = f"claims[{c.id}]"
+        need(isinstance(c.text, str) and c.text.strip(), f"{what}.text must be a non-empty string")
+        need(c.test in TESTS, f"{what}.test must be one of {', '.join(TESTS)}, got {c.test!r}")
+        for m in (c.method, c.against):
+            need(m in known_methods(), f"{what}: unknown method {m!r}")
+        need(isinstance(c.quantities, list) and c.quantities and all(q in LABELS for q in c.quantities),
+             f"{what}.quantities must be a non-empty list of {', '.join(LABELS)}, got {c.quantities!r}")
+        need(c.scenarios is None or (isinstance(c.scenarios, list) and set(c.scenarios) <= set(SCENARIOS)),
+             f"{what}.scenarios must be null or a list of {', '.join(SCENARIOS)}, got {c.scenarios!r}")
+        need(c.datasets is None or (isinstance(c.datasets, list) and all(isinstance(d, str) for d in c.datasets)),
+             f"{what}.datasets must be null or a list of dataset names, got {c.datasets!r}")
+        if c.test in ("non_inferior", "less_variable", "reaches"):
+            need(isinstance(c.threshold, (int, float)) and not isinstance(c.threshold, bool) and c.threshold > 0,
+                 f"{what}.threshold must be a positive number for test {c.test}, got {c.threshold!r}")
+        need(c.needed is None or (isinstance(c.needed, int) and c.needed > 0),
+             f"{what}.needed must be null or a positive integer, got {c.needed!r}")
 
 
 def _check_finetune(ft: FinetuneConfig, what: str, need, positive, number) -> None:

@@ -18,15 +18,15 @@ from typing import Callable
 from .config import StudyConfig
 from .datasets import load_dataset
 from .finetune import finetune, foundation_e0s
-from .metrics import evaluate_splits, load_model
-from .runner import atomic_json, initial_set, region_tests
+from .metrics import evaluate_splits, predictor
+from .runner import save_record, initial_set, region_tests
 
 
 def run_curves(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) -> dict:
     """Run every missing (dataset, protocol) curve of the config into out/results/; returns the records."""
     results = Path(out) / "results"
     results.mkdir(parents=True, exist_ok=True)
-    atomic_json(results / "config.json", cfg.to_dict())
+    save_record(results / "config.json", cfg.to_dict())
     records = {}
     for dcfg in cfg.datasets:
         path = results / f"{dcfg.name}_finetune_curve.json"
@@ -40,8 +40,7 @@ def run_curves(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) 
             valid = ds.held_out_targets()[:cfg.curve.valid_size]
             replay, replay_valid, _ = ds.replay_split(base.replay_samples, base.replay_valid)
             tests = region_tests(ds, ds.tests)
-            pretrained = load_model(ds.model, cfg.eval_dtype)
-            pre = evaluate_splits(pretrained, tests, cfg.eval_batch_size)
+            pre = evaluate_splits(predictor(ds.model, cfg.eval_dtype, cfg.eval_batch_size), tests)
             for protocol in todo:
                 ft = dataclasses.replace(base, protocol=protocol, epochs=cfg.curve.epochs)
                 tmp = Path(tempfile.mkdtemp(prefix=f"ntkal-curve-{ds.name}-{protocol}-"))
@@ -50,8 +49,7 @@ def run_curves(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) 
                     res = finetune(ft, ds.model, init, valid, tmp, cfg.seeds[0], e0s, replay=replay,
                                    replay_valid=replay_valid)
                     cpu = time.process_time() - cpu0
-                    model = load_model(res.model_path, cfg.eval_dtype)
-                    after = evaluate_splits(model, tests, cfg.eval_batch_size)
+                    after = evaluate_splits(predictor(res.model_path, cfg.eval_dtype, cfg.eval_batch_size), tests)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
                 rec[protocol] = {"epochs": ft.epochs, "n_labels": len(init), "n_valid": len(valid),
@@ -59,7 +57,7 @@ def run_curves(cfg: StudyConfig, out: Path, log: Callable[[str], None] = print) 
                                  "finetune": dataclasses.asdict(ft), "seconds": res.seconds, "cpu_s": cpu,
                                  "cpu_s_per_epoch": cpu / ft.epochs, "curve": res.curve,
                                  "pretrained_metrics": pre, "finetuned_metrics": after, "command": res.command}
-                atomic_json(path, rec)
+                save_record(path, rec)
                 log(f"[{ds.name}] fine-tune curve, {protocol}: {ft.epochs} epochs in {res.seconds:.0f} s "
                     f"({cpu:.0f} s CPU)")
         records[dcfg.name] = rec

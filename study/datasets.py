@@ -15,9 +15,13 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ntkal.data import DATASET_SPLITS, DATA_DIR, dataset_files as shipped_files
+from ntkal.io import COMPRESSION_SUFFIXES, EXTXYZ_SUFFIXES, read_structures
+
 from .config import ConfigError, DatasetConfig, Region, Split
 
-SUFFIXES = (".extxyz.gz", ".extxyz", ".xyz.gz", ".xyz")
+#: structure-file endings ntkal reads as extxyz, longest first (".extxyz.gz" before ".xyz.gz")
+SUFFIXES = sorted([x + c for x in EXTXYZ_SUFFIXES for c in ("",) + COMPRESSION_SUFFIXES], key=len, reverse=True)
 
 
 @dataclass
@@ -70,18 +74,9 @@ class Dataset:
 
 def dataset_files(cfg: DatasetConfig) -> Dict[str, Path]:
     """{"model": path, split-file name: path}: ntkal.data's shipped files, or `<files>/<name>_<split>.*`."""
-    import ntkal.data as shipped
     if cfg.files == "builtin":
-        folder = shipped.DATA_DIR
-        found = {}
-        getter = getattr(shipped, "dataset_files", None)
-        if getter is not None:
-            try:
-                found = {k: Path(v) for k, v in dict(getter(cfg.name)).items() if Path(v).exists()}
-            except ValueError:  # not a shipped name: the file-name convention below
-                found = {}
-        if cfg.name == "si":
-            found.update({k: Path(v) for k, v in shipped.demo_files().items() if k not in found})
+        folder = DATA_DIR
+        found = {k: v for k, v in shipped_files(cfg.name).items() if v.exists()} if cfg.name in DATASET_SPLITS else {}
     else:
         folder = Path(cfg.files).expanduser()
         found = {}
@@ -94,11 +89,6 @@ def dataset_files(cfg: DatasetConfig) -> Dict[str, Path]:
     model = Path(cfg.model) if cfg.model else found.get("model", folder / f"{cfg.name}_mace.model")
     found["model"] = Path(model)
     return found
-
-
-def _read(path: Path) -> list:
-    from ntkal.io import read_structures
-    return list(read_structures(path))
 
 
 def _matches(atoms, match: dict) -> bool:
@@ -159,7 +149,7 @@ def load_dataset(cfg: DatasetConfig) -> Dataset:
             raise ConfigError(f"dataset {cfg.name}: split {name} reads file '{split.file}', which does not exist "
                               f"(have: {', '.join(sorted(k for k in files if k != 'model'))})")
         if split.file not in cache:
-            cache[split.file] = _read(files[split.file])
+            cache[split.file] = list(read_structures(files[split.file]))
         drawn = draw(cache[split.file], split, cfg.name)
         if not drawn:
             raise ConfigError(f"dataset {cfg.name}: split {name} is empty")

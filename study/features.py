@@ -18,12 +18,13 @@ charged what a fresh `ntkal.select` call would spend on the same structures.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
-import torch
 
-from ntkal.features import ENERGY, FORCE, MACEFeaturizer, RowBlock
+from ntkal import ENERGY, FORCE, MACEFeaturizer, RowBlock
+from ntkal.acquisition.residuals import residual_rows
+
 from .config import SelectionConfig
 
 #: which cached featurisation serves each (kernel, exact?) request
@@ -87,7 +88,6 @@ class FeatureStore:
 
     def residuals(self, kernel: str, structures: Sequence, exact: bool):
         """(rows, per-row residuals label − pretrained prediction, seconds): the error-aware score's input."""
-        from ntkal.acquisition.residuals import residual_rows
         rows, secs = self.rows(kernel, structures, exact)
         e, f = self.predictions(structures)
         fz = self.featurizers["joint"]

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ntkal.errors import NtkalError
+from ntkal import NtkalError
+
 from .config import FinetuneConfig
 
 
@@ -142,7 +143,7 @@ def build_args(cfg: FinetuneConfig, foundation: Path, train: Path, valid: Path, 
 
 
 def mace_run_train_path() -> Path:
-    """The mace_run_train script (ntkal.data.train_model's lookup), a FinetuneError when there is none."""
+    """The mace_run_train script (study.data.train_model's lookup), a FinetuneError when there is none."""
     from .data.train_model import mace_run_train_path as lookup
     try:
         return Path(lookup())
@@ -229,7 +230,7 @@ def _no_compiled_copy(run_train):
     class _NoCompile:
         @staticmethod
         def compile(*_args, **_kwargs):
-            raise RuntimeError("compiled copy skipped by ntkal experiment")
+            raise RuntimeError("compiled copy skipped by the study")
     original = run_train.jit
     run_train.jit = _NoCompile
     try:

@@ -1,13 +1,16 @@
-"""Energy and force errors of a model's predictions, and the model's predictions themselves.
+"""Energy and force errors of a model's predictions (the predictions are ntkal's featurizer's).
 
 Energies are compared per atom (eV/atom → meV/atom), forces per Cartesian component over every atom
 of every structure (eV/Å → meV/Å): the units of mace's own error tables and of the paper's tables.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
+import torch
+
+from ntkal import MACEFeaturizer
 
 
 def errors(pred_energy, ref_energy, natoms, pred_forces: Sequence, ref_forces: Sequence) -> Dict[str, float]:
@@ -30,63 +33,29 @@ def errors(pred_energy, ref_energy, natoms, pred_forces: Sequence, ref_forces: S
     }
 
 
-def load_model(path, dtype: str = "float64"):
-    """A saved mace model (torch.save of the module) on the CPU in `dtype`, in eval mode."""
-    import torch
-    model = torch.load(str(path), map_location="cpu", weights_only=False)
-    model = model.double() if dtype == "float64" else model.float()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+def predictor(path, dtype: str = "float64", batch_size: int = 32) -> MACEFeaturizer:
+    """A saved mace model ready to predict (`.predict(structures)`: energies [n] in eV, forces [N_i, 3] in
+    eV/Å) on the CPU in `dtype`: ntkal's featurizer, which needs no sketch for the embedding kernel."""
+    return MACEFeaturizer(str(path), kernel="embedding", dtype=getattr(torch, dtype), batch_size=batch_size)
 
 
-def predict(model, structures: Sequence, batch_size: int = 32) -> Tuple[np.ndarray, List[np.ndarray]]:
-    """Total energies [n] (eV) and forces (list of [N_i, 3], eV/Å) of a mace model, batched."""
-    from mace.tools import AtomicNumberTable
-
-    from ntkal.features.mace import mace_batch
-    dtype = next(model.parameters()).dtype
-    z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
-    r_max = float(model.r_max)
-    heads = getattr(model, "heads", None)
-    energies, forces = [], []
-    for start in range(0, len(structures), batch_size):
-        chunk = structures[start:start + batch_size]
-        batch = mace_batch(chunk, z_table, r_max, heads, dtype)
-        out = model(batch, training=False, compute_force=True)
-        energies.append(out["energy"].detach().cpu().numpy().astype(np.float64))
-        f = out["forces"].detach().cpu().numpy().astype(np.float64)
-        ptr = batch["ptr"].numpy()
-        forces.extend(f[ptr[i]:ptr[i + 1]] for i in range(len(chunk)))
-    return np.concatenate(energies) if energies else np.zeros(0), forces
-
-
-def evaluate(model, structures: Sequence, batch_size: int = 32) -> Dict[str, float]:
-    """errors() of `model` on labelled structures (REF_energy / REF_forces)."""
-    e, f = predict(model, structures, batch_size)
-    return errors(e, [a.info["REF_energy"] for a in structures], [len(a) for a in structures],
-                  f, [a.arrays["REF_forces"] for a in structures])
-
-
-def per_structure_errors(model, structures: Sequence, batch_size: int = 32) -> Tuple[np.ndarray, np.ndarray]:
+def per_structure_errors(model: MACEFeaturizer, structures: Sequence) -> Tuple[np.ndarray, np.ndarray]:
     """(|E_pred - E_ref| / N in meV/atom, mean |F_pred - F_ref| over components in meV/Å), one per structure:
     the pretrained model's errors the cheap acquisition metrics compare picks and pool by."""
-    e, f = predict(model, structures, batch_size)
+    e, f = model.predict(structures)
     de = np.array([1e3 * abs(e[i] - a.info["REF_energy"]) / len(a) for i, a in enumerate(structures)])
     df = np.array([1e3 * float(np.mean(np.abs(f[i] - a.arrays["REF_forces"]))) for i, a in enumerate(structures)])
     return de, df
 
 
-def evaluate_splits(model, splits: Dict[str, Sequence], batch_size: int = 32) -> Dict[str, Dict[str, float]]:
+def evaluate_splits(model: MACEFeaturizer, splits: Dict[str, Sequence]) -> Dict[str, Dict[str, float]]:
     """errors() per split, predicting each structure once (region subsets share their parent's structures;
     a structure is identified by info["exp_id"])."""
     unique: Dict[str, object] = {}
     for items in splits.values():
         for a in items:
             unique.setdefault(a.info["exp_id"], a)
-    structures = list(unique.values())
-    e, f = predict(model, structures, batch_size)
+    e, f = model.predict(list(unique.values()))
     index = {k: i for i, k in enumerate(unique)}
     out = {}
     for name, items in splits.items():

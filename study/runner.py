@@ -20,25 +20,20 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+from scipy.stats import spearmanr
 
-from . import acquisition
-from .acquisition import Picks, feature_picks, parse_method, random_picks, target_picks
+from ntkal.io import write_json
+from ntkal.provenance import machine_summary
+from ntkal.runstate import sha256_file
+
+from .acquisition import Picks, feature_picks, random_picks, target_picks
 from .committee import committee_select, member_seeds
 from .config import ConfigError, FinetuneConfig, ScenarioConfig, StudyConfig
 from .datasets import Dataset, load_dataset
 from .features import FeatureStore
 from .finetune import finetune, foundation_e0s
-from .metrics import evaluate_splits, load_model, per_structure_errors
-from .stats import spearman
-
-#: methods this runner's _select dispatches today (acquisition.known_methods() replaces it once it exists)
-DISPATCHED = ("random", "committee", "embedding", "energy", "force", "joint", "top",
-              "energy+target", "force+target", "joint+target")
-
-
-def runnable_methods() -> set:
-    listed = getattr(acquisition, "known_methods", None)
-    return set(listed()) if listed is not None else set(DISPATCHED)
+from .methods import parse_method
+from .metrics import evaluate_splits, per_structure_errors, predictor
 
 
 @dataclass(frozen=True)
@@ -135,43 +130,10 @@ class Condition:
         return f"{self.dataset.name}_{self.scenario.name}"
 
 
-def atomic_json(path: Path, obj) -> None:
+def save_record(path: Path, obj) -> None:
+    """Write one results JSON atomically (ntkal.io.write_json), NaN kept, unknown objects as strings."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_default) + "\n")
-    tmp.replace(path)
-
-
-def _default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-def _sha256(path) -> str:
-    import hashlib
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def machine() -> str:
-    """CPU model, core count and torch threads: the box the timings come from."""
-    import os
-    import platform
-
-    import torch
-    model = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)"
+    write_json(path, obj, indent=1, default=str, allow_nan=True)
 
 
 def initial_set(ds: Dataset, size: int, seed: int) -> List:
@@ -236,23 +198,13 @@ class Runner:
         self.stats = {"finetunes": 0, "finetune_s": 0.0, "finetune_cpu_s": 0.0, "evaluations": 0, "evaluate_s": 0.0}
         self.pre_errors: Dict[str, Dict[str, Tuple[float, float]]] = {}
 
-    def check_methods(self) -> None:
-        """Every configured method must have an acquisition before anything runs."""
-        can = runnable_methods()
-        for s in self.cfg.scenarios:
-            missing = [m for m in s.methods if m not in can]
-            if missing:
-                raise ConfigError(f"scenarios.{s.name}: method {missing[0]!r} has no acquisition yet "
-                                  "(study/acquisition.py, Runner._select)")
-
     # ------------------------------------------------------------------ study
     def run(self) -> dict:
         import os
         t0, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
         cfg = self.cfg
-        self.check_methods()
         self.results.mkdir(parents=True, exist_ok=True)
-        atomic_json(self.results / "config.json", cfg.to_dict())
+        save_record(self.results / "config.json", cfg.to_dict())
         cells = shard_cells(study_cells(cfg), *self.shard)
         label = shard_label(*self.shard)
         datasets: Dict[str, Dataset] = {}
@@ -271,7 +223,7 @@ class Runner:
             feature_seconds[name] = {"seconds": store.seconds(), "structures": store.count(),
                                      "settings": store.settings}
             if sum(store.count().values()) > 0:   # a resumed run that featurised nothing keeps the old record
-                atomic_json(self.results / f"{name}_features-{label}.json", feature_seconds[name])
+                save_record(self.results / f"{name}_features-{label}.json", feature_seconds[name])
         wall = time.perf_counter() - t0
         path = self.results / f"run-{label}.json"
         invocations = json.loads(path.read_text()).get("invocations", []) if path.exists() else []
@@ -280,9 +232,9 @@ class Runner:
                             "loadavg_start": load0, "loadavg_end": os.getloadavg()[0],
                             "cells": [f"{c.key}/seed{c.seed}" for c in cells],
                             **{k: v for k, v in self.stats.items() if not isinstance(v, str)}})
-        summary = {"wall_s": wall, "shard": label, **self.stats, "invocations": invocations, "machine": machine(),
-                   "datasets": {k: v.summary() for k, v in datasets.items()}, "features": feature_seconds}
-        atomic_json(path, summary)
+        summary = {"wall_s": wall, "shard": label, **self.stats, "invocations": invocations,
+                   "machine": machine_summary(), "datasets": {k: v.summary() for k, v in datasets.items()}, "features": feature_seconds}
+        save_record(path, summary)
         return summary
 
     def condition(self, ds: Dataset, cell: Cell) -> Condition:
@@ -329,7 +281,7 @@ class Runner:
                 r0 = {"n_labels": len(cond.initial), "labelled": [a.info["exp_id"] for a in cond.initial],
                       "metrics": self._evaluate(r0_model, cond), **ft, "condition": cond.info,
                       "pretrained_metrics": pretrained}
-                atomic_json(r0_path, r0)
+                save_record(r0_path, r0)
             for method in cond.methods:
                 self.run_method(cond, method, folder, by_id, r0, r0_model, tmp, store, e0s, pre_err)
         finally:
@@ -339,14 +291,14 @@ class Runner:
         """Results in `folder` are resumed only if they were made with the same settings."""
         cfg = self.cfg.to_dict()
         wanted = {k: cfg[k] for k in ("initial_size", "budget", "rounds", "committee_size", "eval_dtype", "selection")}
-        wanted["finetune"] = json.loads(json.dumps(cond.finetune.__dict__, default=_default))
+        wanted["finetune"] = dict(cond.finetune.__dict__)
         wanted["scenario"] = {k: v for k, v in cfg["scenarios"][[s["name"] for s in cfg["scenarios"]].index(
             cond.name)].items() if k != "methods"}
         wanted["curve_valid_size"] = cfg["curve"]["valid_size"]
         wanted["dataset"] = {k: v for k, v in next(d for d in cfg["datasets"] if d["name"] == cond.dataset.name).items()
                              if k not in ("note", "epochs_reason")}
-        wanted["data_sha256"] = {k: _sha256(v) for k, v in sorted(cond.dataset.files.items())}
-        wanted = json.loads(json.dumps(wanted, default=_default))
+        wanted["data_sha256"] = {k: sha256_file(v) for k, v in sorted(cond.dataset.files.items())}
+        wanted = json.loads(json.dumps(wanted, default=str))
         path = folder / "settings.json"
         if path.exists():
             old = json.loads(path.read_text())
@@ -355,7 +307,7 @@ class Runner:
                 raise ConfigError(f"results in {folder} were made with other settings ({', '.join(diff)}); "
                                   "use another --out or delete that folder")
         else:
-            atomic_json(path, wanted)
+            save_record(path, wanted)
 
     def pretrained_errors(self, ds: Dataset, structures) -> Dict[str, Tuple[float, float]]:
         """{exp_id: (|dE| meV/atom, force MAE meV/Å)} of the pretrained model, computed once per structure and
@@ -366,10 +318,9 @@ class Runner:
             have.update({k: tuple(v) for k, v in json.loads(path.read_text()).items()})
         todo = [a for a in structures if a.info["exp_id"] not in have]
         if todo:
-            model = load_model(ds.model, self.cfg.eval_dtype)
-            de, df = per_structure_errors(model, todo, self.cfg.eval_batch_size)
+            de, df = per_structure_errors(predictor(ds.model, self.cfg.eval_dtype, self.cfg.eval_batch_size), todo)
             have.update({a.info["exp_id"]: (float(e), float(f)) for a, e, f in zip(todo, de, df)})
-            atomic_json(path, dict(sorted(have.items())))
+            save_record(path, dict(sorted(have.items())))
         return have
 
     def run_method(self, cond, method, folder, by_id, r0, r0_model, tmp, store, e0s, pre_err) -> None:
@@ -387,7 +338,7 @@ class Runner:
             if r >= len(rounds):     # fine-tune and evaluate on the labelled set of this round
                 model_path, ft = self._finetune(labelled, tmp / f"{method}-r{r}", cond.seed, cond, e0s)
                 rounds.append({"round": r, "n_labels": len(labelled), "metrics": self._evaluate(model_path, cond), **ft})
-                atomic_json(path, state)
+                save_record(path, state)
                 self._say(cond, method, rounds[r])
             elif r > 0:
                 model_path = None    # trained in an earlier process: retrained only if the committee needs it
@@ -408,10 +359,10 @@ class Runner:
                               "acquisition": detail,
                               "cheap": cheap_metrics(pre_err, chosen, avail, cond.dataset.is_target, pool_scores),
                               "picks_target_fraction": float(np.mean([cond.dataset.is_target(a) for a in chosen]))})
-            atomic_json(path, state)
+            save_record(path, state)
             labelled += chosen
         state["done"] = True
-        atomic_json(path, state)
+        save_record(path, state)
 
     # ------------------------------------------------------------------ steps
     def _select(self, cond, method, labelled, avail, r, model_path, tmp, store, e0s) -> Picks:
@@ -453,7 +404,7 @@ class Runner:
             info.update({"members": len(paths), "member_seeds": seeds, "extra_member_finetune_s": extra_s,
                          "predict_and_select_s": pred_s})
             return Picks(pos, extra_s + pred_s, info)
-        raise ConfigError(f"method {method!r} has no acquisition in Runner._select yet")
+        raise ConfigError(f"method {method!r} is known (study/methods.py) but Runner._select has no branch for it")
 
     def _finetune(self, labelled, workdir: Path, seed: int, cond: Condition, e0s: str):
         """(model path, {"finetune_s", "finetune_cpu_s", "valid_curve"}) of one fine-tune of the pretrained model."""
@@ -475,8 +426,7 @@ class Runner:
 
     def _evaluate(self, model_path, cond: Condition) -> dict:
         t0 = time.perf_counter()
-        model = load_model(model_path, self.cfg.eval_dtype)
-        out = evaluate_splits(model, cond.tests, self.cfg.eval_batch_size)
+        out = evaluate_splits(predictor(model_path, self.cfg.eval_dtype, self.cfg.eval_batch_size), cond.tests)
         self.stats["evaluations"] += 1
         self.stats["evaluate_s"] += time.perf_counter() - t0
         return out
@@ -504,6 +454,6 @@ def cheap_metrics(pre_err: Dict[str, Tuple[float, float]], chosen, avail, is_tar
     if pool_scores is not None:
         scores = np.asarray(pool_scores, dtype=np.float64)
         if scores.shape == (len(avail),):
-            out["spearman_score_error_e"] = spearman(scores, pe[:, 0])
-            out["spearman_score_error_f"] = spearman(scores, pe[:, 1])
+            out["spearman_score_error_e"] = float(spearmanr(scores, pe[:, 0]).statistic)
+            out["spearman_score_error_f"] = float(spearmanr(scores, pe[:, 1]).statistic)
     return out

@@ -1,7 +1,8 @@
-"""The study's statistics: mean ± sd, paired differences with t-intervals, labels-to-reach, Spearman.
+"""What scipy lacks for the study's comparisons: paired differences over seeds with Student-t intervals,
+their sign, the variance-ratio interval, and labels-to-reach along a learning curve.
 
 Seeds are the replicates: seed s of every method shares the initial labelled set, the pool draw and the
-fine-tune seed, so a method is compared with random by the per-seed differences d_s and a Student-t
+fine-tune seed, so a method is compared with another by the per-seed differences d_s and a Student-t
 interval over seeds (n - 1 degrees of freedom). With 3 seeds t_0.975 = 4.30: only large, consistent
 gaps resolve, which is what the verdicts say.
 """
@@ -11,6 +12,7 @@ import math
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+from scipy import stats
 
 
 def _clean(values) -> np.ndarray:
@@ -19,7 +21,7 @@ def _clean(values) -> np.ndarray:
 
 
 def mean_sd(values) -> Dict[str, float]:
-    """{"mean", "sd" (n - 1 denominator; 0 for one value), "n"}; NaNs when there is no value."""
+    """{"mean", "sd" (n - 1 denominator; 0 for one value), "n"} of the finite values; NaNs when there is none."""
     v = _clean(values)
     if len(v) == 0:
         return {"mean": math.nan, "sd": math.nan, "n": 0}
@@ -27,15 +29,12 @@ def mean_sd(values) -> Dict[str, float]:
 
 
 def t_interval(values, level: float = 0.95) -> Dict[str, float]:
-    """Mean and its two-sided Student-t interval over the values: {"mean", "lo", "hi", "sd", "n"}
-    (lo = hi = NaN for fewer than two values)."""
-    from scipy.stats import t
+    """mean_sd and the mean's two-sided Student-t interval {"lo", "hi"} (NaN for fewer than two values)."""
     out = mean_sd(values)
-    n = out["n"]
-    if n < 2:
+    if out["n"] < 2:
         return {**out, "lo": math.nan, "hi": math.nan}
-    half = float(t.ppf(0.5 + level / 2, n - 1)) * out["sd"] / math.sqrt(n)
-    return {**out, "lo": out["mean"] - half, "hi": out["mean"] + half}
+    lo, hi = stats.t.interval(level, out["n"] - 1, loc=out["mean"], scale=out["sd"] / math.sqrt(out["n"]))
+    return {**out, "lo": float(lo), "hi": float(hi)}
 
 
 def paired_difference(a: Dict[int, float], b: Dict[int, float], level: float = 0.95) -> Dict[str, float]:
@@ -45,16 +44,23 @@ def paired_difference(a: Dict[int, float], b: Dict[int, float], level: float = 0
     return {**t_interval(d, level), "seeds": seeds}
 
 
-def resolved(interval: Dict[str, float]) -> Optional[int]:
-    """-1 if the interval lies below 0, +1 above 0, None if it includes 0 (or is undefined)."""
+def resolved(interval: Dict[str, float], at: float = 0.0) -> Optional[int]:
+    """-1 if the interval lies below `at`, +1 above it, None if it includes `at` (or is undefined)."""
     lo, hi = interval.get("lo", math.nan), interval.get("hi", math.nan)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return None
-    if hi < 0:
-        return -1
-    if lo > 0:
-        return 1
-    return None
+    return -1 if hi < at else (1 if lo > at else None)
+
+
+def variance_ratio(a, b, level: float = 0.95) -> Dict[str, float]:
+    """var(a) / var(b) over seeds and its F interval (independent normal samples): {"ratio", "lo", "hi"}."""
+    a, b = _clean(a), _clean(b)
+    vb = float(b.var(ddof=1)) if len(b) > 1 else 0.0
+    if len(a) < 2 or vb == 0:
+        return {"ratio": math.nan, "lo": math.nan, "hi": math.nan}
+    r, d1, d2 = float(a.var(ddof=1)) / vb, len(a) - 1, len(b) - 1
+    return {"ratio": r, "lo": r / float(stats.f.ppf(0.5 + level / 2, d1, d2)),
+            "hi": r / float(stats.f.ppf(0.5 - level / 2, d1, d2))}
 
 
 def labels_to_reach(n_labels: Sequence[float], errors: Sequence[float], threshold: float) -> Optional[float]:
@@ -73,32 +79,3 @@ def labels_to_reach(n_labels: Sequence[float], errors: Sequence[float], threshol
             n0, e0 = ns[i - 1], es[i - 1]
             return float(n0 + (n - n0) * (e0 - threshold) / (e0 - e)) if e0 != e else float(n)
     return None
-
-
-def spearman(x, y) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
-    from scipy.stats import rankdata
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError("spearman needs two 1-d arrays of equal length")
-    keep = np.isfinite(x) & np.isfinite(y)
-    if keep.sum() < 2:
-        return math.nan
-    rx, ry = rankdata(x[keep]), rankdata(y[keep])
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
-    return float((rx * ry).sum() / den) if den > 0 else math.nan
-
-
-def variance_ratio(a, b, level: float = 0.95) -> Dict[str, float]:
-    """var(a) / var(b) over seeds and its F interval (independent normal samples): {"ratio", "lo", "hi"}."""
-    from scipy.stats import f
-    a, b = _clean(a), _clean(b)
-    if len(a) < 2 or len(b) < 2:
-        return {"ratio": math.nan, "lo": math.nan, "hi": math.nan}
-    va, vb = float(a.var(ddof=1)), float(b.var(ddof=1))
-    if vb == 0:
-        return {"ratio": math.nan, "lo": math.nan, "hi": math.nan}
-    r = va / vb
-    d1, d2 = len(a) - 1, len(b) - 1
-    return {"ratio": r, "lo": r / float(f.ppf(0.5 + level / 2, d1, d2)), "hi": r / float(f.ppf(0.5 - level / 2, d1, d2))}

@@ -1,7 +1,8 @@
-"""`ntkal experiment`: metrics against a direct computation, the statistics against scipy, reproducible
-selection, scenario / shard / replay bookkeeping, the fine-tune options mace accepts, config errors, the
-report's verdicts on known records, and the --quick study end to end (curves, two shards, resume,
-report-only) — the CI smoke run."""
+"""The study (`python -m study`): metrics against a direct computation, the statistics against scipy,
+reproducible selection, scenario / shard / replay bookkeeping, the fine-tune options mace accepts, config
+errors, the config's claims judged on known records, and the --quick study end to end (curves, two shards,
+resume, report-only) — the CI smoke run."""
+import dataclasses
 import json
 import math
 
@@ -9,15 +10,18 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
+from scipy.stats import spearmanr
 
 from ntkal.data import demo_files
-from study import acquisition, committee, report, stats
-from study.__main__ import main as experiment_main
+from study import acquisition, claims, committee, report, stats
+from study.__main__ import main as study_main
+from study.claims import Claim
 from study.config import ConfigError, ScenarioConfig, SelectionConfig, config_from_dict, load_config
 from study.datasets import Dataset
+from study.records import Records
 from study.features import FeatureStore
 from study.finetune import build_args, foundation_e0s, replay_foundation
-from study.metrics import errors, evaluate, evaluate_splits, load_model, predict
+from study.metrics import errors, evaluate_splits, predictor
 from study.runner import (Cell, biased_pool, cheap_metrics, initial_set, parse_shard, region_tests,
                                      shard_cells)
 from ntkal.io import read_structures
@@ -52,13 +56,12 @@ def test_errors_equal_direct_numpy():
     assert got["n_atoms"] == 10 and got["n_structures"] == 3
 
 
-def test_evaluate_matches_ase_calculator_and_splits_share_predictions(si):
-    """Batched predictions equal mace's own ASE calculator; evaluate_splits equals evaluate per split."""
+def test_predictions_match_ase_calculator_and_splits_share_predictions(si):
+    """Batched predictions equal mace's own ASE calculator; evaluate_splits equals one split at a time."""
     from mace.calculators import MACECalculator
     model_path, train, pool = si
     structures = pool[:5]
-    model = load_model(model_path)
-    e, f = predict(model, structures, batch_size=2)
+    e, f = predictor(model_path, batch_size=2).predict(structures)
     calc = MACECalculator(model_paths=str(model_path), device="cpu", default_dtype="float64")
     ref_e, ref_f = [], []
     for a in structures:
@@ -69,15 +72,16 @@ def test_evaluate_matches_ase_calculator_and_splits_share_predictions(si):
     np.testing.assert_allclose(e, ref_e, rtol=1e-10, atol=1e-9)
     for x, y in zip(f, ref_f):
         np.testing.assert_allclose(x, y, atol=1e-9)
-    got = evaluate(model, structures, batch_size=3)
+    model = predictor(model_path, batch_size=3)
+    got = evaluate_splits(model, {"all": structures})["all"]
     want = errors(np.array(ref_e), [a.info["REF_energy"] for a in structures], [len(a) for a in structures],
                   ref_f, [a.arrays["REF_forces"] for a in structures])
     for k in ("e_mae", "e_rmse", "f_mae", "f_rmse"):
         assert got[k] == pytest.approx(want[k], rel=1e-9)
     splits = {"test_id": pool[:6], "test_id:sub": [pool[4], pool[1]], "other": pool[6:9]}
-    both = evaluate_splits(model, splits, batch_size=4)
+    both = evaluate_splits(model, splits)
     for name, items in splits.items():
-        alone = evaluate(model, items, batch_size=4)
+        alone = evaluate_splits(model, {name: items})[name]
         for k in ("e_mae", "f_rmse"):
             assert both[name][k] == pytest.approx(alone[k], rel=1e-10)
 
@@ -101,14 +105,9 @@ def test_t_interval_and_paired_difference_match_scipy():
     assert only["seeds"] == [1, 2] and only["mean"] == pytest.approx(2.0)
 
 
-def test_spearman_and_variance_ratio_match_scipy():
+def test_variance_ratio_matches_scipy():
     from scipy import stats as sps
     rng = np.random.default_rng(2)
-    x = rng.normal(size=40)
-    y = x + rng.normal(size=40)
-    y[:5] = y[5]                                     # ties
-    assert stats.spearman(x, y) == pytest.approx(sps.spearmanr(x, y).statistic, rel=1e-12)
-    assert math.isnan(stats.spearman(x, np.ones(40)))
     a, b = rng.normal(0, 2.0, size=6), rng.normal(0, 1.0, size=4)
     vr = stats.variance_ratio(a, b)
     r = a.var(ddof=1) / b.var(ddof=1)
@@ -155,7 +154,7 @@ def test_target_and_random_selection_reproduce(si):
 
 def test_committee_selection_reproduces_and_psi_norm_is_score(si, tmp_path):
     model_path, train, pool = si
-    other = load_model(model_path)
+    other = predictor(model_path).model
     with torch.no_grad():
         gen = torch.Generator().manual_seed(0)
         for p in other.parameters():
@@ -255,7 +254,7 @@ def test_cheap_metrics_against_direct_means():
     assert got["pick_pool_error_ratio_e"] == pytest.approx(ce[:, 0].mean() / pe[:, 0].mean(), rel=1e-12)
     assert got["pick_pool_error_ratio_f"] == pytest.approx(ce[:, 1].mean() / pe[:, 1].mean(), rel=1e-12)
     assert got["picks_target_share"] == pytest.approx(2 / 3) and got["pool_target_share"] == pytest.approx(0.25)
-    assert got["spearman_score_error_f"] == pytest.approx(stats.spearman(scores, pe[:, 1]), rel=1e-12)
+    assert got["spearman_score_error_f"] == pytest.approx(spearmanr(scores, pe[:, 1]).statistic, rel=1e-12)
     assert "spearman_score_error_e" not in cheap_metrics(err, chosen, avail, lambda a: False, scores[:3])
 
 
@@ -284,10 +283,9 @@ def test_replay_foundation_keeps_the_model_s_predictions(si, tmp_path):
     model_path, train, pool = si
     flat = replay_foundation(model_path, tmp_path / "flat.model")
     assert flat != model_path
-    a, b = load_model(model_path), load_model(flat)
-    assert b.atomic_energies_fn.atomic_energies.ndim == 1
-    e0, f0 = predict(a, pool[:4])
-    e1, f1 = predict(b, pool[:4])
+    assert torch.load(flat, weights_only=False).atomic_energies_fn.atomic_energies.ndim == 1
+    e0, f0 = predictor(model_path).predict(pool[:4])
+    e1, f1 = predictor(flat).predict(pool[:4])
     np.testing.assert_allclose(e1, e0, rtol=1e-12)
     for x, y in zip(f0, f1):
         np.testing.assert_allclose(x, y, atol=1e-12)
@@ -317,6 +315,13 @@ BASE = {"datasets": [{"name": "si"}], "scenarios": {"natural": {"methods": ["ran
     ({"selection": {"mode": "x"}}, "selection.mode"),
     ({"curve": {"protocols": ["fast"]}}, "curve.protocols"),
     ({"datasets": [{"name": "si", "splits": {"pool": "pool"}}]}, "needs a 'train' split"),
+    ({"claims": [{"id": "c", "text": "t", "test": "bigger", "method": "joint"}]}, r"claims\[c\].test must be one of"),
+    ({"claims": [{"id": "c", "text": "t", "test": "lower", "method": "jiont"}]}, "unknown method 'jiont'"),
+    ({"claims": [{"id": "c", "text": "t", "test": "reaches", "method": "joint"}]}, r"claims\[c\].threshold"),
+    ({"claims": [{"id": "c", "text": "t", "test": "lower", "method": "joint", "scenarios": ["both"]}]},
+     r"claims\[c\].scenarios"),
+    ({"claims": [{"id": "c", "text": "t", "test": "lower", "method": "joint", "quantity": "f"}]},
+     r"unknown setting claims\[0\].quantity"),
 ])
 def test_config_errors_name_the_field(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -338,18 +343,19 @@ def test_packaged_config_and_quick_overrides():
     assert quick.quick and quick.rounds == 1 and [d.name for d in quick.datasets] == ["si"]
     assert quick.finetune.lr == full.finetune.lr            # nested merge keeps what quick does not set
     assert quick.finetune_for("si").epochs == 1
+    assert full.claims and quick.claims == full.claims and {c.test for c in full.claims} <= set(claims.TESTS)
 
 
 def test_cli_config_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("datasets: [{name: si}]\nscenarios: {natural: {methods: [random]}}\nbudget: -2\n")
-    assert experiment_main([str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert study_main([str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "budget must be a positive integer" in err and "\n" not in err
     assert not (tmp_path / "o").exists()
 
 
-# ------------------------------------------------------------------ report verdicts on known records
+# ------------------------------------------------------------------ the config's claims on known records
 def _runs(values: dict, dataset="oc20", scenario="natural"):
     """Method records with final F/E MAE per seed from {method: [per-seed final F]} (E = F / 10)."""
     runs = []
@@ -363,24 +369,64 @@ def _runs(values: dict, dataset="oc20", scenario="natural"):
     return runs
 
 
-def test_verdicts_follow_the_intervals():
-    clear = report.Records(_runs({"random": [99.0, 97.0, 98.0], "joint": [80.0, 79.0, 81.5],
-                                  "force": [90.0, 91.0, 89.0]}), "oc20", "natural")
-    assert report.verdict_joint_lowest(clear)[0] == "held"
-    noisy = report.Records(_runs({"random": [99.0, 97.0, 98.0], "joint": [80.0, 95.0, 81.5],
-                                  "force": [90.0, 81.0, 96.0]}), "oc20", "natural")
-    assert report.verdict_joint_lowest(noisy)[0] == "not resolved"
-    worse = report.Records(_runs({"random": [99.0, 97.0, 98.0], "joint": [95.0, 96.0, 97.0],
-                                  "force": [80.0, 81.0, 80.5]}), "oc20", "natural")
-    assert report.verdict_joint_lowest(worse)[0] == "did not hold"
-    assert report.verdict_joint_lowest(None)[0] == "not tested"
-    got, ratio, seeds = report.reach(clear, "joint", "f_mae")
+def _cells(values: dict, datasets=("oc20",), scenario="natural"):
+    return {(d, scenario): Records(_runs(values, d, scenario), d, scenario) for d in datasets}
+
+
+LOWEST = Claim("lowest", "joint is lowest on OC20", "lowest", "joint", scenarios=["natural"], datasets=["oc20"],
+               quantities=["e_mae", "f_mae"])
+
+
+def test_claims_follow_the_intervals():
+    clear = _cells({"random": [99.0, 97.0, 98.0], "joint": [80.0, 79.0, 81.5], "force": [90.0, 91.0, 89.0]})
+    assert claims.judge(LOWEST, clear).state == "held"
+    noisy = _cells({"random": [99.0, 97.0, 98.0], "joint": [80.0, 95.0, 81.5], "force": [90.0, 81.0, 96.0]})
+    assert claims.judge(LOWEST, noisy).state == "not resolved"
+    worse = _cells({"random": [99.0, 97.0, 98.0], "joint": [95.0, 96.0, 97.0], "force": [80.0, 81.0, 80.5]})
+    assert claims.judge(LOWEST, worse).state == "did not hold"
+    assert claims.judge(LOWEST, _cells({"random": [99.0, 97.0, 98.0]})).state == "not tested"
+    elsewhere = _cells({"random": [99.0, 97.0, 98.0], "joint": [80.0, 79.0, 81.5]}, ("t1x",))
+    assert claims.judge(LOWEST, elsewhere).state == "not tested"
+    got, ratio, seeds = clear[("oc20", "natural")].reach("joint", "f_mae")
     assert got == pytest.approx(10 + 15 * (100.0 - 98.0) / (100.0 - 80.1666666), rel=1e-6)
     assert ratio == pytest.approx(got / 25) and seeds == (3, 3)
-    goal = report.verdict_goal({"oc20": report.Records(_runs({"random": [99.0, 97.0, 98.0], "joint": [80.0, 79.0, 81.5]},
-                                                            scenario="biased"), "oc20", "biased")}, method="joint")
-    assert goal[0] == "held"
-    assert report.verdict_goal({"oc20": None})[0] == "not tested"  # the default method (error:joint) did not run
+    goal = Claim("goal", "joint reaches random's error sooner", "reaches", "joint", threshold=0.6, scenarios=["biased"])
+    biased = _cells({"random": [99.0, 97.0, 98.0], "joint": [80.0, 79.0, 81.5]}, scenario="biased")
+    assert claims.judge(goal, biased).state == "held"
+    assert claims.judge(dataclasses.replace(goal, threshold=0.3), biased).state == "did not hold"
+    assert claims.judge(dataclasses.replace(goal, method="error:joint"), biased).state == "not tested"
+    margin = Claim("ni", "force as good as joint", "non_inferior", "force", against="joint", threshold=0.2)
+    assert claims.judge(margin, clear).state == "held"                       # +10 [+3, +18] below 16
+    assert claims.judge(dataclasses.replace(margin, threshold=0.05), clear).state == "did not hold"
+    assert claims.judge(dataclasses.replace(margin, cheaper=True), clear).state == "did not hold"   # same seconds
+
+
+def test_claims_combine_cells_by_needed():
+    """`needed` of the cells must hold; more failures than cells - needed is 'did not hold'."""
+    lower = Claim("lower", "joint beats random", "lower", "joint", needed=2)
+    good, bad, flat = [80.0, 79.0, 81.5], [120.0, 119.0, 121.0], [80.0, 120.0, 100.0]
+    rand = [99.0, 97.0, 98.0]
+
+    def cells(*finals):
+        return {(d, "natural"): Records(_runs({"random": rand, "joint": f}, d), d, "natural")
+                for d, f in zip("abc", finals)}
+    assert claims.judge(lower, cells(good, good, bad)).state == "held"
+    assert claims.judge(lower, cells(good, bad, bad)).state == "did not hold"
+    assert claims.judge(lower, cells(good, flat, flat)).state == "not resolved"
+    assert claims.judge(dataclasses.replace(lower, needed=None), cells(good, good, bad)).state == "did not hold"
+    assert claims.judge(dataclasses.replace(lower, needed=None), cells(good, good, good)).state == "held"
+
+
+def test_report_judges_the_claims_it_is_given(tmp_path):
+    """The verdicts are the config's claims: their text, how they are judged, and the state."""
+    for run in _runs({"random": [99.0, 97.0, 98.0], "joint": [80.0, 79.0, 81.5], "force": [90.0, 91.0, 89.0]}):
+        folder = tmp_path / "results" / "oc20_natural" / f"seed{run['seed']}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{run['method']}.json").write_text(json.dumps(run))
+    text = report.write_report(tmp_path, [LOWEST], "my.yaml").read_text()
+    assert "1. joint is lowest on OC20 (the paired difference of `joint` to every other method below 0" in text
+    assert "**held**" in text and "my.yaml" in text
+    assert "The config declares no claims." in report.write_report(tmp_path).read_text()
 
 
 def test_report_lists_every_evaluate_record(tmp_path):
@@ -419,11 +465,11 @@ def test_report_acquisition_section_pairs_each_method_with_random_by_draw(tmp_pa
 @pytest.mark.slow
 def test_quick_study_curves_shards_resume_and_report_only(tmp_path):
     out = tmp_path / "exp"
-    assert experiment_main(["--quick", "--curves", "--out", str(out)]) == 0
+    assert study_main(["--quick", "--curves", "--out", str(out)]) == 0
     curve = json.loads((out / "results" / "si_finetune_curve.json").read_text())
     assert set(curve) == {"replay", "naive"} and len(curve["replay"]["curve"]["Default"]) == 3   # before + 2 epochs
-    assert experiment_main(["--quick", "--shard", "0/2", "--out", str(out)]) == 0
-    assert experiment_main(["--quick", "--shard", "1/2", "--out", str(out)]) == 0
+    assert study_main(["--quick", "--shard", "0/2", "--out", str(out)]) == 0
+    assert study_main(["--quick", "--shard", "1/2", "--out", str(out)]) == 0
     cfg = load_config(quick=True)
     for scen in cfg.scenarios:
         for method in scen.methods:
@@ -442,9 +488,9 @@ def test_quick_study_curves_shards_resume_and_report_only(tmp_path):
     assert (out / "figures" / "si_finetune_curve.png").stat().st_size > 1000
     before = json.loads((out / "results" / "run-0of2.json").read_text())
     # a rerun resumes: nothing is fine-tuned again; --report-only rewrites the same page from the records
-    assert experiment_main(["--quick", "--shard", "0/2", "--out", str(out)]) == 0
+    assert study_main(["--quick", "--shard", "0/2", "--out", str(out)]) == 0
     after = json.loads((out / "results" / "run-0of2.json").read_text())
     assert after["finetunes"] == 0 and len(after["invocations"]) == len(before["invocations"]) + 1
     text = (out / "results.md").read_text()
-    assert experiment_main(["--quick", "--report-only", "--out", str(out)]) == 0
+    assert study_main(["--quick", "--report-only", "--out", str(out)]) == 0
     assert (out / "results.md").read_text() == text

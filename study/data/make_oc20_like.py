@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m study.data.make_oc20_like            # writes oc20_<split>.extxyz.gz next to this file
+    python -m study.data.make_oc20_like            # writes ntkal/data/oc20_<split>.extxyz.gz
 
 Every structure is a frame of a short MD trajectory: a 2x2x3 fcc(111) or fcc(100)
 slab (12 metal atoms, 6 A vacuum each side, periodic in-plane only) with 0-2 adsorbates on a
@@ -47,7 +47,6 @@ from ase.md.velocitydistribution import thermalize_momenta
 from ase.optimize import FIRE
 from ase.units import fs
 
-from ntkal.data import DATA_DIR
 from study.data.make_si_data import generator_parser, write_split
 
 METALS_ID = ("Cu", "Pt", "Au", "Ni")
@@ -186,11 +185,9 @@ def make_split(split: str, seed: int, max_force: float) -> tuple[list[Atoms], in
 def main(argv=None) -> None:
     args = generator_parser(__doc__, SPLITS).parse_args(argv)
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for split in args.splits:
         images, dropped = make_split(split, args.seed, args.max_force)
-        write_split(out / f"oc20_{split}.extxyz.gz", images, ("region", "metal", "adsorbate"),
+        write_split(pathlib.Path(args.out) / f"oc20_{split}.extxyz.gz", images, ("region", "metal", "adsorbate"),
                     note=f"dropped {dropped}; ")
 
 

@@ -248,6 +248,7 @@ def main_test_splits(argv=None) -> None:
 
 def write_split(path: pathlib.Path, images, info_keys=(), note: str = "") -> None:
     """Write and check one generated split, then print its size, label ranges and per-tag counts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_extxyz_gz(path, images)
     check_file(path, len(images))
     e = np.array([a.info["REF_energy"] / len(a) for a in images])

@@ -2,7 +2,7 @@
 
 Usage (needs the ``study`` extra, ``pip install tblite==0.8.0``)::
 
-    python -m study.data.make_t1x_like             # writes t1x_<split>.extxyz.gz next to this file
+    python -m study.data.make_t1x_like             # writes ntkal/data/t1x_<split>.extxyz.gz
 
 Molecules: the closed-shell members of ``ase.collections.g2`` made only of C, H, N and O with
 3 to 12 atoms. Each is relaxed with GFN2-xTB (tblite), its Hessian is taken by central finite
@@ -44,7 +44,6 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import thermalize_momenta
 from ase.optimize import BFGS
 
-from ntkal.data import DATA_DIR
 from study.data.make_si_data import generator_parser, write_split
 
 NM_TEMPERATURES = (300.0, 600.0, 1000.0)
@@ -203,12 +202,10 @@ def main(argv=None) -> None:
     modes = {name: relax_and_modes(name) for name in sorted(needed)}
     members = {"pretrain": parts["pretrain"], "test_ood": parts["ood"]}
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for split in args.splits:
         molecules = members.get(split, parts["in_distribution"])
         images, dropped = make_split(split, molecules, modes, args.seed, args.max_force)
-        write_split(out / f"t1x_{split}.extxyz.gz", images, ("region", "source", "temperature"),
+        write_split(pathlib.Path(args.out) / f"t1x_{split}.extxyz.gz", images, ("region", "source", "temperature"),
                     note=f"{len({a.info['molecule'] for a in images})} molecules; dropped {dropped}; ")
 
 
