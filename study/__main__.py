@@ -60,10 +60,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, args.threads))
     try:
         run(args)
-    except NtkalError as exc:
+    except NtkalError as exc:  # a user error: one line and exit 2 (and the traceback with --debug)
+        print(f"python -m study: error: {exc}", file=sys.stderr)
         if args.debug:
             raise
-        print(f"python -m study: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -4,12 +4,12 @@ Per cell, on the final errors of the primary split, for each of the claim's quan
   lower          method - against (paired over seeds, 95 % t-interval) below 0: held; above 0: did not hold;
   lowest         method - every other method below 0; any of them above 0: did not hold;
   non_inferior   method - against below threshold x against's mean error: held; its lower end above: did
-                 not hold; with `cheaper`, fewer fresh acquisition seconds per round is needed too;
+                 not hold;
   less_variable  F-interval of var(against) / var(method) over seeds above threshold: held; below: did not hold;
   reaches        method's mean curve reaches against's final mean error with <= threshold x against's
                  labels and method - against below 0: held; otherwise did not hold;
   labels         the labels method needs to reach against's final mean error, reported without a verdict.
-Otherwise "not resolved". Over the cells with records of both methods: "did not hold" when more cells did
+Otherwise "not resolved". With `cheaper`, method's fresh acquisition seconds per round must be lower too. Over the cells with records of both methods: "did not hold" when more cells did
 not hold than (cells - needed) allows, "held" when `needed` cells held (default: every cell), else
 "not resolved"; "not tested" without such cells.
 """
@@ -48,7 +48,7 @@ class Claim:
     quantities: List[str] = field(default_factory=lambda: ["f_mae"])
     threshold: Optional[float] = None   # non_inferior: margin as a share of `against`'s error; less_variable:
                                         # the variance ratio to exceed; reaches: the largest share of labels
-    cheaper: bool = False               # non_inferior: also fewer fresh acquisition seconds per round
+    cheaper: bool = False               # also fewer fresh acquisition seconds per round than `against`
     needed: Optional[int] = None        # cells that must hold (None: every cell with records)
 
 
@@ -72,80 +72,67 @@ def _final(rec: Records, method: str, key: str) -> List[float]:
     return list(rec.final(method, rec.primary, key).values())
 
 
-def _lower(c: Claim, rec: Records):
-    states, parts = [], []
-    for q in c.quantities:
-        d = rec.difference(c.method, c.against, q)
-        states.append(_SIGN[resolved(d)])
-        parts.append(f"{LABELS[q]} {c.method} − {c.against} = {ci(d)}")
-    return _overall(states), parts
+def _lower(c: Claim, rec: Records, q: str):
+    d = rec.difference(c.method, c.against, q)
+    return _SIGN[resolved(d)], f"{LABELS[q]}: {c.method} − {c.against} = {ci(d)}"
 
 
-def _lowest(c: Claim, rec: Records):
+def _lowest(c: Claim, rec: Records, q: str):
     worse, unresolved = [], []
-    for q in c.quantities:
-        for m in rec.methods:
-            if m == c.method:
-                continue
-            d = rec.difference(c.method, m, q)
-            r = resolved(d)
-            if r == 1:
-                worse.append(f"{m} ({LABELS[q]}: {c.method} − {m} = {ci(d)})")
-            elif r is None:
-                unresolved.append(f"{m} ({LABELS[q]})")
+    for m in (m for m in rec.methods if m != c.method):
+        d = rec.difference(c.method, m, q)
+        r = resolved(d)
+        if r == 1:
+            worse.append(f"{m} ({c.method} − {m} = {ci(d)})")
+        elif r is None:
+            unresolved.append(m)
     if worse:
-        return "did not hold", [f"significantly lower error than {c.method}: " + "; ".join(worse)]
+        return "did not hold", f"{LABELS[q]}: significantly lower error than {c.method}: " + "; ".join(worse)
     if unresolved:
-        return "not resolved", ["interval includes 0 against " + ", ".join(unresolved)]
-    return "held", [f"{c.method}'s paired difference to every other method is below 0"]
+        return "not resolved", f"{LABELS[q]}: interval includes 0 against " + ", ".join(unresolved)
+    return "held", f"{LABELS[q]}: {c.method}'s paired difference to every other method is below 0"
 
 
-def _non_inferior(c: Claim, rec: Records):
-    states, parts = [], []
-    for q in c.quantities:
-        d = rec.difference(c.method, c.against, q)
-        margin = c.threshold * mean_sd(_final(rec, c.against, q))["mean"]
-        states.append(_SIGN[resolved(d, at=margin)])
-        parts.append(f"{LABELS[q]}: {c.method} − {c.against} = {ci(d)} (margin {num(margin)})")
-    if c.cheaper:
-        fresh, reuse = rec.acquisition(c.method)
-        fresh_ref, _ = rec.acquisition(c.against)
-        states.append("held" if mean_sd(fresh)["mean"] < mean_sd(fresh_ref)["mean"] else "did not hold")
-        parts.append(f"acquisition per round: {c.method} {msd(fresh)} s fresh ({msd(reuse)} s with pool features "
-                     f"reused) vs {c.against} {msd(fresh_ref)} s")
-    return _overall(states), parts
+def _non_inferior(c: Claim, rec: Records, q: str):
+    d = rec.difference(c.method, c.against, q)
+    margin = c.threshold * mean_sd(_final(rec, c.against, q))["mean"]
+    return _SIGN[resolved(d, at=margin)], f"{LABELS[q]}: {c.method} − {c.against} = {ci(d)} (margin {num(margin)})"
 
 
-def _less_variable(c: Claim, rec: Records):
-    states, parts = [], []
-    for q in c.quantities:
-        vr = variance_ratio(_final(rec, c.against, q), _final(rec, c.method, q))
-        states.append("held" if vr["lo"] > c.threshold else ("did not hold" if vr["hi"] < c.threshold
-                                                               else "not resolved"))
-        parts.append(f"var({c.against})/var({c.method}) of the final {LABELS[q]} = {num(vr['ratio'], 2)} "
-                     f"[{num(vr['lo'], 2)}, {num(vr['hi'], 2)}]")
-    return _overall(states), parts
+def _less_variable(c: Claim, rec: Records, q: str):
+    vr = variance_ratio(_final(rec, c.against, q), _final(rec, c.method, q))
+    state = "held" if vr["lo"] > c.threshold else ("did not hold" if vr["hi"] < c.threshold else "not resolved")
+    return state, (f"var({c.against})/var({c.method}) of the final {LABELS[q]} = {num(vr['ratio'], 2)} "
+                   f"[{num(vr['lo'], 2)}, {num(vr['hi'], 2)}]")
 
 
-def _reaches(c: Claim, rec: Records):
-    states, parts = [], []
-    for q in c.quantities:
-        _, ratio, _ = rec.reach(c.method, q, c.against)
-        d = rec.difference(c.method, c.against, q)
-        met = ratio is not None and ratio <= c.threshold and resolved(d) == -1
-        states.append("held" if met else "did not hold")
-        parts.append(f"{LABELS[q]}: labels ratio {'not reached' if ratio is None else f'{100 * ratio:.0f} %'}, "
-                     f"{c.method} − {c.against} = {ci(d)} → {'met' if met else 'not met'}")
-    return _overall(states), parts
+def _reaches(c: Claim, rec: Records, q: str):
+    _, ratio, _ = rec.reach(c.method, q, c.against)
+    d = rec.difference(c.method, c.against, q)
+    met = ratio is not None and ratio <= c.threshold and resolved(d) == -1
+    return ("held" if met else "did not hold"), (
+        f"{LABELS[q]}: labels ratio {'not reached' if ratio is None else f'{100 * ratio:.0f} %'}, "
+        f"{c.method} − {c.against} = {ci(d)} → {'met' if met else 'not met'}")
 
 
-def _labels(c: Claim, rec: Records):
-    parts = []
-    for q in c.quantities:
-        _, ratio, _ = rec.reach(c.method, q, c.against)
-        parts.append(f"{LABELS[q]} " + ("not reached" if ratio is None else
-                                        f"{100 * ratio:.0f} % of {c.against}'s labels ({100 * (ratio - 1):+.0f} %)"))
-    return None, parts
+def _labels(c: Claim, rec: Records, q: str):
+    _, ratio, _ = rec.reach(c.method, q, c.against)
+    return None, f"{LABELS[q]} " + ("not reached" if ratio is None else
+                                    f"{100 * ratio:.0f} % of {c.against}'s labels ({100 * (ratio - 1):+.0f} %)")
+
+
+def _cheaper(c: Claim, rec: Records):
+    fresh, reuse = rec.acquisition(c.method)
+    fresh_ref, _ = rec.acquisition(c.against)
+    return ("held" if mean_sd(fresh)["mean"] < mean_sd(fresh_ref)["mean"] else "did not hold"), (
+        f"acquisition per round: {c.method} {msd(fresh)} s fresh ({msd(reuse)} s with pool features reused) "
+        f"vs {c.against} {msd(fresh_ref)} s")
+
+
+def _cell(c: Claim, rec: Records):
+    """(state, texts) of the claim on one cell: every quantity's test, and the cost when `cheaper`."""
+    got = [TESTS[c.test](c, rec, q) for q in c.quantities] + ([_cheaper(c, rec)] if c.cheaper else [])
+    return (None if c.test == "labels" else _overall([s for s, _ in got])), [t for _, t in got]
 
 
 TESTS = {"lower": _lower, "lowest": _lowest, "non_inferior": _non_inferior, "less_variable": _less_variable,
@@ -157,8 +144,7 @@ def describe(c: Claim) -> str:
     m, a, t = f"`{c.method}`", f"`{c.against}`", c.threshold
     how = {"lower": lambda: f"the paired difference {m} − {a} below 0",
            "lowest": lambda: f"the paired difference of {m} to every other method below 0",
-           "non_inferior": lambda: f"the interval of {m} − {a} below {100 * t:g} % of {a}'s mean error"
-                                   + (", and fewer fresh acquisition seconds per round" if c.cheaper else ""),
+           "non_inferior": lambda: f"the interval of {m} − {a} below {100 * t:g} % of {a}'s mean error",
            "less_variable": lambda: f"the F-interval of var({a}) / var({m}) of the final error over seeds above {t:g}",
            "reaches": lambda: f"{a}'s final mean error reached with ≤ {100 * t:g} % of {a}'s labels, "
                               f"and {m} − {a} below 0",
@@ -166,6 +152,7 @@ def describe(c: Claim) -> str:
     where = (f"{' and '.join(c.scenarios) + ' pools' if c.scenarios else 'every pool'} of "
              f"{', '.join(c.datasets) if c.datasets else 'every dataset'}")
     need = "" if c.test == "labels" else (f"; at least {c.needed} cells" if c.needed else "; every cell")
+    how += ", and fewer fresh acquisition seconds per round" if c.cheaper else ""
     return f"{how}; {', '.join(LABELS[q] for q in c.quantities)}; {where}{need}"
 
 
@@ -177,7 +164,7 @@ def judge(c: Claim, recs: Dict[tuple, Records]) -> Verdict:
     if not cells:
         return Verdict(None if c.test == "labels" else "not tested",
                        [f"no records of `{c.method}` and `{c.against}` in the cells it names"])
-    judged = [(d, s, rec, *TESTS[c.test](c, rec)) for d, s, rec in cells]
+    judged = [(d, s, rec, *_cell(c, rec)) for d, s, rec in cells]
     texts = [f"{d}/{s}: " + "; ".join(parts) for d, s, _, _, parts in judged]
     if c.test == "labels":
         return Verdict(None, texts)

@@ -233,7 +233,8 @@ class Runner:
                             "cells": [f"{c.key}/seed{c.seed}" for c in cells],
                             **{k: v for k, v in self.stats.items() if not isinstance(v, str)}})
         summary = {"wall_s": wall, "shard": label, **self.stats, "invocations": invocations,
-                   "machine": machine_summary(), "datasets": {k: v.summary() for k, v in datasets.items()}, "features": feature_seconds}
+                   "machine": machine_summary(), "datasets": {k: v.summary() for k, v in datasets.items()},
+                   "features": feature_seconds}
         save_record(path, summary)
         return summary
 
