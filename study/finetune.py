@@ -47,8 +47,10 @@ def foundation_e0s(model_path) -> str:
     (`--E0s=foundation` fails in mace 0.3.16 for a one-element model: the squeezed tensor is 0-d.)
     """
     import torch
-    model = torch.load(str(model_path), map_location="cpu", weights_only=False)
-    e0 = model.atomic_energies_fn.atomic_energies.detach().double()
+
+    from ntkal.features import load_model
+    model = load_model(model_path, dtype=torch.float64)
+    e0 = model.atomic_energies_fn.atomic_energies.detach()
     if e0.ndim > 1:
         e0 = e0.reshape(-1, e0.shape[-1])[0]
     zs = [int(z) for z in model.atomic_numbers]
@@ -59,7 +61,8 @@ def replay_foundation(model_path, out: Path) -> Path:
     """The pretrained model with its E0 buffer stored 1-d when it has one head: mace 0.3.16's multihead
     path squeezes the [1, n_elements] buffer to 0-d for a one-element model and then indexes it
     (mace/cli/run_train.py, "Atomic energies for multiheads finetuning"); AtomicEnergiesBlock reads both
-    shapes alike (torch.atleast_2d, mace/modules/blocks.py). Other models are returned unchanged."""
+    shapes alike (torch.atleast_2d, mace/modules/blocks.py). Other models are returned unchanged. The file
+    is read and re-saved as it is (ntkal's loader would return a converted copy)."""
     import torch
     model = torch.load(str(model_path), map_location="cpu", weights_only=False)
     e0 = model.atomic_energies_fn.atomic_energies
