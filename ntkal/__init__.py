@@ -8,7 +8,7 @@ option checks) do not load torch or mace.
 __version__ = "0.1.0"
 
 _NAMES = {
-    "select": "api", "score": "api", "select_rows": "api", "evaluate": "evaluate",
+    "select": "api", "score": "api", "fit": "api", "select_rows": "api", "evaluate": "evaluate",
     "MACEFeaturizer": "features", "RowBlock": "features", "ENERGY": "features", "FORCE": "features",
     "EMBEDDING": "features", "Posterior": "posterior", "SelectionResult": "acquisition.pipeline",
     "lcmd": "acquisition.selectors", "Options": "options",

@@ -1,4 +1,4 @@
-"""Python entry points: ntkal.select, ntkal.score, ntkal.select_rows — thin calls into the one pipeline.
+"""Python entry points: ntkal.select, ntkal.score, ntkal.fit, ntkal.select_rows — thin calls into the one pipeline.
 
 Keyword options are those of `ntkal.options.Options` (the CLI's flags with underscores) and are
 checked before any model is loaded; a bad value is an InputError naming the flag.
@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
-from .acquisition.candidates import Candidate
-from .acquisition.pipeline import Pipeline, SelectionResult, Stream, annotate, featurizer_for
+from .acquisition.candidates import Candidate, annotate
+from .acquisition.pipeline import Pipeline, SelectionResult, featurizer_for
+from .acquisition.streams import Stream
 from .options import Options
 
 
@@ -35,6 +36,17 @@ def score(model, train, pool, *, target=None, pretrain=None, progress: bool = Fa
     post = pipe.fit(train, pretrain)
     for _, start, atoms, _, scored in pipe.scored_chunks(pool, pipe.scorer(post, target)):
         yield from scored_atoms(start, atoms, scored)
+
+
+def fit(model, train, *, pretrain=None, progress: bool = False, **options):
+    """The posterior (ntkal.Posterior) of the labelled structures `train`, as select and score fit it.
+
+    model: a MACE nn.Module or .model path, or a MACEFeaturizer, used as it is (its kernel, sketch and probes;
+    the feature options are then not taken from `options`). Score its rows with post.score(fz(structures))."""
+    from .features import MACEFeaturizer
+    opts = Options.from_kwargs(**options).validate()
+    fz = model if isinstance(model, MACEFeaturizer) else featurizer_for(model, opts)
+    return Pipeline(opts, fz, progress).fit(train, pretrain)
 
 
 def scored_atoms(start: int, atoms, scored):

@@ -16,8 +16,9 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
-from .acquisition.pipeline import Pipeline, Stream, featurizer_for
+from .acquisition.pipeline import Pipeline, featurizer_for
 from .acquisition.residuals import residual_rows
+from .acquisition.streams import Stream, chunks
 from .errors import InputError
 from .features.rowblock import ENERGY, FORCE, RowBlock
 from .options import KERNELS, SCORES, Options
@@ -33,9 +34,8 @@ def evaluate(model, train, valid, kernels: Sequence[str] = ("energy", "force", "
             raise InputError(f"{what}: {bad[0]!r} is not one of {', '.join(allowed)}")
     opts = Options.from_kwargs(**{**options, "kernel": "joint", "score": "error"}).validate()
     base = featurizer_for(model, opts)
-    pipe = Pipeline(opts, base, progress)
     src = Stream.of(valid, "valid")
-    valid = [a for _, _, chunk in pipe.chunks(src, "valid") for a in chunk]  # checked like any input
+    valid = [a for _, _, chunk in chunks(src, opts.chunk(), set(base.atomic_numbers)) for a in chunk]  # checked
     if not valid:
         raise InputError("the validation set is empty", path=src.path)
     e, f = base.predict(valid)
@@ -52,14 +52,15 @@ def evaluate(model, train, valid, kernels: Sequence[str] = ("energy", "force", "
             block = block.only((FORCE,) if kernel == "force" else (ENERGY,))
         eps = residual_rows(block, valid, e, f, required=True, path=src.path)
         out[kernel] = {s: _metrics(post, block, eps, s) for s in scores}
-        out[kernel]["calibration"] = {"rho": post.rho, "alpha2": post.alpha2, "alpha2_pv": post.alpha2_pv,
-                                      "how": post.info.get("calibration")}
+        res = post.residual
+        out[kernel]["calibration"] = {"rho": res.rho, "alpha2": res.alpha2, "alpha2_pv": res.alpha2_pv,
+                                      "how": res.calibration}
     return out
 
 
 def _metrics(post, rows: RowBlock, eps: torch.Tensor, score: str) -> dict:
-    mu, epistemic, noise, _ = post.predictive(rows, with_mean=score == "error")
-    s2 = epistemic + noise
+    predictive = post.predictive(rows, with_mean=score == "error")
+    mu, s2 = predictive.mu, predictive.epistemic + predictive.noise
     seg, n = rows.seg.cpu(), len(rows)
     out = {}
     for part, mask in (("energy", rows.kind != FORCE), ("force", rows.kind == FORCE)):

@@ -12,7 +12,7 @@ from ntkal import ENERGY, FORCE, RowBlock
 from ntkal.acquisition.distances import exact_force_kernel, lcmd_vectors
 from ntkal.acquisition.residuals import residual_rows
 from ntkal.acquisition.scorers import ErrorScorer
-from ntkal.posterior import Accumulator, Posterior
+from ntkal.posterior import Accumulator, Posterior, ResidualModel
 from tiny import rotated, structures, tiny_mace
 
 F64 = torch.float64
@@ -61,13 +61,13 @@ def test_residual_mean_equals_kernel_ridge_regression(featurizer, kernel, with_p
     T = RowBlock.cat(blocks)
     G, S = _scaled(post, T)
     eps_all = torch.cat(all_eps)
-    rho_t = torch.tensor([post.rho["force" if k == FORCE else ("embedding" if kernel == "embedding" else "energy")]
+    rho_t = torch.tensor([post.residual.rho["force" if k == FORCE else ("embedding" if kernel == "embedding" else "energy")]
                           for k in T.kind.tolist()], dtype=F64)
     X, _ = _scaled(post, pool_rows)
-    rho_x = torch.tensor([post.rho["force" if k == FORCE else ("embedding" if kernel == "embedding" else "energy")]
+    rho_x = torch.tensor([post.residual.rho["force" if k == FORCE else ("embedding" if kernel == "embedding" else "energy")]
                           for k in pool_rows.kind.tolist()], dtype=F64)
     krr = rho_x * (X @ G.T @ torch.linalg.solve(G @ G.T + torch.diag(S), eps_all / rho_t))
-    torch.testing.assert_close(post.residual_mean(pool_rows), krr, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(post.predictive(pool_rows).mu, krr, rtol=1e-8, atol=1e-12)
 
 
 def _synthetic(n, k, alpha, sigma2, seed):
@@ -93,8 +93,8 @@ def test_calibration_recovers_a_known_scale():
     acc = Accumulator()
     acc.add(rb, residuals=eps)
     post = Posterior.from_accumulator(acc, sigma_e2=sigma2)
-    post.fit_residuals(acc, rho={"energy": 1.0})
-    assert post.alpha2["energy"] == pytest.approx(alpha ** 2, rel=0.1)
+    post.residual = ResidualModel.fit(post, acc, rho={"energy": 1.0})
+    assert post.residual.alpha2["energy"] == pytest.approx(alpha ** 2, rel=0.1)
     # moment-matched rho instead: the calibrated predictive variance matches fresh held-out errors
     post = Posterior.from_accumulator(acc, sigma_e2=sigma2)
     test, _ = _synthetic(2000, k, alpha, sigma2, seed=5)
@@ -132,7 +132,7 @@ def test_error_score_outputs_physical_units_per_structure_and_atom(featurizer, t
     from ntkal.acquisition.pipeline import Pipeline
     pipe = Pipeline(opts, fz)
     post = pipe.fit(train)
-    assert set(post.rho) == {"energy", "force"} and all(v > 0 for v in post.alpha2.values())
+    assert set(post.residual.rho) == {"energy", "force"} and all(v > 0 for v in post.residual.alpha2.values())
     scored = pipe.scorer(post)(fz(pool))
     assert (scored.values["energy_error"] > 0).all() and (scored.values["force_error"] > 0).all()
     for s, a in enumerate(pool):
@@ -142,6 +142,30 @@ def test_error_score_outputs_physical_units_per_structure_and_atom(featurizer, t
         assert math.sqrt((per_atom ** 2).mean()) == pytest.approx(scored.values["force_error"][s], rel=1e-9)
     res = ntkal.select(fz.model, train, pool, budget=2, score="error", sketch_dim=24, seed=2, dtype="float64")
     assert all("ntkal_force_error" in a.info and "ntkal_energy_error" in a.info for a in res.atoms)
+
+
+def test_default_score_falls_back_to_pv_out_loud(featurizer, caplog):
+    """Score auto with some labelled structures unlabelled: posterior variance, one warning that says how many
+    and why, and the reason in the posterior's and the selection's info (the JSON reports carry them)."""
+    import logging
+    fz = featurizer.with_kernel("energy")
+    train = _labelled(structures(5, seed=72), 5)
+    for a in train[1:3]:
+        del a.info["REF_energy"]
+    from ntkal.acquisition.pipeline import Pipeline
+    pipe = Pipeline(ntkal.Options(budget=2).validate(), fz)
+    with caplog.at_level(logging.WARNING, logger="ntkal"):
+        res = pipe.select(train, structures(4, seed=73))
+    said = [r for r in caplog.records if r.name == "ntkal" and "posterior variance" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+    assert "2 of 5 labelled structures" in said[0].getMessage()
+    assert pipe.score == "pv" and res.info["score"] == "pv" and res.posterior.residual is None
+    assert res.info["score_fallback"] == said[0].getMessage() == res.posterior.info["score_fallback"]
+    assert res.posterior.summary()["score_fallback"] == said[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ntkal"):  # every structure labelled: the error score, silently
+        post = Pipeline(ntkal.Options().validate(), fz).fit(_labelled(structures(5, seed=72), 5))
+    assert post.residual is not None and "score_fallback" not in post.info and not caplog.records
 
 
 def test_evaluate_summary_calibration_statistics():

@@ -5,7 +5,9 @@ import torch
 
 import ntkal
 from ntkal import ENERGY, EMBEDDING, FORCE, RowBlock
-from ntkal.posterior import robust_cholesky
+from ntkal.acquisition.scorers import ErrorScorer, PVScorer
+from ntkal.posterior import Accumulator, Posterior, robust_cholesky
+from ntkal.runstate import state_from_bytes, state_to_bytes
 from tiny import structures, tiny_mace
 
 F64 = torch.float64
@@ -40,7 +42,8 @@ def test_feature_space_pv_equals_kernel_space_gp_variance(featurizer, kernel):
     train, pool = fz(structures(5, seed=22)), fz(structures(4, seed=23))
     post = ntkal.Posterior.from_rows(train, sigma_e2=0.03, sigma_f2=0.005)
     gp = _kernel_space_variances(post, train, pool)
-    torch.testing.assert_close(post.row_variances(pool), gp, rtol=1e-9, atol=1e-12)
+    row_variances = post.variances(pool)[1] * post.row_scale(pool.kind) ** 2  # v(c g) = c² ‖L⁻¹g‖²
+    torch.testing.assert_close(row_variances, gp, rtol=1e-9, atol=1e-12)
     # the structure score is the noise-normalised, force-averaged sum of those variances
     natoms_row = torch.repeat_interleave(pool.natoms, pool.ptr[1:] - pool.ptr[:-1]).to(F64)
     w = torch.where(pool.kind == FORCE, 1 / (post.sigma_f2 * natoms_row), torch.full_like(natoms_row, 1 / post.sigma_e2))
@@ -75,9 +78,10 @@ def test_chunked_accumulation_equals_one_block(featurizer):
 
 def test_atom_variances_average_to_the_force_part(featurizer):
     fz = featurizer.with_kernel("force")
-    post = ntkal.Posterior.fit(fz, structures(4, seed=26))
+    post = ntkal.fit(fz, structures(4, seed=26))
     pool = fz(structures(3, seed=27))
-    scores, atom_var = post.score_with_atoms(pool)
+    scores, row_out = post.variances(pool)
+    atom_var = post.atom_split(pool, row_out)
     for s, v in enumerate(atom_var):
         assert v.shape == (int(pool.natoms[s]),) and (v > 0).all()
         assert v.mean() == pytest.approx(float(scores[s]), rel=1e-10)
@@ -110,3 +114,75 @@ def test_bad_training_rows_are_errors():
     rb = RowBlock(rows, torch.arange(3), torch.zeros(2, dtype=torch.int8), torch.ones(2, dtype=torch.int64))
     with pytest.raises(ntkal.NtkalError, match="NaN"):
         ntkal.Posterior.from_rows(rb)
+
+
+# --- plain state (checkpoints, a saved posterior) ------------------------------------------------
+
+def _random_rows(g, n, k, kinds=(0, 1)):
+    """n structures of 1..3 atoms: an energy row and 3N exact force rows each (or energy rows only)."""
+    natoms = torch.randint(1, 4, (n,), generator=g)
+    force = 1 in kinds
+    counts = 1 + 3 * natoms if force else torch.ones(n, dtype=torch.int64)
+    ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+    kind = torch.cat([torch.tensor([ENERGY] + [FORCE] * (3 * int(a) if force else 0), dtype=torch.int8)
+                      for a in natoms])
+    atom = torch.cat([torch.tensor([-1] + ([i // 3 for i in range(3 * int(a))] if force else [])) for a in natoms])
+    return RowBlock(torch.randn(int(ptr[-1]), k, generator=g, dtype=F64), ptr, kind, natoms, atom)
+
+
+def _fitted(seed, residuals=True):
+    g = torch.Generator().manual_seed(seed)
+    acc = Accumulator()
+    for _ in range(3):
+        rows = _random_rows(g, 7, 9)
+        acc.add(rows, residuals=torch.randn(rows.rows.shape[0], generator=g, dtype=F64) if residuals else None)
+    post = Posterior.from_accumulator(acc, sigma_e2=0.02, sigma_f2=0.007)
+    post.info.update({"featurizer": {"kernel": "joint", "sketch_dim": 9, "coverage": 0.5, "head": None},
+                      "score_fallback": "why not"})
+    return post, g
+
+
+def _through_bytes(state):
+    return state_from_bytes(state_to_bytes(state))  # safetensors + JSON, as checkpoints store it
+
+
+@pytest.mark.parametrize("residuals", [True, False])
+def test_posterior_state_round_trip_is_exact_and_scores_the_same(residuals):
+    post, g = _fitted(80 + residuals, residuals)
+    back = Posterior.from_state(_through_bytes(post.to_state()))
+    for name in ("L", "Linv"):
+        got, want = getattr(back, name), getattr(post, name)
+        assert got.dtype == F64 and torch.equal(got, want)
+        assert got.stride() == want.stride()  # the layout too: BLAS rounds products by layout
+    for name in ("scales", "sigma_e2", "sigma_f2", "force_reduce", "jitter", "n_train", "info"):
+        assert getattr(back, name) == getattr(post, name), name
+    assert back.summary() == post.summary()
+    if residuals:
+        assert torch.equal(back.residual.mean, post.residual.mean) and back.residual.mean.dtype == F64
+        for name in ("rho", "alpha2", "alpha2_pv", "resid_ms", "calibration"):
+            assert getattr(back.residual, name) == getattr(post.residual, name), name
+    else:
+        assert back.residual is None
+    fresh = _random_rows(g, 11, 9)
+    torch.testing.assert_close(back.score(fresh), post.score(fresh), rtol=1e-12, atol=1e-12)
+    scorers = [PVScorer] + ([ErrorScorer] if residuals else [])
+    for scorer in scorers:  # the same bits, so that a resumed run writes what an uninterrupted one writes
+        a, b = scorer(post)(fresh), scorer(back)(fresh)
+        np.testing.assert_array_equal(b.key, a.key)
+        for name in a.values:
+            np.testing.assert_array_equal(b.values[name], a.values[name])
+
+
+def test_posterior_state_is_plain_and_versioned():
+    post, _ = _fitted(83)
+    state = post.to_state()
+
+    def plain(x):
+        if isinstance(x, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in x.items())
+        if isinstance(x, list):
+            return all(plain(v) for v in x)
+        return x is None or isinstance(x, (str, bool, int, float, torch.Tensor, np.ndarray))
+    assert plain(state) and state["format"] == "ntkal.Posterior/1"
+    with pytest.raises(ValueError, match="format"):
+        Posterior.from_state({**state, "format": "something else"})

@@ -1,4 +1,4 @@
-"""Target-aware acquisition (ntkal.target), float64: the feature-space variance reduction equals the
+"""Target-aware acquisition (ntkal.acquisition.target), float64: the feature-space variance reduction equals the
 kernel-space GP computation and the brute-force drop of the total target variance; greedy conditioning
 is exact; a candidate unrelated to the target gains nothing however novel it is; streaming is exact."""
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 
 import ntkal
 from ntkal import ENERGY, EMBEDDING, FORCE, RowBlock
-from ntkal.target import TargetScorer, _Prepared, greedy_select, target_matrix
+from ntkal.acquisition.target import TargetScorer, _Prepared, greedy_select, target_matrix
 from tiny import structures, tiny_mace
 
 F64 = torch.float64

@@ -1,4 +1,5 @@
-"""The pool scan's streaming state: named candidate records in a running top-M and a seeded reservoir."""
+"""The pool scan's streaming state: named candidate records in a running top-M and a seeded reservoir, with
+their plain checkpoint state (docs/design.md, "Pipeline")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,6 +7,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
+
+from .atoms_state import optional_atoms_from_state, optional_atoms_to_state
 
 
 @dataclass
@@ -18,6 +21,36 @@ class Candidate:
     atoms: Any = None                # the ase.Atoms (None for row-level selection)
     values: Dict[str, float] = field(default_factory=dict)        # written as info["ntkal_<name>"]
     atom_values: Dict[str, Optional[np.ndarray]] = field(default_factory=dict)  # arrays["ntkal_<name>"]
+
+    def to_state(self) -> dict:
+        """Plain data (the checkpoint contract of ntkal.runstate); values as [name, value] pairs, in the
+        order they are written."""
+        return {"index": int(self.index), "key": float(self.key), "psi": self.psi,
+                "atoms": optional_atoms_to_state(self.atoms),
+                "values": [[n, float(v)] for n, v in self.values.items()],
+                "atom_values": [[n, None if v is None else np.asarray(v)] for n, v in self.atom_values.items()]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Candidate":
+        psi = state["psi"]
+        return cls(int(state["index"]), float(state["key"]), None if psi is None else psi.to(torch.float64),
+                   optional_atoms_from_state(state["atoms"]), {n: float(v) for n, v in state["values"]},
+                   {n: v for n, v in state["atom_values"]})
+
+
+def annotate(c: Candidate, rank: Optional[int] = None):
+    """A copy of the candidate's structure with ntkal's keys (never energy/forces keys)."""
+    out = c.atoms.copy()
+    out.calc = None
+    for name, v in c.values.items():
+        out.info[f"ntkal_{name}"] = float(v)
+    out.info["ntkal_pool_index"] = int(c.index)
+    if rank is not None:
+        out.info["ntkal_rank"] = int(rank)
+    for name, v in c.atom_values.items():
+        if v is not None:
+            out.arrays[f"ntkal_{name}"] = np.asarray(v, dtype=np.float64)
+    return out
 
 
 class TopM:
@@ -69,6 +102,18 @@ class TopM:
     def __len__(self):
         return len(self.keys)
 
+    def to_state(self, payload: Callable[[Any], Any] = lambda p: p) -> dict:
+        """Plain data; payload(item) makes each payload plain."""
+        return {"m": self.m, "keys": self.keys, "index": self.index, "payload": [payload(p) for p in self.payload]}
+
+    @classmethod
+    def from_state(cls, state: dict, payload: Callable[[Any], Any] = lambda p: p) -> "TopM":
+        out = cls(state["m"])
+        out.keys = np.asarray(state["keys"], dtype=np.float64)
+        out.index = np.asarray(state["index"], dtype=np.int64)
+        out.payload = [payload(p) for p in state["payload"]]
+        return out
+
 
 def random_keys(seed: int, start: int, n: int) -> np.ndarray:
     """Uniform draws for stream positions start..start+n-1: counter-based (Philox), so the reservoir is the
@@ -109,4 +154,26 @@ class Shortlist:
         out = Shortlist(self.top.m, self.rnd.m, self.seed)
         out.top = self.top.merge([o.top for o in others])
         out.rnd = self.rnd.merge([o.rnd for o in others])
+        return out
+
+    def to_state(self) -> dict:
+        """Plain data for a checkpoint: each Candidate once (both lists may hold the same record), the lists
+        as positions into them."""
+        records: Dict[int, int] = {}
+        cands: List[dict] = []
+
+        def ref(c: Candidate) -> int:
+            if id(c) not in records:
+                records[id(c)] = len(cands)
+                cands.append(c.to_state())
+            return records[id(c)]
+        top, rnd = self.top.to_state(ref), self.rnd.to_state(ref)
+        return {"seed": self.seed, "candidates": cands, "top": top, "rnd": rnd}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Shortlist":
+        cands = [Candidate.from_state(c) for c in state["candidates"]]
+        out = cls(0, 0, state["seed"])
+        out.top = TopM.from_state(state["top"], cands.__getitem__)
+        out.rnd = TopM.from_state(state["rnd"], cands.__getitem__)
         return out

@@ -8,7 +8,7 @@
   tensor sketch ψ_F(s) = Σ_i (g_i A) ⊙ (g_i B) / (√d N_s) (ntk_kernels.tensor_sketch, A, B Gaussian)
   has E⟨ψ_F(s), ψ_F(t)⟩ = ⟨M_s, M_t⟩_F;
 - energy + force rows (joint): both parts side by side; the posterior scales each part so that its
-  mean squared norm over the labelled set is 1 (Posterior.psi_scale).
+  mean squared norm over the labelled set is 1 (centres.py).
 Rows may be posterior-transformed first (L⁻¹g, LCMD's P mode).
 """
 from __future__ import annotations

@@ -1,17 +1,16 @@
 """The one acquisition pipeline every entry point uses (docs/design.md, "Pipeline").
 
-featurise (or take precomputed RowBlocks) -> fit the posterior on the labelled rows -> score the pool
-chunk by chunk with a scorer -> running shortlist of Candidate records -> a selector picks B.
-`ntkal.select`, `ntkal.score`, `ntkal.select_rows`, the CLI, torchrun sharding, checkpoints and
-`ntkal experiment` all run through `Pipeline`. Options are validated before it is built.
+fit: featurise the labelled (and pretraining) structures, or take precomputed RowBlocks, into an Accumulator
+and the LCMD centres -> Posterior; scan: score the pool chunk by chunk with a scorer into a running shortlist
+of Candidate records; select: a selector picks B. `ntkal.select`, `ntkal.score`, `ntkal.select_rows`, the
+CLI, torchrun sharding and checkpoints all run through `Pipeline`. Options are validated before it is built.
 """
 from __future__ import annotations
 
-import os
+import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -22,45 +21,14 @@ from ..options import Options
 from ..posterior import Accumulator, Posterior
 from ..runstate import Checkpoint, Dist
 from . import scorers
-from .candidates import Candidate, Shortlist
-from .distances import lcmd_vectors
-from .residuals import residual_rows
+from .candidates import Candidate, Shortlist, annotate  # noqa: F401  (annotate: the picks' writer, re-exported)
+from .centres import Centres
+from .residuals import labels, residual_rows
 from .selectors import SELECTORS, SelectContext
+from .streams import Stream, chunks
+from .target import TargetScorer, greedy_select, target_matrix
 
-
-@dataclass
-class Stream:
-    """Structures (a path, a list, an iterator) or precomputed RowBlock chunks, with their count if known."""
-
-    items: Iterable
-    total: Optional[int] = None
-    path: Optional[Path] = None
-    rows: bool = False  # items are RowBlock chunks
-
-    @classmethod
-    def of(cls, obj, what: str) -> "Stream":
-        from ase import Atoms
-        if isinstance(obj, Stream):
-            return obj
-        if isinstance(obj, RowBlock):
-            return cls([obj], len(obj), None, True)
-        if isinstance(obj, (str, os.PathLike)):
-            from ..io import count_structures, read_structures
-            path = Path(obj)
-            return cls(read_structures(path), count_structures(path), path)
-        if isinstance(obj, Atoms):
-            return cls([obj], 1)
-        if isinstance(obj, (list, tuple)):
-            return cls(list(obj), None if obj and isinstance(obj[0], RowBlock) else len(obj),
-                       rows=bool(obj) and isinstance(obj[0], RowBlock))
-        if hasattr(obj, "__iter__"):
-            it = iter(obj)
-            first = next(it, None)
-            if first is None:
-                return cls([], 0)
-            import itertools
-            return cls(itertools.chain([first], it), None, rows=isinstance(first, RowBlock))
-        raise TypeError(f"{what} must be a path, ase.Atoms, a list or iterator of them, or RowBlocks")
+log = logging.getLogger("ntkal")
 
 
 @dataclass
@@ -80,6 +48,7 @@ class SelectionResult:
     picks: List[Candidate] = field(default_factory=list)
     atoms: Optional[list] = None
     info: dict = field(default_factory=dict)
+    centres: Optional[Centres] = None
 
     @property
     def atom_variances(self):
@@ -94,21 +63,6 @@ def featurizer_for(model, opts: Options):
                           memory_gb=opts.memory_gb)
 
 
-def annotate(c: Candidate, rank: Optional[int] = None):
-    """A copy of the candidate's structure with ntkal's keys (never energy/forces keys)."""
-    out = c.atoms.copy()
-    out.calc = None
-    for name, v in c.values.items():
-        out.info[f"ntkal_{name}"] = float(v)
-    out.info["ntkal_pool_index"] = int(c.index)
-    if rank is not None:
-        out.info["ntkal_rank"] = int(rank)
-    for name, v in c.atom_values.items():
-        if v is not None:
-            out.arrays[f"ntkal_{name}"] = np.asarray(v, dtype=np.float64)
-    return out
-
-
 class Pipeline:
     """One run: options, the featurizer (None for precomputed rows), progress, checkpoint, ranks."""
 
@@ -119,6 +73,7 @@ class Pipeline:
         self.exact_rows = exact_rows  # row-level runs: pool indices -> exact RowBlock (greedy, atom variances)
         self.timings: Dict[str, float] = {}
         self.score = opts.score  # resolved by fit() when opts.score is None
+        self.centres: Optional[Centres] = None  # LCMD's training centres, made by fit()
 
     # --- featurising ------------------------------------------------------------------------------
     def _exact(self, probes=None):
@@ -126,26 +81,10 @@ class Pipeline:
         fz = self.fz
         return fz if fz.force_probes == probes else fz.with_kernel(fz.kernel, probes)
 
-    def chunks(self, src: Stream, what: str) -> Iterator:
-        """(chunk number, first structure index, chunk) over the stream; structures are checked on every
-        rank (so counts and errors agree), RowBlock items are chunks as given."""
-        if src.rows:
-            start = 0
-            for c, block in enumerate(src.items):
-                yield c, start, block
-                start += len(block)
-            return
-        from ..io import check_structure, iter_chunks
+    def _chunks(self, src: Stream):
+        """streams.chunks with this run's chunk size, structures checked against the model's elements."""
         known = set(self.fz.atomic_numbers) if self.fz is not None else None
-
-        def checked():
-            for i, atoms in enumerate(src.items):
-                check_structure(atoms, i, src.path, known)
-                yield atoms
-        start = 0
-        for c, chunk in enumerate(iter_chunks(checked(), self.opts.chunk())):
-            yield c, start, chunk
-            start += len(chunk)
+        return chunks(src, self.opts.chunk(), known)
 
     def _bar(self, total, desc):
         from tqdm.auto import tqdm
@@ -153,24 +92,25 @@ class Pipeline:
                     disable=not (self.progress and self.dist.rank == 0))
 
     # --- posterior --------------------------------------------------------------------------------
-    def psi(self, rows: RowBlock, post: Posterior):
-        """Scaled LCMD vectors of a chunk (distances.py); P mode transforms the rows by L⁻¹ first."""
-        return lcmd_vectors(rows, self.opts.seed, post.Linv if self.opts.mode == "p" else None)[0] * post.psi_scale
-
     def fit(self, train, pretrain=None, residuals=None) -> Posterior:
         """Fit the posterior on the labelled structures (exact force rows, or --train-force-probes; sharded over
         ranks) and a pretraining sample (pool featurisation, labels optional). With --score error, the labelled
         residuals (label − model prediction) fit the residual model too: computed with the model's
-        predictions, or given per chunk for precomputed rows (residuals = {"train": [...], "pretrain": [...]})."""
+        predictions, or given per chunk for precomputed rows (residuals = {"train": [...], "pretrain": [...]}).
+        The labelled chunks' LCMD vectors make self.centres."""
         if self.ckpt is not None:
             saved = self.ckpt.load("posterior", shared=True)
             if saved is not None:
                 self.score = saved["score"]
-                return saved["posterior"]
+                self.centres = Centres.from_state(saved["centres"])
+                post = Posterior.from_state(saved["posterior"])
+                self._say_fallback(post)
+                return post
         t = time.perf_counter()
-        acc = Accumulator(self.opts.force_reduce, self.opts.seed)
+        acc = Accumulator(self.opts.force_reduce)
+        centre_parts = []  # Centres.chunk of the labelled chunks this rank featurises
         need = self.opts.score != "pv"
-        n_labelled, unlabelled = 0, 0
+        n_labelled, unlabelled = 0, 0  # labelled structures; those of them without labels
         for what, stream in (("train", train), ("pretrain", pretrain)):
             if stream is None:
                 continue
@@ -180,7 +120,7 @@ class Pipeline:
             given = (residuals or {}).get(what)
             given = None if given is None else iter(given)
             bar = self._bar(src.total, f"{what} features")
-            for c, start, chunk in self.chunks(src, what):
+            for c, start, chunk in self._chunks(src):
                 res = next(given) if given is not None else None
                 if self.dist.owns(c):
                     rows = chunk if fz is None else fz(chunk)
@@ -189,42 +129,58 @@ class Pipeline:
                         res = residual_rows(rows, chunk, e, f, lambda a, fz=fz: fz.probe_vectors(a, fz.force_probes),
                                             required=labelled and self.opts.score == "error", path=src.path,
                                             start=start)
-                        unlabelled += labelled and bool(torch.isnan(res).any())
+                        unlabelled += sum(labels(a) is None for a in chunk) if labelled else 0
                     acc.add(rows, start, res, labelled)
+                    if labelled and len(rows):
+                        centre_parts.append(Centres.chunk(rows, start, self.opts.seed))
                 n_labelled += len(chunk) if labelled else 0
                 bar.update(len(chunk))
             bar.close()
             if labelled and n_labelled == 0:
                 raise InputError("the training set is empty", path=src.path)
         if self.dist.world > 1:
-            shards = self.dist.gather(acc)
-            acc = shards[0].merge(shards[1:])
-            unlabelled = sum(self.dist.gather(unlabelled))
+            shards = self.dist.gather((acc, centre_parts, unlabelled))
+            acc = shards[0][0].merge([a for a, _, _ in shards[1:]])
+            centre_parts = [part for _, parts, _ in shards for part in parts]
+            unlabelled = sum(u for _, _, u in shards)
+        fallback = None
         if self.opts.score is None:  # auto: the error-aware score when every training structure is labelled
             self.score = "error" if need and acc.res and not unlabelled else "pv"
             if self.score == "pv":
-                acc.res, acc.b, acc.kept = {}, {}, []
+                fallback = (f"{unlabelled} of {n_labelled} labelled structures have no REF_energy/REF_forces labels"
+                            if unlabelled else "no residuals of the labelled rows were given")
+                fallback += ": the score is posterior variance (pv), not the model's expected error"
+                acc.drop_residuals()
         elif need and not acc.res:
             raise InputError("--score error needs residuals of the labelled structures (labels, or train_residuals)")
         post = Posterior.from_accumulator(acc, self.opts.sigma_e2, self.opts.sigma_f2)
+        self.centres = Centres.from_chunks(centre_parts, self.opts.seed)
         if self.fz is not None:
             post.info["featurizer"] = self.fz.settings()
+        if fallback is not None:
+            post.info["score_fallback"] = fallback
+        self._say_fallback(post)
         if self.ckpt is not None and self.dist.rank == 0:
-            self.ckpt.save("posterior", {"posterior": post, "score": self.score}, shared=True)
+            self.ckpt.save("posterior", {"posterior": post.to_state(), "centres": self.centres.to_state(),
+                                         "score": self.score}, shared=True)
         self.timings["train_features_and_posterior"] = time.perf_counter() - t
         return post
+
+    def _say_fallback(self, post: Posterior):
+        """The default score fell back to posterior variance: say so (docs/design.md, "Options")."""
+        if "score_fallback" in post.info and self.dist.rank == 0:
+            log.warning("%s", post.info["score_fallback"])
 
     # --- scoring ----------------------------------------------------------------------------------
     def scorer(self, post: Posterior, target=None):
         """The scorer of --score, or the target scorer with --target."""
         if target is None:
             return scorers.ErrorScorer(post) if self.score == "error" else scorers.PVScorer(post)
-        from ..target import TargetScorer, target_matrix
         t = time.perf_counter()
         src = Stream.of(target, "target")
         featurise = None if src.rows else self._exact()
-        blocks = (chunk if featurise is None else featurise(chunk) for _, _, chunk in self.chunks(src, "target"))
-        out = scorers.TargetScorer(post, TargetScorer(post, target_matrix(post, blocks)))
+        blocks = (chunk if featurise is None else featurise(chunk) for _, _, chunk in self._chunks(src))
+        out = TargetScorer(post, target_matrix(post, blocks))
         self.timings["target_features"] = time.perf_counter() - t
         return out
 
@@ -235,7 +191,7 @@ class Pipeline:
         self.n_pool = 0
         bar = self._bar(src.total, "pool")
         try:
-            for c, start, chunk in self.chunks(src, "pool"):
+            for c, start, chunk in self._chunks(src):
                 self.n_pool = start + len(chunk)
                 bar.update(len(chunk))
                 if c <= done or c in skip or not self.dist.owns(c):
@@ -247,17 +203,23 @@ class Pipeline:
         if self.n_pool == 0:
             raise InputError("the pool is empty", path=src.path)
 
-    def scan(self, pool, post: Posterior, scorer, m: int, n_random: int = 0, on_chunk=None, skip=frozenset()):
-        """Stream the pool into the shortlist (top-m by key) and a seeded reservoir of n_random; merged over ranks."""
+    def scan(self, pool, post: Posterior, scorer, m: int, n_random: int = 0, on_chunk=None, skip=frozenset(),
+             centres: Optional[Centres] = None):
+        """Stream the pool into the shortlist (top-m by key) and a seeded reservoir of n_random; merged over ranks.
+        Candidates carry their LCMD vectors in the map of `centres` (default: those fit() made)."""
+        centres = self.centres if centres is None else centres
+        if centres is None:
+            raise ValueError("scan needs the LCMD centres: run fit() first or pass centres")
+        linv = post.Linv if self.opts.mode == "p" else None  # P mode: vectors of L⁻¹g
         t = time.perf_counter()
         state, done = Shortlist(m, n_random, self.opts.seed), -1
         if self.ckpt is not None:
             saved = self.ckpt.load("scan")
             if saved is not None:
-                state, done = saved["state"], saved["done"]
+                state, done = Shortlist.from_state(saved["state"]), saved["done"]
         for c, start, atoms, rows, scored in self.scored_chunks(pool, scorer, skip, done):
             def build(pos):  # LCMD vectors only for the rows entering a list (psi is per structure)
-                psi = self.psi(rows.select(pos), post)
+                psi = centres.vectors(rows.select(pos), linv)
                 return [Candidate(start + j, float(scored.key[j]), psi[i].clone(), None if atoms is None else atoms[j],
                                   {n: float(v[j]) for n, v in scored.values.items()},
                                   {n: v[j] for n, v in scored.atom_values.items()}) for i, j in enumerate(pos.tolist())]
@@ -266,7 +228,7 @@ class Pipeline:
                 on_chunk(c, start, atoms, scored)
             done = c
             if self.ckpt is not None and self.ckpt.due():
-                self.ckpt.save("scan", {"state": state, "done": done})
+                self.ckpt.save("scan", {"state": state.to_state(), "done": done})
         if self.dist.world > 1:
             shards = self.dist.gather(state)
             state = shards[0].merge(shards[1:])
@@ -293,7 +255,7 @@ class Pipeline:
             raise InputError(f"budget {opts.budget} is larger than the pool ({n_pool} structures)", path=src.path)
         t = time.perf_counter()
         cands = (state.top if selector.uses == "shortlist" else state.rnd).payload
-        ctx = SelectContext(post, opts.mode, opts.seed, greedy=self._greedy(post, scorer))
+        ctx = SelectContext(self.centres, opts.mode, opts.seed, greedy=self._greedy(post, scorer))
         pos, status = selector.pick(cands, opts.budget, ctx)
         picks = [cands[i] for i in pos]
         self.timings["select"] = time.perf_counter() - t
@@ -304,8 +266,10 @@ class Pipeline:
                 "pool_path": None if src.path is None else str(src.path)}
         if self.fz is not None:
             info["featurizer"] = self.fz.settings()
-        if isinstance(scorer, scorers.TargetScorer):
-            before = scorer.target.target_variance()
+        if "score_fallback" in post.info:
+            info["score_fallback"] = post.info["score_fallback"]
+        if isinstance(scorer, TargetScorer):
+            before = scorer.target_variance()
             reds = [c.values["target_reduction"] for c in picks]
             info["target"] = {"variance_before": before, "variance_after": before - float(np.sum(reds))}
         return SelectionResult(
@@ -313,7 +277,7 @@ class Pipeline:
             scores=np.asarray([c.values.get("score", c.key) for c in picks], dtype=np.float64),
             shortlist=state.top.index.copy(), shortlist_scores=state.top.keys.copy(), timings=dict(self.timings),
             status=status, n_pool=n_pool, method=opts.method, mode=opts.mode, posterior=post, picks=picks,
-            atoms=atoms, info=info)
+            atoms=atoms, info=info, centres=self.centres)
 
     def _rows_of(self, cands: List[Candidate]) -> Optional[RowBlock]:
         """Exact feature rows of candidates: re-featurised structures, or the caller's exact_rows; rows made
@@ -335,10 +299,9 @@ class Pipeline:
     def _greedy(self, post, scorer):
         """Target-aware sequential picks on the shortlist's exact rows; each pick's reduction at pick time."""
         def pick(cands, budget):
-            if not isinstance(scorer, scorers.TargetScorer):
+            if not isinstance(scorer, TargetScorer):
                 raise InputError("--method greedy needs --target (structures where the model will be used)")
-            from ..target import greedy_select
-            pos, reds = greedy_select(post, scorer.target.C_T, self._rows_of(cands), budget)
+            pos, reds = greedy_select(post, scorer.C_T, self._rows_of(cands), budget)
             for j, r in zip(pos, reds):
                 cands[j].values["target_reduction"] = float(r)
             return pos, None
@@ -352,7 +315,7 @@ class Pipeline:
             return
         t = time.perf_counter()
         rows = self._rows_of(picks)
-        scored = (scorers.PVScorer(scorer.post) if isinstance(scorer, scorers.TargetScorer) else scorer)(rows)
+        scored = (scorers.PVScorer(scorer.post) if isinstance(scorer, TargetScorer) else scorer)(rows)
         for j, c in enumerate(picks):
             c.atom_values.update({n: v[j] for n, v in scored.atom_values.items()})
         self.timings["exact_atom_values_of_picks"] = time.perf_counter() - t

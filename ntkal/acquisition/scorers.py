@@ -1,5 +1,6 @@
 """Scorers: what ranks the pool. Each turns a chunk's feature rows into a key per structure (the
-shortlist's order) plus the per-structure and per-atom values written beside every pick."""
+shortlist's order) plus the per-structure and per-atom values written beside every pick. The target
+scorer (expected target-variance reduction) is in target.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -27,26 +28,12 @@ class PVScorer:
         self.post = post
 
     def __call__(self, rows: RowBlock) -> Scored:
-        scores, atom_var = self.post.score_with_atoms(rows)
-        s = scores.numpy()
+        if len(rows) == 0:
+            s, atom_var = np.zeros(0), []
+        else:
+            scores, row_out = self.post.variances(rows)
+            s, atom_var = scores.numpy(), self.post.atom_split(rows, row_out)
         return Scored(s, {"score": s}, {"atom_variance": atom_var})
-
-
-class TargetScorer(PVScorer):
-    """Expected drop of the total predictive variance over a target sample if a structure were labelled
-    (ntkal/target.py); PV is written beside it."""
-
-    name = "target"
-
-    def __init__(self, post, target_scorer):
-        super().__init__(post)
-        self.target = target_scorer
-
-    def __call__(self, rows: RowBlock) -> Scored:
-        out = super().__call__(rows)
-        out.key = self.target.reduction(rows).numpy()
-        out.values["target_reduction"] = out.key
-        return out
 
 
 class CommitteeScorer:
@@ -76,27 +63,28 @@ class ErrorScorer:
     name = "error"
 
     def __init__(self, post, variance: bool = True):
-        if post.mean is None:
+        if post.residual is None:
             from ..errors import NtkalError
             raise NtkalError("the error-aware score needs labelled training structures (REF_energy, REF_forces)")
         self.post, self.variance = post, variance  # variance=False ranks by the posterior mean alone
 
     def __call__(self, rows: RowBlock) -> Scored:
         post, F64 = self.post, torch.float64
-        mu, epi, floor, (pv, row_out) = post.predictive(rows)
-        spread = mu.square() + epi * self.variance  # per row, without the noise floor
-        floor = floor * self.variance
+        pred = post.predictive(rows)
+        pv, row_out, resid_ms = pred.score, pred.row_pv, post.residual.resid_ms
+        spread = pred.mu.square() + pred.epistemic * self.variance  # per row, without the noise floor
+        floor = pred.noise * self.variance
         n, seg, is_f = len(rows), rows.seg.cpu(), rows.kind == FORCE
         key, values = torch.zeros(n, dtype=F64), {"pv": pv.numpy()}
         atom_values = {"atom_variance": post.atom_split(rows, row_out)}
         if bool((~is_f).any()):  # the energy (or embedding) row
             e2 = torch.zeros(n, dtype=F64).index_add_(0, seg[~is_f], (spread + floor)[~is_f])
-            key += e2 / max(post.resid_ms.get(KIND_NAMES[int(rows.kind[~is_f][0])], 1.0), 1e-300)
+            key += e2 / max(resid_ms.get(KIND_NAMES[int(rows.kind[~is_f][0])], 1.0), 1e-300)
             values["energy_error"] = 1e3 * e2.sqrt().numpy()  # meV/atom
         if bool(is_f.any()):  # mean over the 3N components (probe rows estimate the same sum), one floor
             f_floor = float(floor[is_f][0])
             e2 = torch.zeros(n, dtype=F64).index_add_(0, seg[is_f], spread[is_f]) / (3 * rows.natoms.to(F64)) + f_floor
-            key += e2 / max(post.resid_ms.get("force", 1.0), 1e-300)
+            key += e2 / max(resid_ms.get("force", 1.0), 1e-300)
             values["force_error"] = 1e3 * e2.sqrt().numpy()  # meV/Å
             atom_values["atom_force_error"] = [None if a is None else 1e3 * np.sqrt(a + f_floor)
                                                for a in post.atom_split(rows, spread, weight=1 / 3)]

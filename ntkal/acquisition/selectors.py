@@ -16,6 +16,7 @@ import ntk_kernels
 
 from ..options import MODES
 from .candidates import Candidate
+from .centres import Centres
 
 # LCMD distances in float32 (as bmdal_reg): its cost is the n_train x M x k TP-init GEMM; the posterior stays float64
 LCMD_DTYPE = torch.float32
@@ -25,7 +26,7 @@ LCMD_DTYPE = torch.float32
 class SelectContext:
     """What a selector may use besides the candidates."""
 
-    posterior: object = None            # ntkal.Posterior (P mode transform, TP centres)
+    centres: Optional[Centres] = None   # the labelled structures' ψ (TP mode's initial centres)
     mode: str = "tp"
     seed: int = 0
     greedy: Optional[Callable[[List[Candidate], int], tuple]] = None  # target-aware picks (pipeline builds it)
@@ -98,11 +99,10 @@ def _init_from_centres(psi, centres, dmin2, owner, chunk: int = 1024) -> int:
 
 
 def _lcmd(cands: List[Candidate], budget: int, ctx: SelectContext):
-    psi = torch.stack([c.psi for c in cands])  # P mode: already posterior-transformed (pipeline.psi)
-    post = ctx.posterior
+    psi = torch.stack([c.psi for c in cands])  # P mode: already posterior-transformed (Centres.vectors)
     if ctx.mode == "p":
         return lcmd(psi.to(LCMD_DTYPE), None, budget, mode="p", seed=ctx.seed, return_status=True)
-    train = post.train_psi if post.train_psi is not None else torch.zeros(0, psi.shape[1])
+    train = ctx.centres.psi if ctx.centres is not None else torch.zeros(0, psi.shape[1])
     return lcmd(psi.to(LCMD_DTYPE), train.to(LCMD_DTYPE), budget, mode="tp", seed=ctx.seed, return_status=True)
 
 

@@ -31,9 +31,10 @@ import torch
 
 import ntk_kernels
 
-from .errors import NtkalError
-from .features.rowblock import RowBlock
-from .posterior import Posterior, cholesky_inverse
+from ..errors import NtkalError
+from ..features.rowblock import RowBlock
+from ..posterior import Posterior, cholesky_inverse
+from .scorers import PVScorer, Scored
 
 __all__ = ["target_matrix", "TargetScorer", "greedy_select"]
 
@@ -130,8 +131,9 @@ class _Prepared:
             self.buckets.append((ids, P))
 
 
-class TargetScorer:
-    """Expected reduction of the total target variance per candidate, with greedy conditioning.
+class TargetScorer(PVScorer):
+    """Expected reduction of the total target variance per candidate (the scan's key, with PV written beside
+    it), with greedy conditioning.
 
     Built from a Posterior and C_T (``target_matrix``). Uses only post.Linv (Lam^-1 = Linv^T Linv),
     post.scales and the noise levels, so it works for any way the posterior was built. ``condition``
@@ -139,8 +141,10 @@ class TargetScorer:
     itself is never modified.
     """
 
+    name = "target"
+
     def __init__(self, post: Posterior, C_T: torch.Tensor):
-        self.post = post
+        super().__init__(post)
         self.k = post.k
         self.C_T = C_T
         self.B = _target_factor(C_T, self.k)  # [rank, k], B^T B = C_T
@@ -169,6 +173,13 @@ class TargetScorer:
         return float((self.B @ self.Linv.T).square().sum())
 
     # --- scoring --------------------------------------------------------------------------------
+    def __call__(self, rows: RowBlock) -> Scored:
+        """The pool scan's Scored: key = target_reduction, PV (and per-atom variances) beside it."""
+        out = super().__call__(rows)
+        out.key = self.reduction(rows).numpy()
+        out.values["target_reduction"] = out.key
+        return out
+
     def reduction(self, rows: RowBlock) -> torch.Tensor:
         """Expected drop of the total target variance if each structure of `rows` were labelled: float64 [n]."""
         return self._reduce(_Prepared(self.post, rows)).cpu()
