@@ -21,6 +21,9 @@ from .records import Records, load_runs
 from .stats import mean_sd, paired_difference
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def _reach_text(rec: Records, method: str, key: str) -> str:
     got, ratio, seeds = rec.reach(method, key)
     if seeds is None:
@@ -297,6 +300,8 @@ def _random_last_step(rec: Records) -> str:
 # ---------------------------------------------------------------------- verdicts
 def _verdicts(claims: Sequence[Claim], recs: Dict[tuple, Records], source: str) -> List[str]:
     """One numbered item per claim of the config, judged by claims.judge on the records."""
+    if source and Path(source).resolve().is_relative_to(REPO):   # the shipped config: its path in the repository
+        source = str(Path(source).resolve().relative_to(REPO))
     lines = ["## Verdicts", "",
              f"The claims declared in the study's config ({source or 'its claims: list'}), judged by study/claims.py "
              "from the records: *held* = the 95 % interval over seeds is on the claimed side of 0 (or of the stated "
