@@ -83,6 +83,23 @@ def test_fast_path_covers_every_parameter(model):
     assert counts.get("DenseRule", 0) > 0 and "PerStructure" not in counts
 
 
+def test_rules_take_only_the_layouts_they_expect(model, atoms, monkeypatch):
+    """A rule takes a parameter only as the sketch laid it out (rules.Rule.layouts): symmetric-contraction
+    weights laid out dense go to the per-structure perturbation, not the element-group rule, and the rows
+    stay right."""
+    from ntkal.features import sketch
+    module_blocks = sketch._module_blocks
+
+    def dense_contractions(module, local, prefix, p):
+        return [sketch.Block(b.param, 0, (p.numel(),), sketch.DENSE) if b.layer == sketch.CONTRACTION else b
+                for b in module_blocks(module, local, prefix, p)]
+    monkeypatch.setattr(sketch, "_module_blocks", dense_contractions)
+    fast, ref = pair(model, "joint", 2, route=ALL_RULES)
+    counts = fast._taps.rule_counts()
+    assert "GroupedContraction" not in counts and counts["PerStructure"] > 0 and counts["ElementTPRule"] > 0
+    assert rel(fast(atoms[:3]).rows, ref(atoms[:3]).rows) <= 1e-9
+
+
 def test_double_backward_loop_equals_vmapped(model, atoms, monkeypatch):
     """The force double backward as a loop (the CPU default) and vmapped (the CUDA default)."""
     seen = []

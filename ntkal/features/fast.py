@@ -68,10 +68,11 @@ class FastTaps:
         self.layers = {}
         for j, name in enumerate(sketch.names):
             mod, local, prefix = _owner(model, name)
+            layouts = {sketch.blocks[i].layer for i in blocks_of[name]}
             layer = self.layers.get(prefix)
             if layer is None:
-                layer = self.layers[prefix] = self._rule_for(mod, local, prefix, name)
-            elif not layer.claims(mod, local):
+                layer = self.layers[prefix] = self._rule_for(mod, local, layouts, prefix, name)
+            elif not layer.takes(mod, local, layouts):
                 raise UnsupportedModel(f"no fast-path rule for parameter {name} ({type(mod).__name__})")
             layer.add(local, j, blocks_of[name])
         handles = []
@@ -79,10 +80,10 @@ class FastTaps:
             handles.extend(layer.install())
         self._finalizer = weakref.finalize(self, _remove, handles)
 
-    def _rule_for(self, mod, local, prefix, name):
+    def _rule_for(self, mod, local, layouts, prefix, name):
         big = sum(p.numel() for p in mod.parameters()) >= self.route.big_layer_numel
         for rule in RULES:
-            if (big or not rule.big_only) and rule.claims(mod, local):
+            if (big or not rule.big_only) and rule.takes(mod, local, layouts):
                 try:
                     return rule(self, mod, prefix)
                 except UnsupportedModel:

@@ -15,11 +15,13 @@ group, so no per-structure dense gradient of their ~90 % of a foundation model's
 DenseRule gives radial-MLP layers a zero per-structure weight Δ_s instead of taps, so a projection's
 double backward returns [structures, d_in, d_out] rather than per-edge adjoints. These three (big_only)
 serve layers of at least BIG_LAYER_NUMEL weights (fast.FastRoute); smaller ones keep taps (DenseTapRule)
-and the per-structure perturbation, which are cheaper to call. BesselRule handles the radial basis weights that fine-tuning
-with mace_run_train makes trainable.
+and the per-structure perturbation, which are cheaper to call. BesselRule handles the radial basis
+weights that fine-tuning with mace_run_train makes trainable.
 
-RULES maps a layer type to its rule (first match wins); PerStructure (a zero per-structure weight
-perturbation, exact for any layer that is linear in its weights) is the fallback for other tensor
+RULES maps a layer type to its rule (first match wins). A rule takes a parameter when the sketch laid it
+out as the rule's sketching expects (Rule.layouts: sketch._module_blocks is the one classification of
+layer types) and the layer's mechanics fit the rule (Rule.claims). PerStructure (a zero per-structure
+weight perturbation, exact for any layer that is linear in its weights) is the fallback for other tensor
 products and small layers.
 """
 from __future__ import annotations
@@ -33,6 +35,8 @@ from typing import Dict, List, Optional
 import torch
 
 import ntk_kernels
+
+from .sketch import CONTRACTION, E3NN_LINEAR, MLP_LAYER, TENSOR_PRODUCT
 
 
 # Layers whose weights have fewer elements than this keep the cheaper-to-call routes (taps for radial-MLP
@@ -183,6 +187,17 @@ class Rule:
     """One layer of the model under the fast path: first-backward inputs, double-backward inputs, sketches."""
 
     big_only = False  # True: only for layers of at least FastRoute.big_layer_numel weights (fast.FastTaps)
+    layouts: Optional[tuple] = None  # the sketch layouts (sketch.Block.layer) its sketching relies on; None: any
+
+    @staticmethod
+    def claims(module, local) -> bool:
+        """Whether the rule's mechanics fit parameter `local` of `module`, already of a layout in `layouts`."""
+        raise NotImplementedError
+
+    @classmethod
+    def takes(cls, module, local, layouts) -> bool:
+        """Whether the rule handles parameter `local` of `module`, whose sketch blocks have layouts `layouts`."""
+        return (cls.layouts is None or set(layouts) <= set(cls.layouts)) and cls.claims(module, local)
 
     def __init__(self, taps, module, prefix: str):
         self._taps = weakref.ref(taps)  # hooks must not keep the taps alive (fast.FastTaps finalizer)
@@ -332,11 +347,11 @@ def _irrep_rows(t, sl, mul, d):
 class LinearRule(TapRule):
     """e3nn o3.Linear: instruction (i_in -> i_out, α) maps x[z, u, m] to y[z, w, m]; rows (atom z, m)."""
 
+    layouts = (E3NN_LINEAR,)  # one block per instruction
+
     @staticmethod
     def claims(module, local) -> bool:
-        from e3nn import o3
-        return (isinstance(module, o3.Linear) and local == "weight"
-                and all(ins.i_in >= 0 for ins in module.instructions))
+        return all(ins.i_in >= 0 for ins in module.instructions)
 
     def install(self):
         def hook(module, inputs, output):
@@ -364,11 +379,11 @@ class DenseTapRule(TapRule):
     activation module (or the layer's output when it has none). Per projection it holds the adjoints
     [edges, d_out] of every layer (DenseRule, for big layers, holds [structures, d_in, d_out])."""
 
+    layouts = (MLP_LAYER,)  # one block [d_in, d_out]
+
     @staticmethod
     def claims(module, local) -> bool:
-        from e3nn.nn._fc import _Layer
-        return (isinstance(module, _Layer) and local == "weight"
-                and (module.act is None or isinstance(module.act, torch.nn.Module)))
+        return module.act is None or isinstance(module.act, torch.nn.Module)
 
     def install(self):
         mod = self.module
@@ -403,6 +418,7 @@ class DenseRule(Rule):
     both force terms, as [structures, d_in, d_out]: far smaller than per-edge adjoints [edges, d_out]."""
 
     big_only = True
+    layouts = DenseTapRule.layouts
     claims = staticmethod(DenseTapRule.claims)
 
     def install(self):
@@ -475,11 +491,11 @@ class ElementTPRule(TapRule):
     linear map x -> c x W[:, Z, :] of each path; rows (atom, m) grouped by (structure, element)."""
 
     big_only = True
+    layouts = (TENSOR_PRODUCT,)  # one block [u, Z, w] per weighted path
 
     @staticmethod
     def claims(module, local) -> bool:
-        from e3nn import o3
-        if not (isinstance(module, o3.TensorProduct) and local == "weight" and module.internal_weights):
+        if not module.internal_weights:
             return False
         in2 = module.irreps_in2
         if len(in2) != 1 or in2[0].ir.l != 0 or in2[0].ir.p != 1:
@@ -624,10 +640,11 @@ class GroupedContraction(RerouteRule):
     the element factor."""
 
     big_only = True
+    layouts = (CONTRACTION,)  # one block [element, path, channel]
 
     @staticmethod
     def claims(module, local) -> bool:
-        return type(module).__name__ == "Contraction" and (local == "weights_max" or local.startswith("weights."))
+        return type(module).__name__ == "Contraction"
 
     def call(self, module, x, y):
         groups = Groups.from_onehot(y, self.chunk.node_seg)

@@ -21,6 +21,11 @@ import torch
 
 from ..options import PARAM_SETS
 
+# Block.layer: the layout _module_blocks gives a parameter. The fast path's rules name the layouts they rely
+# on (rules.Rule.layouts), so a rule never meets a parameter this chain laid out otherwise.
+E3NN_LINEAR, TENSOR_PRODUCT, MLP_LAYER = "e3nn.Linear", "e3nn.TensorProduct", "e3nn.FullyConnectedNet"
+NN_LINEAR, CONTRACTION, DENSE = "nn.Linear", "SymmetricContraction", "dense"
+
 
 @dataclass(frozen=True)
 class Block:
@@ -29,7 +34,7 @@ class Block:
     param: str
     offset: int
     shape: Tuple[int, ...]
-    layer: str  # what kind of layer it belongs to, for reports and for the fast path
+    layer: str  # its layout (E3NN_LINEAR, ..., DENSE above), which the fast path's rules check
 
     @property
     def numel(self) -> int:
@@ -46,25 +51,25 @@ def _module_blocks(module: torch.nn.Module, local: str, prefix: str, p: torch.Te
     if isinstance(module, o3.Linear) and local == "weight":
         blocks, off = [], 0
         for ins in module.instructions:
-            blocks.append(Block(name, off, tuple(ins.path_shape), "e3nn.Linear"))
+            blocks.append(Block(name, off, tuple(ins.path_shape), E3NN_LINEAR))
             off += math.prod(ins.path_shape)
         return blocks
     if isinstance(module, o3.TensorProduct) and local == "weight":
         blocks, off = [], 0
         for ins in module.instructions:
             if ins.has_weight:
-                blocks.append(Block(name, off, tuple(ins.path_shape), "e3nn.TensorProduct"))
+                blocks.append(Block(name, off, tuple(ins.path_shape), TENSOR_PRODUCT))
                 off += math.prod(ins.path_shape)
         return blocks
     if isinstance(module, _Layer) and local == "weight":
-        return [Block(name, 0, tuple(p.shape), "e3nn.FullyConnectedNet")]
+        return [Block(name, 0, tuple(p.shape), MLP_LAYER)]
     if isinstance(module, torch.nn.Linear) and local == "weight":
-        return [Block(name, 0, tuple(p.shape), "nn.Linear")]
+        return [Block(name, 0, tuple(p.shape), NN_LINEAR)]
     if cls == "Contraction" and (local == "weights_max") and p.dim() == 3:
-        return [Block(name, 0, tuple(p.shape), "SymmetricContraction")]
+        return [Block(name, 0, tuple(p.shape), CONTRACTION)]
     if cls == "ParameterList" and prefix.endswith(".weights") and p.dim() == 3:
-        return [Block(name, 0, tuple(p.shape), "SymmetricContraction")]
-    return [Block(name, 0, (p.numel(),), "dense")]
+        return [Block(name, 0, tuple(p.shape), CONTRACTION)]
+    return [Block(name, 0, (p.numel(),), DENSE)]
 
 
 def _in_set(name: str, params: str, num_interactions: int) -> bool:
