@@ -379,3 +379,23 @@ def test_resumed_select_writes_the_same_bytes(tmp_path):
     assert any(i < 8 for i in res.indices)  # picks restored from the saved shortlist are among the output
     np.testing.assert_array_equal(res.indices, ref.indices)
     assert (tmp_path / "resumed.extxyz").read_bytes() == (tmp_path / "ref.extxyz").read_bytes()
+
+
+def test_checkpoint_state_this_version_cannot_read_is_redone(tmp_path, caplog):
+    """A state of this run's key that is not what the pipeline wrote (another version's layout) is not
+    trusted: a warning, and that work is done again, to the uninterrupted result."""
+    import logging
+    from ntkal.runstate import Checkpoint, Dist
+    train, pool = _rowblocks(100, 20), _rowblocks(101, 90)
+    chunks = [pool.select(range(i, min(i + 30, 90))) for i in range(0, 90, 30)]
+    opts = Options(budget=6, shortlist=20, score="pv").validate()
+    ref = Pipeline(opts).select(Stream([train], rows=True), Stream(list(chunks), rows=True))
+    with Checkpoint(tmp_path / "ck", {"run": 2}, Dist(), every_s=3600) as ckpt:
+        ckpt.save("posterior", {"posterior": {"format": "ntkal.Posterior/0"}, "score": "pv"}, shared=True)
+        ckpt.save("scan", {"state": {"top": []}, "done": 1})
+        with caplog.at_level(logging.WARNING, logger="ntkal"):
+            res = Pipeline(opts, checkpoint=ckpt).select(Stream([train], rows=True), Stream(list(chunks), rows=True))
+    said = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(said) == 2 and "posterior" in said[0] and "scan" in said[1]
+    np.testing.assert_array_equal(res.indices, ref.indices)
+    np.testing.assert_array_equal(res.shortlist_scores, ref.shortlist_scores)

@@ -21,7 +21,7 @@ from ..options import Options
 from ..posterior import Accumulator, Posterior
 from ..runstate import Checkpoint, Dist
 from . import scorers
-from .candidates import Candidate, Shortlist, annotate  # noqa: F401  (annotate: the picks' writer, re-exported)
+from .candidates import Candidate, Shortlist, annotate
 from .centres import Centres
 from .residuals import labels, residual_rows
 from .selectors import SELECTORS, SelectContext
@@ -98,14 +98,12 @@ class Pipeline:
         residuals (label − model prediction) fit the residual model too: computed with the model's
         predictions, or given per chunk for precomputed rows (residuals = {"train": [...], "pretrain": [...]}).
         The labelled chunks' LCMD vectors make self.centres."""
-        if self.ckpt is not None:
-            saved = self.ckpt.load("posterior", shared=True)
-            if saved is not None:
-                self.score = saved["score"]
-                self.centres = Centres.from_state(saved["centres"])
-                post = Posterior.from_state(saved["posterior"])
-                self._say_fallback(post)
-                return post
+        saved = self._restore("posterior", lambda s: (s["score"], Centres.from_state(s["centres"]),
+                                                      Posterior.from_state(s["posterior"])), shared=True)
+        if saved is not None:
+            self.score, self.centres, post = saved
+            self._say_fallback(post)
+            return post
         t = time.perf_counter()
         acc = Accumulator(self.opts.force_reduce)
         centre_parts = []  # Centres.chunk of the labelled chunks this rank featurises
@@ -166,6 +164,18 @@ class Pipeline:
         self.timings["train_features_and_posterior"] = time.perf_counter() - t
         return post
 
+    def _restore(self, name: str, build: Callable, shared: bool = False):
+        """build(the checkpoint's state `name`), or None when there is none or it is not one this version
+        reads (then that work is done again)."""
+        state = None if self.ckpt is None else self.ckpt.load(name, shared=shared)
+        if state is None:
+            return None
+        try:
+            return build(state)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("checkpoint state %s cannot be read by this version (%s); redoing that work", name, exc)
+            return None
+
     def _say_fallback(self, post: Posterior):
         """The default score fell back to posterior variance: say so (docs/design.md, "Options")."""
         if "score_fallback" in post.info and self.dist.rank == 0:
@@ -213,10 +223,9 @@ class Pipeline:
         linv = post.Linv if self.opts.mode == "p" else None  # P mode: vectors of L⁻¹g
         t = time.perf_counter()
         state, done = Shortlist(m, n_random, self.opts.seed), -1
-        if self.ckpt is not None:
-            saved = self.ckpt.load("scan")
-            if saved is not None:
-                state, done = Shortlist.from_state(saved["state"]), saved["done"]
+        saved = self._restore("scan", lambda s: (Shortlist.from_state(s["state"]), int(s["done"])))
+        if saved is not None:
+            state, done = saved
         for c, start, atoms, rows, scored in self.scored_chunks(pool, scorer, skip, done):
             def build(pos):  # LCMD vectors only for the rows entering a list (psi is per structure)
                 psi = centres.vectors(rows.select(pos), linv)
