@@ -86,6 +86,18 @@ def test_the_posterior_is_algebra():
         assert not allowed, f"{mod} imports {allowed}: the posterior takes only errors, options and RowBlock"
 
 
+def test_the_posterior_needs_only_torch_numpy_and_the_kernels():
+    allowed = {"__future__", "dataclasses", "math", "typing", "numpy", "torch", "ntk_kernels"}
+    for path in sorted((PKG / "posterior").glob("*.py")):
+        outside = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                outside |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                outside.add(node.module.split(".")[0])
+        assert outside <= allowed, f"{path.name} imports {sorted(outside - allowed)}"
+
+
 def test_nothing_below_imports_the_acquisition():
     graph = _graph()
     for mod in (m for m in graph if _in(m, "posterior", "features", "io", "runstate", "options", "errors")):
