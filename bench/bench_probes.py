@@ -25,7 +25,7 @@ def run(pool_size: int = 600, sketch_dim: int = 512, budget: int = 20, probes=(1
     train = ase.io.read(files["train"], ":")
     pool = ase.io.read(files["pool"], f":{pool_size}")
     fz = ntkal.MACEFeaturizer(str(files["model"]), kernel="force", sketch_dim=sketch_dim, seed=seed)
-    post = ntkal.Posterior.fit(fz, train)
+    post = ntkal.fit(fz, train)
 
     def scores(f):
         t = time.perf_counter()
@@ -73,7 +73,7 @@ def labelled(pool_size: int = 600, sketch_dim: int = 512, budget: int = 20, prob
                     "spearman_error": float(spearmanr(err, ref[0]).statistic),
                     "spearman_pv": float(spearmanr(pv, ref[1]).statistic),
                     "top_overlap_error": len(set(np.argsort(-err)[:budget]) & set(np.argsort(-ref[0])[:budget])) / budget,
-                    "alpha2_force": post.alpha2.get("force")})
+                    "alpha2_force": post.residual.alpha2.get("force")})
     return {"pool_size": len(pool), "n_train": len(train), "mean_atoms_train": float(np.mean([len(a) for a in train])),
             "budget": budget, "rows": out}
 

@@ -68,7 +68,7 @@ def feature_picks(store: FeatureStore, kernel: str, method: str, labelled: Seque
               "status": res.status, "shortlist_size": int(len(res.shortlist)),
               "scores": [float(s) for s in res.scores], "pool_scores": np.concatenate(keys).tolist()}
     if score == "error":
-        detail["calibration"] = {"rho": res.posterior.rho, "alpha2": res.posterior.alpha2}
+        detail["calibration"] = {"rho": res.posterior.residual.rho, "alpha2": res.posterior.residual.alpha2}
     return Picks(np.asarray(res.indices, dtype=np.int64), t_train + t_pool + t_extra + res.timings["total"], detail)
 
 
