@@ -82,7 +82,9 @@ def child_ntkal(a) -> dict:
     import numpy as np
     import torch
     import ntkal
-    from ntkal.acquisition.pipeline import Pipeline, Stream
+    from ntkal.acquisition.centres import Centres
+    from ntkal.acquisition.pipeline import Pipeline
+    from ntkal.acquisition.streams import Stream
     from ntkal.acquisition.scorers import PVScorer
     from ntkal.acquisition.selectors import LCMD_DTYPE, _init_from_centres
     from ntkal.options import Options
@@ -115,11 +117,11 @@ def child_ntkal(a) -> dict:
         prof[name + "_s"] = min(r[1] for r in runs)
         prof[name + "_cpu_s"] = min(r[2] for r in runs)
         return runs[-1][0]
-    post = part("posterior", lambda: Posterior.from_rows(tr_block))
+    post, cen = part("posterior", lambda: (Posterior.from_rows(tr_block), Centres.from_rows(tr_block)))
     part("pv_scoring", lambda: [post.score(b) for b in chunks])
     pipe = Pipeline(Options(budget=a.budget, shortlist=a.shortlist).validate())
     state = part("score_and_shortlist", lambda: pipe.scan(Stream(iter(chunks), rows=True), post, PVScorer(post),
-                                                          a.shortlist)[0])
+                                                          a.shortlist, centres=cen)[0])
     prof["shortlist_merge_s"] = prof["score_and_shortlist_s"] - prof["pv_scoring_s"]
     # the same scan with the error-aware score (residual mean: one more k-vector and GEMV per chunk)
     from ntkal.acquisition.scorers import ErrorScorer
@@ -129,10 +131,10 @@ def child_ntkal(a) -> dict:
                                             dtype=torch.float64))
     post_err = Posterior.from_accumulator(acc)
     part("score_and_shortlist_error", lambda: pipe.scan(Stream(iter(chunks), rows=True), post_err,
-                                                        ErrorScorer(post_err), a.shortlist)[0])
+                                                        ErrorScorer(post_err), a.shortlist, centres=cen)[0])
     prof["error_over_pv_scan"] = prof["score_and_shortlist_error_cpu_s"] / prof["score_and_shortlist_cpu_s"]
     psi = torch.stack([c.psi for c in state.top.payload]).to(LCMD_DTYPE)  # as the LCMD selector does
-    centres = post.train_psi.to(psi)
+    centres = cen.psi.to(psi)
 
     def tp_init():
         dmin2 = torch.full((psi.shape[0],), float("inf"), dtype=psi.dtype)
