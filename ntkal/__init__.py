@@ -18,7 +18,7 @@ __all__ = sorted(_NAMES) + ["__version__"]
 
 
 def __getattr__(name):
-    if name in ("io", "data", "experiment"):  # submodules, imported on first use
+    if name in ("io", "data"):  # submodules, imported on first use
         import importlib
         return importlib.import_module(f".{name}", __name__)
     if name in _NAMES:
