@@ -89,7 +89,7 @@ def test_killed_run_resumes_to_the_same_result(files, tmp_path, cmd):
     out = tmp_path / "out.extxyz"
     ck = out.with_name(out.name + ".ntkal-ckpt")
     if cmd == "select":
-        ready = lambda: (ck / "scan-rank0of1.pt").exists()  # noqa: E731
+        ready = lambda: (ck / "scan-rank0of1.safetensors.sha256").exists()  # noqa: E731
     else:
         ready = lambda: len(list(ck.glob("part-*.extxyz"))) >= 2  # noqa: E731
     killed = _kill_when(_args(files, cmd, out, *extra), ready)
@@ -103,7 +103,7 @@ def test_checkpoint_of_other_settings_is_not_reused(files, tmp_path):
     out = tmp_path / "o.extxyz"
     ck = out.with_name(out.name + ".ntkal-ckpt")
     _kill_when(_args(files, "select", out, "--budget", "3", "--checkpoint-every", "0"),
-               lambda: (ck / "scan-rank0of1.pt").exists())
+               lambda: (ck / "scan-rank0of1.safetensors.sha256").exists())
     _run(_args(files, "select", out, "--budget", "3", "--seed", "9"))
     ref = tmp_path / "r.extxyz"
     _run(_args(files, "select", ref, "--budget", "3", "--seed", "9"))
