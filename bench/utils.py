@@ -120,6 +120,8 @@ def run_child(argv: Sequence[str], timeout: Optional[float] = None, env: Optiona
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
+    # bench/ and study/ are not installed: a child script imports them from the repository
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory(prefix="ntkal-bench-") as tmp:
         out_p, err_p = Path(tmp) / "out", Path(tmp) / "err"
         with open(out_p, "w") as fo, open(err_p, "w") as fe:
