@@ -35,7 +35,7 @@ def evaluate(model, train, valid, kernels: Sequence[str] = ("energy", "force", "
     opts = Options.from_kwargs(**{**options, "kernel": "joint", "score": "error"}).validate()
     base = featurizer_for(model, opts)
     src = Stream.of(valid, "valid")
-    valid = [a for _, _, chunk in chunks(src, opts.chunk(), set(base.atomic_numbers)) for a in chunk]  # checked
+    valid = [a for _, _, chunk in chunks(src, opts.chunk(), set(base.atomic_numbers), labels=True) for a in chunk]  # checked
     if not valid:
         raise InputError("the validation set is empty", path=src.path)
     e, f = base.predict(valid)

@@ -230,3 +230,13 @@ def test_temporaries_of_killed_runs_are_removed_and_nothing_else(files, tmp_path
         f.write_text("partial")
     assert main(["select", *_args(files, out, "--budget", "2", "--kernel", "energy")]) == 0
     assert not stale.exists() and live.exists() and other.exists() and out.exists()
+
+
+def test_the_python_api_refuses_non_finite_labels(files):
+    import ntkal
+    from ntkal.errors import InputError
+    train = labelled(4, seed=70)
+    train[2].arrays["REF_forces"][0, 0] = np.nan
+    with pytest.raises(InputError, match=r"structure 2 \(0-based\).*REF_forces"):
+        ntkal.select(files / "tiny.model", train=train, pool=structures(6, seed=71), budget=2, kernel="energy",
+                     sketch_dim=16)

@@ -81,10 +81,11 @@ class Pipeline:
         fz = self.fz
         return fz if fz.force_probes == probes else fz.with_kernel(fz.kernel, probes)
 
-    def _chunks(self, src: Stream):
-        """streams.chunks with this run's chunk size, structures checked against the model's elements."""
+    def _chunks(self, src: Stream, labels: bool = False):
+        """streams.chunks with this run's chunk size, structures checked against the model's elements (and
+        with `labels`, their labels finite: labelled and pretraining sets)."""
         known = set(self.fz.atomic_numbers) if self.fz is not None else None
-        return chunks(src, self.opts.chunk(), known)
+        return chunks(src, self.opts.chunk(), known, labels)
 
     def _bar(self, total, desc):
         from tqdm.auto import tqdm
@@ -118,7 +119,7 @@ class Pipeline:
             given = (residuals or {}).get(what)
             given = None if given is None else iter(given)
             bar = self._bar(src.total, f"{what} features")
-            for c, start, chunk in self._chunks(src):
+            for c, start, chunk in self._chunks(src, labels=True):
                 res = next(given) if given is not None else None
                 if self.dist.owns(c):
                     rows = chunk if fz is None else fz(chunk)

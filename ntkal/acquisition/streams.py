@@ -45,21 +45,23 @@ class Stream:
         raise TypeError(f"{what} must be a path, ase.Atoms, a list or iterator of them, or RowBlocks")
 
 
-def chunks(src: Stream, size: int, known: Optional[Set[int]] = None) -> Iterator:
+def chunks(src: Stream, size: int, known: Optional[Set[int]] = None, labels: bool = False) -> Iterator:
     """(chunk number, first structure index, chunk) over the stream: structures in chunks of `size`, each
     checked by ntkal.io.check_structure (elements: `known`) on every rank so that counts and errors agree;
-    RowBlock items are chunks as given."""
+    with `labels`, every label must be finite (ntkal.io.check_labels); RowBlock items are chunks as given."""
     if src.rows:
         start = 0
         for c, block in enumerate(src.items):
             yield c, start, block
             start += len(block)
         return
-    from ..io import check_structure, iter_chunks
+    from ..io import check_labels, check_structure, iter_chunks
 
     def checked():
         for i, atoms in enumerate(src.items):
             check_structure(atoms, i, src.path, known)
+            if labels:
+                check_labels(atoms, i, src.path)
             yield atoms
     start = 0
     for c, chunk in enumerate(iter_chunks(checked(), size)):
