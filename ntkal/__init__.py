@@ -12,7 +12,7 @@ _NAMES = {
     "MACEFeaturizer": "features", "RowBlock": "features", "ENERGY": "features", "FORCE": "features",
     "EMBEDDING": "features", "Posterior": "posterior", "SelectionResult": "acquisition.pipeline",
     "lcmd": "acquisition.selectors", "Options": "options",
-    "NtkalError": "errors", "InputError": "errors", "ModelError": "errors",
+    "NtkalError": "errors", "InputError": "errors", "ModelError": "errors", "Calculator": "calculator",
 }
 __all__ = sorted(_NAMES) + ["__version__"]
 

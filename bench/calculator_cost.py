@@ -1,0 +1,79 @@
+"""Cost of an ntkal.Calculator step as a ratio to a plain MACECalculator step (same model, dtype, structure,
+one run, steps interleaved so both see the same machine load): `python -m bench.calculator_cost`.
+
+Each step moves the atoms a little (so neither calculator reuses its last result) and asks for energy,
+forces and stress. Prints the median step time of each calculator and the ratios; the posterior is
+fitted on a few shipped training structures (its quality does not change the cost).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import mace  # noqa: F401  (before e3nn: docs/design.md, Imports)
+import numpy as np
+import torch
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.calculator_cost", description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="si")
+    ap.add_argument("--index", type=int, default=406, help="pool structure (si 406: 16 atoms)")
+    ap.add_argument("--repeat", default="1,1,1", help="supercell of the structure, e.g. 2,2,2")
+    ap.add_argument("--sketch-dim", type=int, default=512)
+    ap.add_argument("--probes", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--n-train", type=int, default=20)
+    ap.add_argument("--dtype", default="float64")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    import ntkal
+    from mace.calculators import MACECalculator
+    from ntkal.calculator import Calculator
+    from ntkal.data import dataset_files
+    files = dataset_files(a.dataset)
+    dtype = getattr(torch, a.dtype)
+    train = list(ntkal.io.read_structures(files["train"]))[:a.n_train]
+    atoms = list(ntkal.io.read_structures(files["pool"]))[a.index].repeat([int(x) for x in a.repeat.split(",")])
+    calcs = {"mace": MACECalculator(model_paths=str(files["model"]), device="cpu", default_dtype=a.dtype)}
+    for kernel in ("energy", "joint"):
+        fz = ntkal.MACEFeaturizer(files["model"], kernel=kernel, sketch_dim=a.sketch_dim, force_probes=a.probes,
+                                  dtype=dtype)
+        post = ntkal.fit(fz, train, train_force_probes=a.probes)
+        calcs[kernel] = Calculator(fz, post, force_probes=a.probes)
+        calcs[f"{kernel}, error_every=10"] = Calculator(fz, post, force_probes=a.probes, error_every=10)
+    rng = np.random.default_rng(0)
+    times = {name: [] for name in calcs}
+    for step in range(a.steps + 3):
+        moved = atoms.copy()
+        moved.positions += rng.normal(scale=0.01, size=moved.positions.shape)
+        for name, calc in calcs.items():
+            x = moved.copy()
+            x.calc = calc
+            t = time.perf_counter()
+            x.get_potential_energy()
+            x.get_forces()
+            x.get_stress()
+            if step >= 3:  # warm-up
+                times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["mace"])
+    out = {"command": "python -m bench.calculator_cost " + " ".join(argv or []), "natoms": len(atoms),
+           "sketch_dim": a.sketch_dim, "probes": a.probes, "dtype": a.dtype, "threads": a.threads,
+           "median_step_s": {k: statistics.median(v) for k, v in times.items()},
+           "ratio_to_mace": {k: statistics.median(v) / base for k, v in times.items()}}
+    print(f"{len(atoms)} atoms, k={a.sketch_dim}, {a.probes} probes, {a.dtype}, {a.threads} thread(s), "
+          f"{a.steps} steps")
+    for k in times:
+        print(f"{k:>24}: {1e3 * out['median_step_s'][k]:8.2f} ms  x{out['ratio_to_mace'][k]:.2f}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""ntkal.Calculator (MACE energy, forces, stress + the predicted error of each step) and `ntkal md`."""
+import numpy as np
+import pytest
+import torch
+
+import ntkal
+from ntkal.acquisition.scorers import ErrorScorer
+from ntkal.calculator import Calculator
+from ntkal.data import demo_files
+from ntkal.errors import NtkalError
+from ntkal.features.fast import rows_and_outputs
+
+K = 64  # small sketch: the numbers are what is tested, not their quality
+
+
+@pytest.fixture(scope="module")
+def si():
+    files = demo_files()
+    train = list(ntkal.io.read_structures(files["train"]))[:12]
+    pool = list(ntkal.io.read_structures(files["pool"]))
+    fz = ntkal.MACEFeaturizer(files["model"], kernel="joint", sketch_dim=K, force_probes=2, dtype=torch.float64)
+    post = ntkal.fit(fz, train, train_force_probes=2)
+    return {"files": files, "train": train, "pool": pool, "fz": fz, "post": post}
+
+
+def _mace_calc(files):
+    from mace.calculators import MACECalculator
+    return MACECalculator(model_paths=str(files["model"]), device="cpu", default_dtype="float64")
+
+
+@pytest.mark.parametrize("kernel,probes", [("energy", None), ("joint", 2), ("joint", None)])
+def test_fast_path_outputs_leave_rows_unchanged(si, kernel, probes):
+    """rows_and_outputs: the rows fz() gives (bit for bit on one structure) and the model's predictions."""
+    fz = si["fz"].with_kernel(kernel, probes)
+    atoms = si["pool"][3]
+    for stress in (False, True):
+        rows, out = rows_and_outputs(fz, [atoms], stress, vmap=False)
+        assert torch.equal(rows.rows, fz([atoms]).rows)
+        rows_vmapped, _ = rows_and_outputs(fz, [atoms], stress)  # the calculator's route: same rows to rounding
+        torch.testing.assert_close(rows_vmapped.rows, rows.rows, rtol=1e-9, atol=1e-12)
+        e, f = fz.predict([atoms])
+        np.testing.assert_allclose(out["energy"].numpy(), e, rtol=1e-12)
+        np.testing.assert_allclose(out["forces"].numpy(), f[0], atol=1e-10)
+        assert (out["stress"] is not None) == stress
+
+
+def test_calculator_equals_mace_and_error_scorer(si):
+    calc = Calculator(si["fz"], si["post"], force_probes=2)
+    ref = _mace_calc(si["files"])
+    for atoms in (si["pool"][0], si["pool"][406]):
+        a, b = atoms.copy(), atoms.copy()
+        a.calc, b.calc = calc, ref
+        assert a.get_potential_energy() == pytest.approx(b.get_potential_energy(), rel=1e-12, abs=1e-10)
+        np.testing.assert_allclose(a.get_forces(), b.get_forces(), atol=1e-10)
+        np.testing.assert_allclose(a.get_stress(), b.get_stress(), atol=1e-10)
+        assert calc.get_property("free_energy", a) == a.get_potential_energy()
+        scored = ErrorScorer(si["post"])(si["fz"].with_kernel("joint", 2)([atoms]))
+        for key in ("energy_error", "force_error"):
+            got = calc.get_property(f"ntkal_{key}", a)
+            assert np.isfinite(got) and got > 0
+            assert got == pytest.approx(float(scored.values[key][0]), rel=1e-9)
+        assert calc.results["ntkal_error_age"] == 0
+
+
+def test_exact_rows_give_atom_errors_and_no_stress_without_a_cell(si):
+    calc = Calculator(si["fz"], si["post"], force_probes=None)
+    mol = si["pool"][3].copy()
+    mol.pbc, mol.cell = False, None
+    mol.center(vacuum=3.0)
+    mol.pbc = False
+    mol.calc = calc
+    atom_err = calc.get_property("ntkal_atom_force_error", mol)
+    scored = ErrorScorer(si["post"])(si["fz"].with_kernel("joint", None)([mol]))
+    np.testing.assert_allclose(atom_err, scored.atom_values["atom_force_error"][0], rtol=1e-9)
+    assert atom_err.shape == (len(mol),) and np.isfinite(atom_err).all()
+    assert "stress" not in calc.results
+    ref = mol.copy()
+    ref.calc = _mace_calc(si["files"])
+    np.testing.assert_allclose(mol.get_forces(), ref.get_forces(), atol=1e-10)
+
+
+def test_error_every_holds_the_values(si):
+    calc = Calculator(si["fz"], si["post"], force_probes=2, error_every=3)
+    atoms = si["pool"][0].copy()
+    atoms.calc = calc
+    seen, at_3 = [], None
+    for step in range(5):
+        atoms.positions[0, 0] += 0.02
+        atoms.get_forces()
+        seen.append((calc.results["ntkal_force_error"], calc.results["ntkal_error_age"]))
+        at_3 = atoms.copy() if step == 3 else at_3
+    assert [age for _, age in seen] == [0, 1, 2, 0, 1]
+    assert seen[0][0] == seen[1][0] == seen[2][0] != seen[3][0] == seen[4][0]
+    assert calc.n_evaluated == 2 and calc.n_calls == 5
+    at_3.calc = Calculator(si["fz"], si["post"], force_probes=2)  # the held value is step 3's
+    assert at_3.calc.get_property("ntkal_force_error", at_3) == pytest.approx(seen[4][0], rel=1e-12)
+
+
+def test_calculator_refuses_a_posterior_without_residuals(si):
+    post = ntkal.fit(si["fz"], [a.copy() for a in si["train"][:4]], score="pv", train_force_probes=2)
+    post.residual = None
+    with pytest.raises(NtkalError, match="no residual model"):
+        Calculator(si["fz"], post)
+    with pytest.raises(ntkal.InputError, match="error_every"):
+        Calculator(si["fz"], si["post"], error_every=0)
