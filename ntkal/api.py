@@ -1,10 +1,12 @@
-"""Python entry points: ntkal.select, ntkal.score, ntkal.fit, ntkal.select_rows — thin calls into the one pipeline.
+"""Python entry points: ntkal.select, ntkal.score, ntkal.fit (out=: a saved posterior), ntkal.load_posterior,
+ntkal.select_rows — thin calls into the one pipeline.
 
 Keyword options are those of `ntkal.options.Options` (the CLI's flags with underscores) and are
 checked before any model is loaded; a bad value is an InputError naming the flag.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator, Optional
 
 from .acquisition.candidates import Candidate, annotate
@@ -13,8 +15,8 @@ from .acquisition.streams import Stream
 from .options import Options
 
 
-def select(model, train, pool, budget: int = 100, *, target=None, pretrain=None, progress: bool = False,
-           checkpoint=None, **options) -> SelectionResult:
+def select(model, train=None, pool=None, budget: int = 100, *, target=None, pretrain=None, posterior=None,
+           progress: bool = False, checkpoint=None, **options) -> SelectionResult:
     """Pick `budget` pool structures worth labelling: features, posterior, scored shortlist, selector.
 
     model: a MACE nn.Module or .model path; train / pool / target: paths (extxyz, ASE .db), lists or
@@ -23,30 +25,62 @@ def select(model, train, pool, budget: int = 100, *, target=None, pretrain=None,
     expected reduction of their total predictive variance and the default method is "greedy".
     pretrain: a sample of the structures the model was trained on (labels optional): it enters the
     posterior so that what the model already knows is not novel.
+    posterior: a saved posterior (a .ntkal path from ntkal.fit(..., out=...) / `ntkal fit`, or a SavedPosterior)
+    used instead of fitting on train/pretrain; the feature options are then its own.
     """
-    opts = Options.from_kwargs(budget=budget, **options).validate(target=target is not None)
+    opts, saved = _options(options, train, pretrain, posterior, target, budget=budget)
     return Pipeline(opts, featurizer_for(model, opts), progress, checkpoint).select(train, pool, target,
-                                                                                    pretrain=pretrain)
+                                                                                    pretrain=pretrain, posterior=saved)
 
 
-def score(model, train, pool, *, target=None, pretrain=None, progress: bool = False, **options) -> Iterator:
-    """Every pool structure, in pool order, annotated with its score (a generator: streams any pool size)."""
-    opts = Options.from_kwargs(**options).validate(target=target is not None)
+def score(model, train=None, pool=None, *, target=None, pretrain=None, posterior=None, progress: bool = False,
+          **options) -> Iterator:
+    """Every pool structure, in pool order, annotated with its score (a generator: streams any pool size).
+    posterior: a saved posterior instead of train/pretrain, as for select."""
+    opts, saved = _options(options, train, pretrain, posterior, target)
     pipe = Pipeline(opts, featurizer_for(model, opts), progress)
-    post = pipe.fit(train, pretrain)
+    post = pipe.fit(train, pretrain) if saved is None else pipe.use(saved)
     for _, start, atoms, _, scored in pipe.scored_chunks(pool, pipe.scorer(post, target)):
         yield from scored_atoms(start, atoms, scored)
 
 
-def fit(model, train, *, pretrain=None, progress: bool = False, **options):
+def fit(model, train, *, pretrain=None, progress: bool = False, out=None, **options):
     """The posterior (ntkal.Posterior) of the labelled structures `train`, as select and score fit it.
 
     model: a MACE nn.Module or .model path, or a MACEFeaturizer, used as it is (its kernel, sketch and probes;
-    the feature options are then not taken from `options`). Score its rows with post.score(fz(structures))."""
+    the feature options are then not taken from `options`). Score its rows with post.score(fz(structures)).
+    out: also save it there (a name ending in .ntkal; ntkal.saved): `posterior=out` of select and score, and
+    ntkal.load_posterior(out, model), then use it without fitting again."""
     from .features import MACEFeaturizer
     opts = Options.from_kwargs(**options).validate()
+    inputs = [x for x in (model, train, pretrain) if isinstance(x, (str, os.PathLike))]
+    if out is not None:
+        from .saved import check_out
+        check_out(out, inputs)
     fz = model if isinstance(model, MACEFeaturizer) else featurizer_for(model, opts)
-    return Pipeline(opts, fz, progress).fit(train, pretrain)
+    pipe = Pipeline(opts, fz, progress)
+    post = pipe.fit(train, pretrain)
+    if out is not None:
+        from .saved import build, save
+        save(out, build(pipe, post, {"model": model, "train": train, "pretrain": pretrain}), inputs)
+    return post
+
+
+def load_posterior(path, model=None):
+    """The SavedPosterior in `path` (ntkal.saved.load: format and digest checked, nothing unpickled), checked
+    against `model` (a .model path, nn.Module or MACEFeaturizer) when given. InputError (one line) otherwise."""
+    from .saved import load
+    return load(path, model=model)
+
+
+def _options(kwargs: dict, train, pretrain, posterior, target, **fixed):
+    """(Options, SavedPosterior or None): keyword options checked; with a saved posterior, the options its fit
+    fixed come from it (one given with another value is an InputError naming the flag)."""
+    from .saved import resolve
+    kwargs, saved = resolve(posterior, kwargs, train, pretrain)
+    if saved is None and train is None:
+        raise TypeError("train (labelled structures) or posterior (a saved posterior) is required")
+    return Options.from_kwargs(**{**kwargs, **fixed}).validate(target=target is not None), saved
 
 
 def scored_atoms(start: int, atoms, scored):

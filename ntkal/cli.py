@@ -1,4 +1,4 @@
-"""Command line: `ntkal select | score | evaluate | demo` (options + parser + plan + run, as mace-torch's CLIs).
+"""Command line: `ntkal select | score | evaluate | fit | demo` (options + parser + plan + run, as mace-torch's CLIs).
 
 Every option and input/output file is checked before any model is loaded and before anything is
 written; a user error is one line on stderr and exit code 2 (docs/design.md, "Safe on disk").
@@ -36,10 +36,13 @@ FILES = {  # file flags: (required, help)
                       "reduction of their predictive variance"),
     "pretrain": (False, "a sample of the structures the model was trained on (labels optional, streamed): it "
                         "enters the posterior, so what the model already knows is not novel"),
+    "posterior": (False, "a saved posterior (`ntkal fit --out FILE.ntkal`) used instead of fitting on --train and "
+                         "--pretrain; the feature and posterior options are then its own"),
 }
 SELECTION = ("budget", "method", "mode", "shortlist")
 MIN_VALID = 3  # evaluate's Spearman and calibration need a few structures
 EVALUATE_SKIP = SELECTION + ("kernel", "score", "checkpoint_every")  # options evaluate does not take
+FIT_SKIP = SELECTION + ("checkpoint_every",)  # options fit does not take
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,12 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ntkal", description="Force-aware NTK active learning for MACE potentials: pick the "
                                                "structures worth a DFT calculation.")
     parser.add_argument("--version", action="version", version=f"ntkal {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{select,score,evaluate,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{select,score,evaluate,fit,demo}")
+    parser.commands = {}  # name -> its subparser (given_flags)
 
     def command(name, help, description, files, out, skip=(), defaults=None):
-        p = sub.add_parser(name, help=help, description=description)
-        for f in files:
-            p.add_argument(flag(f), required=FILES[f][0], default=None, help=FILES[f][1])
+        p = parser.commands[name] = sub.add_parser(name, help=help, description=description)
+        for f in files:  # --train is not required where --posterior can stand for it
+            p.add_argument(flag(f), required=FILES[f][0] and not (f == "train" and "posterior" in files), default=None,
+                           help=FILES[f][1])
         add_arguments(p.add_argument_group("options"), skip=skip, defaults=defaults)
         p.add_argument("--out", **out)
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -61,19 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("select", "pick a batch of pool structures to label",
             "Pick --budget pool structures to label; writes them as extxyz (input keys kept, ntkal_* keys added) "
-            "and a JSON report OUT.json beside it.", ("model", "train", "pool", "target", "pretrain"),
+            "and a JSON report OUT.json beside it.", ("model", "train", "pool", "target", "pretrain", "posterior"),
             {"default": None, "help": "output extxyz (default: <pool name>_selected.extxyz here)"})
     command("score", "score every pool structure",
             "Write every pool structure with its score (streamed) and a report OUT.json.",
-            ("model", "train", "pool", "target", "pretrain"), {"required": True, "help": "output extxyz"}, SELECTION)
+            ("model", "train", "pool", "target", "pretrain", "posterior"), {"required": True, "help": "output extxyz"},
+            SELECTION)
     p = command("evaluate", "how good are the predicted errors on a labelled validation set",
                 "Fit on --train, predict the model's errors on the labelled --valid structures with each kernel "
                 "and score, and compare with the real errors: Spearman, miscalibration area, 95 %% coverage, "
-                "binned RMSE (OUT/evaluate.json, .png).", ("model", "train", "valid", "pretrain"),
+                "binned RMSE (OUT/evaluate.json, .png); with --posterior, of its kernel only.",
+                ("model", "train", "valid", "pretrain", "posterior"),
                 {"default": "ntkal-evaluate", "help": "output directory (default ./ntkal-evaluate)"},
                 EVALUATE_SKIP)
     p.add_argument("--kernels", default="energy,force,joint", help="comma-separated kernels (default energy,force,joint)")
     p.add_argument("--scores", default="error,pv", help="comma-separated scores (default error,pv)")
+    command("fit", "fit the posterior once and save it (FILE.ntkal) for score/select/evaluate --posterior",
+            "Fit the posterior on --train (and --pretrain) and save it with the LCMD centres, the score, the "
+            "feature settings and a hash of the model's weights (safetensors + JSON, no pickle).",
+            ("model", "train", "pretrain"), {"required": True, "help": "output file, name ending in .ntkal"}, FIT_SKIP)
     # 8 probes keep Spearman 0.97 to exact at 0.28x the cost (bench/RESULTS.md, probes)
     command("demo", "select from the shipped Si data with the shipped model",
             "Run `select` on the shipped PyXtal_FF Si pool with the shipped small MACE; the pool is labelled, so "
@@ -95,6 +106,7 @@ class Plan:
     surveys: dict = field(default_factory=dict)  # name -> ntkal.io.Survey of each structure file
     out: Optional[Path] = None
     plots: dict = field(default_factory=dict)    # name -> Path
+    saved: Optional[object] = None               # --posterior: ntkal.saved.SavedPosterior, read and checked
 
     @property
     def report(self) -> Path:
@@ -122,6 +134,8 @@ def plan(args) -> Plan:
             path = p.inputs[what] = Path(getattr(args, what)).expanduser()
             if not path.is_file():
                 raise InputError(f"{flag(what)}: {'not a file' if path.exists() else 'no such file'}", path=path)
+    if p.command in ("select", "score", "evaluate"):
+        _posterior_plan(p, args)
     if p.command == "demo":
         from .data import demo_files
         p.inputs = {k: v for k, v in demo_files().items() if k in ("model", "train", "pool")}
@@ -132,6 +146,9 @@ def plan(args) -> Plan:
         p.out, p.plots = folder / "selected.extxyz", {"scores": folder / "scores.png", "errors": folder / "errors.png"}
     elif p.command == "evaluate":
         p.out, p.plots = folder / "evaluate.json", {"reliability": folder / "evaluate.png"}
+    elif p.command == "fit":
+        from .saved import check_out
+        p.out = check_out(folder, list(p.inputs.values()))
     else:
         p.out = folder or Path(p.inputs["pool"].name.split(".")[0] + "_selected.extxyz")
         name = p.out.name.lower()
@@ -144,7 +161,7 @@ def plan(args) -> Plan:
         import torch
         if not torch.cuda.is_available():
             raise InputError("--device cuda was asked for but no CUDA device is available")
-    if p.command in ("select", "score") or p.out.parent.exists():  # demo/evaluate create their folder later
+    if p.command != "fit" and (p.command in ("select", "score") or p.out.parent.exists()):  # demo/evaluate: later
         outputs = {"--out": p.out, "report": p.report, **p.plots}
         if p.command != "evaluate":
             outputs["checkpoint folder"] = p.checkpoint
@@ -157,7 +174,7 @@ def plan(args) -> Plan:
             claim(path, what)
     writable_folder(p.out.parent)
     for what, path in p.inputs.items():  # every structure file read through once, before the model loads
-        if what != "model":
+        if what not in ("model", "posterior"):
             try:
                 p.surveys[what] = survey(path, labels=what in ("train", "pretrain", "valid"))
             except InputError as exc:
@@ -172,6 +189,27 @@ def plan(args) -> Plan:
         raise InputError(f"--valid: {p.surveys['valid'].count} structures; evaluate needs at least {MIN_VALID} "
                          "to rank and calibrate predicted errors", path=p.inputs["valid"])
     return p
+
+
+def _posterior_plan(p: Plan, args):
+    """--posterior stands for --train/--pretrain (one of --train, --posterior is needed, not both): the state is
+    read and checked (format, digest) and the options its fit fixed are taken from it, before the model loads;
+    its weights hash is checked right after (_featurizer)."""
+    fitted = [f for f in ("train", "pretrain") if f in p.inputs]
+    if "posterior" not in p.inputs:
+        if "train" not in p.inputs:
+            raise InputError("one of --train or --posterior is required")
+        return
+    if fitted:
+        raise InputError(f"--posterior and {flag(fitted[0])} cannot be given together: the posterior holds what "
+                         "--train and --pretrain would fit")
+    from .saved import load, options_for
+    p.saved = load(p.inputs["posterior"])
+    given = getattr(args, "given", None)
+    if given is None:  # not from main(): options that differ from their defaults count as given
+        given = {f.name for f in dataclasses.fields(Options) if getattr(p.opts, f.name) != f.default}
+    p.opts = Options(**options_for(p.saved, dataclasses.asdict(p.opts), given, f"--posterior {p.inputs['posterior']}"))
+    p.opts.validate(target="target" in p.inputs)
 
 
 def writable_folder(folder: Path):
@@ -207,6 +245,8 @@ def _featurizer(p: Plan):
             found.check_elements(fz.atomic_numbers, p.inputs[what])
         except InputError as exc:
             raise InputError(f"{flag(what)}: {exc}") from None
+    if p.saved is not None:  # the posterior's weights hash, right after the model loads
+        p.saved.check(fz, f"--posterior {p.inputs['posterior']}")
     return fz
 
 
@@ -224,9 +264,9 @@ def run_select(p: Plan, args, on_chunk=None) -> dict:
     from .io import write_extxyz, write_json
     fz = _featurizer(p)
     with _checkpoint(p) as ckpt:
-        res = Pipeline(p.opts, fz, args.progress, ckpt).select(p.inputs["train"], p.inputs["pool"],
+        res = Pipeline(p.opts, fz, args.progress, ckpt).select(p.inputs.get("train"), p.inputs["pool"],
                                                                p.inputs.get("target"), on_chunk=on_chunk,
-                                                               pretrain=p.inputs.get("pretrain"))
+                                                               pretrain=p.inputs.get("pretrain"), posterior=p.saved)
         if ckpt.dist.rank == 0:
             inputs = list(p.inputs.values())
             write_extxyz(p.out, res.atoms, inputs)
@@ -247,8 +287,10 @@ def run_evaluate(p: Plan, args) -> dict:
     from .evaluate import evaluate, plot
     from .io import write_json
     opts = {k: v for k, v in dataclasses.asdict(p.opts).items() if k not in EVALUATE_SKIP}
-    results = evaluate(p.inputs["model"], p.inputs["train"], p.inputs["valid"], args.kernels.split(","),
-                       args.scores.split(","), p.inputs.get("pretrain"), args.progress, **opts)
+    kernels = None if p.saved is not None and "kernels" not in getattr(args, "given", {"kernels"}) \
+        else args.kernels.split(",")  # with --posterior: its kernel
+    results = evaluate(p.inputs["model"], p.inputs.get("train"), p.inputs["valid"], kernels,
+                       args.scores.split(","), p.inputs.get("pretrain"), args.progress, p.saved, **opts)
     p.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(p.out, _report(p, {"results": results}), list(p.inputs.values()))
     plot(results, p.plots["reliability"], f"{p.inputs['valid'].name}: real vs predicted errors")
@@ -280,7 +322,7 @@ def run_score(p: Plan, args) -> dict:
     fz = _featurizer(p)
     with _checkpoint(p) as ckpt:
         pipe = Pipeline(p.opts, fz, args.progress, ckpt)
-        post = pipe.fit(p.inputs["train"], p.inputs.get("pretrain"))
+        post = pipe.fit(p.inputs["train"], p.inputs.get("pretrain")) if p.saved is None else pipe.use(p.saved)
         done = ckpt.parts_done()
         for c, start, atoms, _, scored in pipe.scored_chunks(p.inputs["pool"], pipe.scorer(post, p.inputs.get("target")),
                                                              skip=done):
@@ -304,6 +346,24 @@ def run_score(p: Plan, args) -> dict:
                 "posterior": post.summary(), "featurizer": fz.settings(), "world_size": ckpt.dist.world,
                 "timings_s": {"total": time.perf_counter() - t0}}), inputs)
     return {"out": p.out, "report": p.report, "n": pipe.n_pool}
+
+
+def run_fit(p: Plan, args) -> dict:
+    """ntkal fit: the posterior fitted once and saved (ntkal.saved) for score/select/evaluate --posterior."""
+    from .acquisition.pipeline import Pipeline
+    from .saved import build, save
+    fz = _featurizer(p)
+    pipe = Pipeline(p.opts, fz, args.progress)
+    post = pipe.fit(p.inputs["train"], p.inputs.get("pretrain"))
+    saved = build(pipe, post, p.inputs)
+    save(p.out, saved, list(p.inputs.values()))
+    s = post.summary()
+    pretrain = f" and a pretraining sample of {p.surveys['pretrain'].count}" if "pretrain" in p.inputs else ""
+    print(f"ntkal fit: posterior of {post.n_train} labelled structures{pretrain} (kernel {fz.kernel}, sketch "
+          f"{fz.sketch_dim}, params {fz.params}, score {pipe.score}, jitter {s['jitter']:g}); calibration: "
+          f"{s['calibration'] or 'none (no labelled residuals)'}; model weights {saved.model_hash[:12]}…; wrote "
+          f"{p.out} ({p.out.stat().st_size} bytes). Use it with `ntkal score|select|evaluate --posterior {p.out}`.")
+    return {"out": p.out, "saved": saved}
 
 
 def run_demo(p: Plan, args) -> dict:
@@ -390,11 +450,25 @@ def _import_quietly():
 
 
 
+_UNSET = object()
+
+
+def given_flags(argv: Optional[List[str]] = None) -> set:
+    """The dests of the options given on the command line, not left at their defaults (argv parsed once more,
+    every default replaced by a marker). A setting --posterior fixes may be given only with the state's value."""
+    parser = build_parser()
+    names = {f.name for f in dataclasses.fields(Options)} | set(FILES) | {"kernels", "scores", "out"}
+    for sub in parser.commands.values():
+        sub.set_defaults(**{name: _UNSET for name in names})
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not _UNSET and k in names}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed as one line
         return int(exc.code or 0)
+    args.given = given_flags(argv)
     try:
         p = plan(args)
         _import_quietly()
@@ -402,7 +476,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(p.opts.threads)
         from .runstate import init_distributed
         init_distributed()
-        {"select": run_select, "score": run_score, "demo": run_demo, "evaluate": run_evaluate}[p.command](p, args)
+        {"select": run_select, "score": run_score, "demo": run_demo, "evaluate": run_evaluate,
+         "fit": run_fit}[p.command](p, args)
     except NtkalError as exc:
         if args.debug:
             raise

@@ -11,7 +11,7 @@ coverage, and RMSE in bins of predicted error (the reliability plot).
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,9 +25,20 @@ from .options import KERNELS, SCORES, Options
 N_BINS = 8
 
 
-def evaluate(model, train, valid, kernels: Sequence[str] = ("energy", "force", "joint"),
-             scores: Sequence[str] = SCORES, pretrain=None, progress: bool = False, **options) -> dict:
-    """{kernel: {score: {"energy": metrics, "force": metrics}}} on the labelled structures `valid`."""
+def evaluate(model, train, valid, kernels: Optional[Sequence[str]] = ("energy", "force", "joint"),
+             scores: Sequence[str] = SCORES, pretrain=None, progress: bool = False, posterior=None, **options) -> dict:
+    """{kernel: {score: {"energy": metrics, "force": metrics}}} on the labelled structures `valid`.
+    posterior: a saved posterior (path or ntkal.saved.SavedPosterior) instead of fitting on train/pretrain
+    (train=None): only its kernel is evaluated (kernels=None, or kernels holding it)."""
+    from .saved import resolve
+    options, saved = resolve(posterior, options, train, pretrain)
+    if saved is not None:
+        kernel = saved.features["kernel"]
+        if kernels is not None and kernel not in kernels:
+            raise InputError(f"--kernels: the posterior was fitted with kernel {kernel}; with --posterior only its "
+                             "kernel is evaluated")
+        kernels = [kernel]
+    kernels = ("energy", "force", "joint") if kernels is None else kernels
     for what, given, allowed in (("--kernels", kernels, KERNELS), ("--scores", scores, SCORES)):
         bad = [x for x in given if x not in allowed]
         if bad:
@@ -46,7 +57,8 @@ def evaluate(model, train, valid, kernels: Sequence[str] = ("energy", "force", "
             rows[kernel] = RowBlock.cat([fz(valid[i:i + opts.chunk()]) for i in range(0, len(valid), opts.chunk())])
     out: Dict[str, dict] = {}
     for kernel in kernels:
-        post = Pipeline(opts, base.with_kernel(kernel, opts.force_probes), progress).fit(train, pretrain)
+        pipe = Pipeline(opts, base.with_kernel(kernel, opts.force_probes), progress)
+        post = pipe.fit(train, pretrain) if saved is None else pipe.use(saved)
         block = rows["embedding"] if kernel == "embedding" else rows["joint"]
         if kernel in ("energy", "force"):
             block = block.only((FORCE,) if kernel == "force" else (ENERGY,))

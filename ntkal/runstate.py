@@ -100,6 +100,10 @@ def written_by_ntkal(path: Path) -> bool:
         if name.endswith(".png"):
             with open(path, "rb") as fh:
                 return b"ntkal" in fh.read(4096)
+        if name.endswith(".ntkal"):  # a saved posterior (ntkal.saved): its safetensors header names the format
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                return b"ntkal.saved-posterior/" in fh.read(min(n, 1 << 20))
         import logging
         from .io import read_structures
         log = logging.getLogger("ntkal")

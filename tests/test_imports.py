@@ -101,5 +101,14 @@ def test_the_posterior_needs_only_torch_numpy_and_the_kernels():
 def test_nothing_below_imports_the_acquisition():
     graph = _graph()
     for mod in (m for m in graph if _in(m, "posterior", "features", "io", "runstate", "options", "errors")):
-        bad = sorted(m for m in _reach(graph, mod) if _in(m, "acquisition", "api", "cli", "evaluate"))
+        bad = sorted(m for m in _reach(graph, mod) if _in(m, "acquisition", "saved", "api", "cli", "evaluate"))
         assert not bad, f"{mod} imports {bad}"
+
+
+def test_the_saved_posterior_sits_above_the_acquisition_and_below_the_entry_points():
+    graph = _graph()
+    assert "ntkal.acquisition.centres" in graph["ntkal.saved"] and "ntkal.saved" in graph["ntkal.cli"]
+    bad = sorted(m for m in _reach(graph, "ntkal.saved") if _in(m, "api", "cli", "evaluate"))
+    assert not bad, f"ntkal.saved imports {bad}"
+    for mod in (m for m in graph if _in(m, "acquisition")):
+        assert "ntkal.saved" not in _reach(graph, mod), f"{mod} imports ntkal.saved"

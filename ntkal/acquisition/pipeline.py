@@ -182,6 +182,19 @@ class Pipeline:
         if "score_fallback" in post.info and self.dist.rank == 0:
             log.warning("%s", post.info["score_fallback"])
 
+    def use(self, saved) -> Posterior:
+        """Start from a saved posterior (ntkal.saved.SavedPosterior) instead of fit(): its posterior, LCMD centres
+        and score (--score pv may be asked of an error-score one). The featurizer, if any, must make the rows it
+        was fitted on (same weights, kernel, sketch; saved.check raises InputError otherwise)."""
+        if self.fz is not None:
+            saved.check(self.fz)
+        score = self.opts.score or saved.score
+        if score == "error" and saved.posterior.residual is None:
+            raise InputError("--score error: the saved posterior was fitted without labelled residuals (score pv)")
+        self.score, self.centres = score, saved.centres
+        self._say_fallback(saved.posterior)
+        return saved.posterior
+
     # --- scoring ----------------------------------------------------------------------------------
     def scorer(self, post: Posterior, target=None):
         """The scorer of --score, or the target scorer with --target."""
@@ -247,14 +260,15 @@ class Pipeline:
 
     # --- selection --------------------------------------------------------------------------------
     def select(self, train, pool, target=None, scorer=None, on_chunk=None, pretrain=None,
-               residuals=None) -> SelectionResult:
-        """Pick opts.budget pool structures: fit, scan, select; picks annotated when structures are given."""
+               residuals=None, posterior=None) -> SelectionResult:
+        """Pick opts.budget pool structures: fit (or use a saved `posterior`), scan, select; picks annotated when
+        structures are given."""
         opts, t0 = self.opts, time.perf_counter()
         src = Stream.of(pool, "pool")
         if src.total is not None and opts.budget > src.total:
             raise InputError(f"budget {opts.budget} is larger than the pool ({src.total} structures)"
                              if src.total else "the pool is empty", path=src.path)
-        post = self.fit(train, pretrain, residuals)
+        post = self.fit(train, pretrain, residuals) if posterior is None else self.use(posterior)
         if scorer is not None and not hasattr(scorer, "name"):  # a factory: posterior -> scorer
             scorer = scorer(post)
         scorer = scorer or self.scorer(post, target)
