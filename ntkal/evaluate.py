@@ -2,12 +2,12 @@
 kernel and score and compares the predicted errors with the model's real ones (docs/design.md,
 "Evaluating the uncertainty").
 
-Per structure: the predicted energy error sqrt(μ² + s²) (meV/atom) and RMS force-component error
-(meV/Å) against the real |E_ref − E|/N and RMS(F_ref − F). Per energy row and force component: the
-standardised residual z = (ε − μ)/s of the predictive distribution N(μ, s²), s² = α²ρ²(PV + σ²).
-"pv" is the posterior variance alone (μ = 0), calibrated the same way. Reported: Spearman(predicted,
-real), miscalibration area (mean |observed − expected| coverage of the central intervals), 95 %
-coverage, and RMSE in bins of predicted error (the reliability plot).
+Per structure: the written (calibrated) energy error (meV/atom) and force error (meV/Å) against the real
+|E_ref − E|/N and RMS(F_ref − F) (and per atom), as Spearman and the median of written/real; per energy row
+and force component: the probability integral transform F(|t|) of t = ε / (its structure's written error)
+under the calibrated distribution (docs/design.md, "Calibration"), whose coverage of the central intervals
+gives the miscalibration area and the 50/68/95 % coverage. "pv" is the posterior variance alone (μ = 0),
+calibrated the same way. Binned: the median real error in bins of predicted error (the reliability plot).
 """
 from __future__ import annotations
 
@@ -71,41 +71,59 @@ def evaluate(model, train, valid, kernels: Optional[Sequence[str]] = ("energy", 
 
 
 def _metrics(post, rows: RowBlock, eps: torch.Tensor, score: str) -> dict:
-    predictive = post.predictive(rows, with_mean=score == "error")
-    mu, s2 = predictive.mu, predictive.epistemic + predictive.noise
-    seg, n = rows.seg.cpu(), len(rows)
+    """Per part, the written (calibrated) errors against the real RMS errors per structure (and per atom),
+    and the components' probability integral transforms under the calibrated distribution."""
+    from .posterior.residual import raw_levels
+    with_mean = score == "error"
+    res = post.residual
+    err = res.errors(rows, post.predictive(rows, with_mean=with_mean), with_mean)
+    real = raw_levels(rows, eps.square(), torch.zeros_like(eps))
+    seg, is_f = rows.seg.cpu().numpy(), (rows.kind == FORCE).numpy()
+    comp = np.sqrt(real["force_rows"] / np.maximum(3 * rows.natoms.numpy(), 1))[seg]  # √(m/3N): probe rows
     out = {}
-    for part, mask in (("energy", rows.kind != FORCE), ("force", rows.kind == FORCE)):
-        if not bool(mask.any()):
+    for part, mask in (("energy", ~is_f), ("force", is_f)):
+        if not mask.any():
             continue
-        count = torch.zeros(n, dtype=torch.float64).index_add_(0, seg[mask], torch.ones(int(mask.sum()), dtype=torch.float64))
-        has = count > 0
-        pred = torch.zeros(n, dtype=torch.float64).index_add_(0, seg[mask], (mu.square() + s2)[mask]) / count.clamp_min(1)
-        real = torch.zeros(n, dtype=torch.float64).index_add_(0, seg[mask], eps.square()[mask]) / count.clamp_min(1)
-        z = ((eps - mu) / s2.sqrt())[mask].numpy()
-        out[part] = summary(1e3 * pred[has].sqrt().numpy(), 1e3 * real[has].sqrt().numpy(), z)
+        has = np.isfinite(real[part])
+        t = (eps.numpy() * comp)[mask] / err[part][seg[mask]]
+        u = err["calibration"].pit(part, t)
+        out[part] = summary(1e3 * err[part][has], 1e3 * real[part][has], u)
         out[part]["units"] = "meV/atom" if part == "energy" else "meV/A"
+        if part == "force" and "atom_force" in real:
+            ok = np.isfinite(real["atom_force"]) & np.isfinite(err["atom_force"])
+            out["atom_force"] = {k: v for k, v in summary(1e3 * err["atom_force"][ok], 1e3 * real["atom_force"][ok],
+                                                          None).items() if k != "bins"}
+            out["atom_force"]["units"] = "meV/A"
     return out
 
 
-def summary(predicted: np.ndarray, real: np.ndarray, z: np.ndarray) -> dict:
-    """Spearman, miscalibration area, 95 % coverage and the binned reliability curve."""
-    from scipy.stats import norm, spearmanr
-    levels = np.linspace(0.01, 0.99, 99)
-    observed = np.array([(np.abs(z) <= norm.ppf(0.5 + p / 2)).mean() for p in levels])
+def summary(predicted: np.ndarray, real: np.ndarray, u) -> dict:
+    """Spearman, the median and spread of predicted/real, and from the components' probability integral
+    transforms u (F(|t|), uniform when calibrated): miscalibration area, coverage at 50/68/95 %; the binned
+    reliability curve."""
+    from scipy.stats import spearmanr
+    ratio = predicted / np.where(real >= 0.1, real, np.nan)  # below 0.1: zero forces by symmetry, no ratio
+    ratio = ratio[np.isfinite(ratio)]
+    out = {"n": int(len(predicted)),
+           "spearman": float(spearmanr(predicted, real)[0]) if len(predicted) > 2 else None,
+           "median_ratio": float(np.median(ratio)) if len(ratio) else None,
+           "ratio_q10_q90": [float(np.quantile(ratio, 0.1)), float(np.quantile(ratio, 0.9))] if len(ratio) else None,
+           "rms_predicted": float(np.sqrt(np.mean(predicted ** 2))), "rmse_real": float(np.sqrt(np.mean(real ** 2)))}
+    if u is not None:
+        levels = np.linspace(0.01, 0.99, 99)
+        observed = np.array([(u <= p).mean() for p in levels])
+        out.update({"n_components": int(len(u)), "miscalibration_area": float(np.abs(observed - levels).mean()),
+                    "coverage_50": float((u <= 0.5).mean()), "coverage_68": float((u <= 0.6827).mean()),
+                    "coverage_95": float((u <= 0.95).mean())})
     order = np.argsort(predicted, kind="stable")
     bins = [b for b in np.array_split(order, min(N_BINS, len(order))) if len(b)]
-    return {"n": int(len(predicted)),
-            "spearman": float(spearmanr(predicted, real)[0]) if len(predicted) > 2 else None,
-            "miscalibration_area": float(np.abs(observed - levels).mean()),
-            "coverage_95": float((np.abs(z) <= norm.ppf(0.975)).mean()),
-            "rms_predicted": float(np.sqrt(np.mean(predicted ** 2))), "rmse_real": float(np.sqrt(np.mean(real ** 2))),
-            "bins": [{"rms_predicted": float(np.sqrt(np.mean(predicted[b] ** 2))),
-                      "rmse_real": float(np.sqrt(np.mean(real[b] ** 2))), "n": int(len(b))} for b in bins]}
+    out["bins"] = [{"median_predicted": float(np.median(predicted[b])), "median_real": float(np.median(real[b])),
+                    "n": int(len(b))} for b in bins]
+    return out
 
 
 def plot(results: dict, path, title: str = ""):
-    """Reliability plot: RMSE of the real errors in bins of predicted error, per kernel, score and part."""
+    """Reliability plot: the median real RMS error in bins of predicted error, per kernel, score and part."""
     from .io.write import figure, save_png
     parts = ("energy", "force")
     kernels = list(results)
@@ -118,8 +136,8 @@ def plot(results: dict, path, title: str = ""):
                 m = results[kernel][score].get(part)
                 if m is None:
                     continue
-                x = [b["rms_predicted"] for b in m["bins"]]
-                y = [b["rmse_real"] for b in m["bins"]]
+                x = [b["median_predicted"] for b in m["bins"]]
+                y = [b["median_real"] for b in m["bins"]]
                 lo, hi = min(lo, *x, *y), max(hi, *x, *y)
                 ax.plot(x, y, "o-", color=f"C{c}", ms=3,
                         label=f"{score} (ρ_s {m['spearman']:.2f}, cov95 {m['coverage_95']:.2f})")
@@ -130,8 +148,8 @@ def plot(results: dict, path, title: str = ""):
                 ax.legend(fontsize=6, frameon=False)
             ax.set_title(f"{kernel}: {part}", fontsize=8)
             unit = "meV/atom" if part == "energy" else "meV/Å"
-            ax.set_xlabel(f"predicted RMS error ({unit})", fontsize=7)
-            ax.set_ylabel(f"real RMSE ({unit})", fontsize=7)
+            ax.set_xlabel(f"predicted error ({unit})", fontsize=7)
+            ax.set_ylabel(f"median real RMS error ({unit})", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     save_png(fig, path)

@@ -23,6 +23,7 @@ from ..options import FORCE_REDUCE, SIGMA2
 F64 = torch.float64
 _GRAM_BLOCK = 2048  # rows per single-precision Gram product
 KEEP_FOR_CALIBRATION = 2000  # labelled structures whose rows are kept for cross-fitting the error scale
+KEEP_PRETRAIN_FOR_CALIBRATION = 500  # and labelled pretraining structures (where the model is right)
 
 
 def gram(g: torch.Tensor) -> torch.Tensor:
@@ -63,6 +64,8 @@ class Accumulator:
         self.b: Dict[int, torch.Tensor] = {}  # Σ g ε per kind (unscaled rows)
         self.res: Dict[int, ResidualSums] = {}
         self.kept: List[tuple] = []  # (first structure index, rows, residuals) of labelled chunks, for cross-fitting
+        self.kept_pretrain: List[tuple] = []  # the same for pretraining chunks with labels
+        self.n_pretrain = 0
 
     def add(self, block: RowBlock, start: Optional[int] = None, residuals: Optional[torch.Tensor] = None,
             labelled: bool = True):
@@ -102,6 +105,10 @@ class Accumulator:
                 self.res[kind] = self.res.get(kind, ResidualSums()) + ResidualSums(
                     float(r_k[ok].square().sum()), float(sq_k[ok].sum()), float((per_s / comps).sum()))
         if not labelled:
+            first = self.n_pretrain if start is None else int(start)
+            if r is not None and first < KEEP_PRETRAIN_FOR_CALIBRATION and bool(torch.isfinite(r).any()):
+                self.kept_pretrain.append((first, block.to("cpu"), r.cpu()))
+            self.n_pretrain += len(block)
             return
         first = self.n if start is None else int(start)
         if r is not None and first < KEEP_FOR_CALIBRATION:
@@ -122,13 +129,16 @@ class Accumulator:
             for kind, r in acc.res.items():
                 out.res[kind] = out.res.get(kind, ResidualSums()) + r
             out.n += acc.n
+            out.n_pretrain += acc.n_pretrain
             out.kept += acc.kept
+            out.kept_pretrain += acc.kept_pretrain
         out.kept.sort(key=lambda t: t[0])
+        out.kept_pretrain.sort(key=lambda t: t[0])
         return out
 
     def drop_residuals(self):
         """Forget the residual sums (the score fell back to posterior variance)."""
-        self.res, self.b, self.kept = {}, {}, []
+        self.res, self.b, self.kept, self.kept_pretrain = {}, {}, [], []
 
 
 @dataclass

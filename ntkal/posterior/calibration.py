@@ -1,0 +1,110 @@
+"""Calibration of the predicted errors (docs/design.md, "Calibration"), numpy float64, fitted on cross-fitted
+held-out labelled structures.
+
+Two maps per level, both robust to outliers and to the residuals' shape:
+- a line in log space, log(real RMS error) ≈ a + b·log(raw predicted RMS error), fitted by least absolute
+  deviations: the calibrated error exp(a)·raw^b is the conditional median of the real RMS error, so a
+  prediction of 800 means that half the structures predicted at 800 are worse than 800 and half better, at
+  every size (the slope b lets the errors of well-known and unknown regions spread as the real ones do);
+- the distribution of |t|, t = a residual component ÷ its structure's calibrated error, as quantiles: the
+  central p interval of a component is ±σ·Q(p), and F(|t|) is its probability integral transform.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+LEVELS = ("energy", "force", "atom_force")  # per structure, per structure (force components), per atom
+P_GRID = np.concatenate([np.linspace(0.0, 0.98, 50), [0.99, 0.995, 0.999, 1.0]])
+MIN_FOR_SLOPE = 8  # fewer structures than this: a scale only (slope 1)
+SLOPE_RANGE = (0.25, 4.0)
+
+
+def lad_line(x: np.ndarray, y: np.ndarray, iters: int = 100):
+    """(a, b) minimising Σ|y − a − b x| (iteratively reweighted least squares); a scale only (b = 1) for
+    fewer than MIN_FOR_SLOPE points or no spread in x."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < MIN_FOR_SLOPE or np.ptp(x) < 1e-9:
+        return float(np.median(y - x)), 1.0
+    A = np.stack([np.ones_like(x), x], 1)
+    coef = np.linalg.lstsq(A, y, rcond=None)[0]
+    scale = max(float(np.median(np.abs(y - A @ coef))), 1e-6)
+    for _ in range(iters):
+        w = 1.0 / np.maximum(np.abs(y - A @ coef), 1e-3 * scale)
+        new = np.linalg.lstsq(A * np.sqrt(w)[:, None], y * np.sqrt(w), rcond=None)[0]
+        if np.allclose(new, coef, rtol=0, atol=1e-10):
+            break
+        coef = new
+    b = float(np.clip(coef[1], *SLOPE_RANGE))
+    return float(np.median(y - b * x)), b
+
+
+def half_normal_quantiles() -> np.ndarray:
+    """Quantiles of |t| for t ~ N(0, 1): the table used when there is nothing to calibrate on."""
+    from scipy.stats import norm
+    q = norm.ppf(0.5 + np.minimum(P_GRID, 1 - 1e-9) / 2)
+    return q
+
+
+@dataclass
+class Calibration:
+    """Per level the log-space line (a, b) and per part ("energy", "force") the quantiles of |t| at P_GRID."""
+
+    line: Dict[str, List[float]] = field(default_factory=dict)
+    abs_t: Dict[str, np.ndarray] = field(default_factory=dict)
+    n: Dict[str, int] = field(default_factory=dict)  # calibration structures (atoms for atom_force) per level
+
+    @classmethod
+    def fit(cls, raw: Dict[str, np.ndarray], real: Dict[str, np.ndarray], t: Dict[str, np.ndarray]) -> "Calibration":
+        """raw / real: per level the held-out raw predicted and real RMS errors (same units); t: per part the
+        held-out components over their structure's raw prediction (rescaled below by the fitted line)."""
+        out = cls()
+        for level in LEVELS:
+            if level not in raw:
+                continue
+            ok = (raw[level] > 0) & (real[level] > 0) & np.isfinite(raw[level]) & np.isfinite(real[level])
+            if ok.sum() == 0:
+                continue
+            out.line[level] = list(lad_line(np.log(raw[level][ok]), np.log(real[level][ok])))
+            out.n[level] = int(ok.sum())
+        for part, (tt, raw_s) in t.items():
+            if part not in out.line or len(tt) == 0:
+                continue
+            sigma = out.apply(part, raw_s)
+            out.abs_t[part] = np.quantile(np.abs(tt) / sigma, P_GRID)
+        return out
+
+    def apply(self, level: str, raw: np.ndarray) -> np.ndarray:
+        """The calibrated error (median of the real RMS error) for raw predicted RMS errors."""
+        a, b = self.line.get(level, (0.0, 1.0))
+        raw = np.asarray(raw, dtype=np.float64)
+        return np.exp(a) * np.power(np.maximum(raw, 0.0), b)
+
+    def pit(self, part: str, t: np.ndarray) -> np.ndarray:
+        """F(|t|): the smallest central interval level that holds a component with |t| = |residual| / σ."""
+        q = self.abs_t.get(part)
+        if q is None:
+            q = half_normal_quantiles()
+        q = np.maximum.accumulate(q)  # ties at the ends
+        return np.interp(np.abs(t), q, P_GRID, left=0.0, right=1.0)
+
+    def quantile(self, part: str, p: float) -> float:
+        """Q(p): the central p interval of a component is ±σ·Q(p)."""
+        q = self.abs_t.get(part)
+        return float(np.interp(p, P_GRID, half_normal_quantiles() if q is None else q))
+
+    # --- plain state ------------------------------------------------------------------------------
+    def to_state(self) -> dict:
+        return {"line": {k: [float(v) for v in ab] for k, ab in self.line.items()},
+                "abs_t": {k: np.asarray(v, dtype=np.float64) for k, v in self.abs_t.items()},
+                "n": dict(self.n)}
+
+    @classmethod
+    def from_state(cls, state: Optional[dict]) -> "Calibration":
+        if not state:
+            return cls()
+        return cls(line={str(k): [float(v) for v in ab] for k, ab in state["line"].items()},
+                   abs_t={str(k): np.asarray(v, dtype=np.float64) for k, v in state["abs_t"].items()},
+                   n={str(k): int(v) for k, v in state["n"].items()})
