@@ -13,6 +13,7 @@ _NAMES = {
     "EMBEDDING": "features", "Posterior": "posterior", "SelectionResult": "acquisition.pipeline",
     "lcmd": "acquisition.selectors", "Options": "options",
     "NtkalError": "errors", "InputError": "errors", "ModelError": "errors", "Calculator": "calculator",
+    "md": "dynamics",
     "load_posterior": "api", "SavedPosterior": "saved",
 }
 __all__ = sorted(_NAMES) + ["__version__"]

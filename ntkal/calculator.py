@@ -103,6 +103,11 @@ class Calculator(_ASECalculator):
         res[ERROR_AGE] = self._age
         self.results = res
 
+    def reset(self):
+        """Clear the results and the held error values: the next call computes the error (a new trajectory)."""
+        super().reset()
+        self._held, self._age = None, 0
+
     def _plain(self, atoms, stress: bool) -> dict:
         """One model call (energy, forces, stress), as MACECalculator makes it."""
         fz = self.featurizer

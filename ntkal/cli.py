@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ntkal", description="Force-aware NTK active learning for MACE potentials: pick the "
                                                "structures worth a DFT calculation.")
     parser.add_argument("--version", action="version", version=f"ntkal {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{select,score,evaluate,fit,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{select,score,evaluate,fit,demo,md}")
     parser.commands = {}  # name -> its subparser (given_flags)
 
     def command(name, help, description, files, out, skip=(), defaults=None):
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
             "predicted errors are shown beside the real ones.", (),
             {"default": "ntkal-demo", "help": "output directory (default ./ntkal-demo)"},
             defaults={"budget": 20, "force_probes": 8})
+    from .dynamics import add_parser as add_md_parser  # ntkal md: its own flags (ntkal/dynamics.py)
+    add_md_parser(sub)
 
     return parser
 
@@ -124,6 +126,9 @@ def report_path(out: Path) -> Path:
 
 def plan(args) -> Plan:
     """Options checked, inputs present and readable, outputs writable and not someone else's."""
+    if args.command == "md":  # ntkal md plans its own inputs and outputs (ntkal/dynamics.py)
+        from .dynamics import plan_cli
+        return plan_cli(args)
     from .io import COMPRESSION_SUFFIXES, EXTXYZ_SUFFIXES, check_output_path, survey
     from .runstate import claim
     names = {f.name for f in dataclasses.fields(Options)}
@@ -476,6 +481,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(p.opts.threads)
         from .runstate import init_distributed
         init_distributed()
+        if p.command == "md":
+            from .dynamics import run_cli
+            run_cli(p, args)
+            return 0
         {"select": run_select, "score": run_score, "demo": run_demo, "evaluate": run_evaluate,
          "fit": run_fit}[p.command](p, args)
     except NtkalError as exc:

@@ -103,3 +103,105 @@ def test_calculator_refuses_a_posterior_without_residuals(si):
         Calculator(si["fz"], post)
     with pytest.raises(ntkal.InputError, match="error_every"):
         Calculator(si["fz"], si["post"], error_every=0)
+
+
+# --- ntkal md / ntkal.md ------------------------------------------------------------------------------
+
+def _start(si, tmp_path, periodic=True):
+    start = si["pool"][3].copy()  # 4 Si atoms
+    if not periodic:
+        start.pbc = False
+    path = tmp_path / ("start.extxyz" if periodic else "start_mol.extxyz")
+    import ase.io
+    ase.io.write(path, start)
+    return path
+
+
+def test_md_writes_a_pool_that_select_reads(si, tmp_path):
+    import ase.io
+    import json
+    from ntkal.cli import main
+    out = tmp_path / "pool.extxyz"
+    body = ntkal.md(si["fz"], si["post"], [si["pool"][3], si["pool"][81]], out, steps=20, every=5, lower=0.0,
+                    force_probes=2, seed=1, temperature=600.0)
+    frames = ase.io.read(out, ":")
+    assert body["frames_written"] == len(frames) == 2 * 5  # steps 0, 5, 10, 15, 20 of both trajectories
+    assert [f.info["ntkal_md_step"] for f in frames[:5]] == [0, 5, 10, 15, 20]
+    assert [f.info["ntkal_md_trajectory"] for f in frames] == [0] * 5 + [1] * 5
+    for f in frames:
+        assert np.isfinite(f.info["ntkal_force_error"]) and f.info["ntkal_force_error"] > 0
+        assert "REF_energy" not in f.info and f.calc is None
+    report = json.loads((tmp_path / "pool.extxyz.json").read_text())
+    assert report["stops"] == {"steps": 2} and report["trajectories"][0]["visited"] == 21
+    assert report["steps_per_s"] > 0 and (tmp_path / "pool.extxyz.png").stat().st_size > 0
+    # the same seed gives the same trajectory; the run replaces its own outputs
+    again = ntkal.md(si["fz"], si["post"], [si["pool"][3], si["pool"][81]], out, steps=20, every=5,
+                     force_probes=2, seed=1, temperature=600.0)
+    np.testing.assert_allclose(ase.io.read(out, ":")[4].positions, frames[4].positions, atol=1e-12)
+    assert again["frames_written"] == 10
+    train = tmp_path / "train.extxyz"
+    ase.io.write(train, si["train"][:6])
+    picks = tmp_path / "picks.extxyz"
+    assert main(["select", "--model", str(si["files"]["model"]), "--train", str(train), "--pool", str(out),
+                 "--budget", "2", "--kernel", "energy", "--sketch-dim", "16", "--no-progress",
+                 "--out", str(picks)]) == 0
+    assert len(ase.io.read(picks, ":")) == 2
+
+
+def test_md_stops_at_upper(si, tmp_path):
+    import ase.io
+    out = tmp_path / "stop.extxyz"
+    body = ntkal.md(si["fz"], si["post"], [si["pool"][3]], out, steps=20, lower=0.0, upper=1e-3, force_probes=2)
+    frames = ase.io.read(out, ":")
+    assert len(frames) == 1 and frames[0].info["ntkal_md_stop"] == "upper"
+    assert body["trajectories"][0]["stop"] == "upper" and body["trajectories"][0]["stop_step"] == 0
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--steps", "0"], "--steps"), (["--pressure", "1"], "--pressure needs --ensemble npt"),
+    (["--upper", "-1"], "--upper"), (["--every", "x"], "--every"), (["--out", "pool.txt"], "--out"),
+    (["--posterior", "missing.ntkal"], "--posterior"), (["--structures", "missing.extxyz"], "--structures"),
+    (["--ensemble", "npt", "--structures", "MOL"], "npt needs a 3-D periodic cell"),
+])
+def test_md_refuses_bad_flags(si, tmp_path, capsys, extra, needle):
+    from ntkal.cli import main
+    start, mol = _start(si, tmp_path), _start(si, tmp_path, periodic=False)
+    post = tmp_path / "state.ntkal"
+    post.write_bytes(b"not yet read")  # the checks above come first
+    args = {"--model": str(si["files"]["model"]), "--posterior": str(post), "--structures": str(start),
+            "--out": str(tmp_path / "pool.extxyz")}
+    rest = []
+    for i in range(0, len(extra), 2):
+        value = str(mol) if extra[i + 1] == "MOL" else extra[i + 1]
+        value = str(tmp_path / value) if extra[i] in ("--out", "--posterior", "--structures") and "/" not in value else value
+        if extra[i] in args:
+            args[extra[i]] = value
+        else:
+            rest += [extra[i], value]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["md", *[x for kv in args.items() for x in kv], *rest, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_md_command_with_a_saved_posterior(si, tmp_path, capsys):
+    import ase.io
+    from ntkal.cli import main
+    pytest.importorskip("ntkal.saved")
+    state = tmp_path / "state.ntkal"
+    ntkal.fit(si["files"]["model"], si["train"][:8], out=state, kernel="joint", sketch_dim=K, force_probes=2,
+              train_force_probes=2)
+    start = _start(si, tmp_path)
+    out = tmp_path / "md_pool.extxyz"
+    assert main(["md", "--model", str(si["files"]["model"]), "--posterior", str(state), "--structures", str(start),
+                 "--out", str(out), "--steps", "6", "--every", "3", "--force-probes", "2", "--no-progress"]) == 0
+    assert [f.info["ntkal_md_step"] for f in ase.io.read(out, ":")] == [0, 3, 6]
+    assert "frames kept" in capsys.readouterr().out
+    unlabelled = tmp_path / "pv.ntkal"
+    ntkal.fit(si["files"]["model"], [a.copy() for a in si["train"][:4]], out=unlabelled, kernel="joint",
+              sketch_dim=K, train_force_probes=2, score="pv")
+    code = main(["md", "--model", str(si["files"]["model"]), "--posterior", str(unlabelled), "--structures",
+                 str(start), "--out", str(tmp_path / "x.extxyz"), "--steps", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "residual model" in err, err
