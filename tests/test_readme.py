@@ -33,6 +33,7 @@ def test_readme_command_line_examples(tmp_path):
     assert len(ase.io.read(tmp_path / "scored.extxyz", ":")) == 600
     assert (tmp_path / "evaluation" / "evaluate.json").exists() and (tmp_path / "evaluation" / "evaluate.png").exists()
     assert len(ase.io.read(tmp_path / "picks_pv.extxyz", ":")) == 10
+    assert (tmp_path / "si.ntkal").exists() and len(ase.io.read(tmp_path / "rescored.extxyz", ":")) == 600
 
 
 def test_readme_python_example(tmp_path, monkeypatch):
