@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
+import torch
 
 LEVELS = ("energy", "force", "atom_force")  # per structure, per structure (force components), per atom
 P_GRID = np.concatenate([np.linspace(0.0, 0.98, 50), [0.99, 0.995, 0.999, 1.0]])
@@ -43,9 +44,8 @@ def lad_line(x: np.ndarray, y: np.ndarray, iters: int = 100):
 
 def half_normal_quantiles() -> np.ndarray:
     """Quantiles of |t| for t ~ N(0, 1): the table used when there is nothing to calibrate on."""
-    from scipy.stats import norm
-    q = norm.ppf(0.5 + np.minimum(P_GRID, 1 - 1e-9) / 2)
-    return q
+    p = torch.as_tensor(0.5 + np.minimum(P_GRID, 1 - 1e-9) / 2, dtype=torch.float64)
+    return torch.special.ndtri(p).numpy()
 
 
 @dataclass
