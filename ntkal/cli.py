@@ -303,8 +303,10 @@ def run_evaluate(p: Plan, args) -> dict:
         for score, parts in by_score.items():
             if score == "calibration":
                 continue
-            line = "  ".join(f"{part} Spearman {m['spearman']:.2f} cov95 {m['coverage_95']:.2f} "
-                             f"miscal {m['miscalibration_area']:.3f}" for part, m in parts.items())
+            line = "  ".join(f"{part} Spearman {m['spearman']:.2f} "
+                             f"median pred/real {m['median_ratio'] or float('nan'):.2f}"
+                             + (f" cov95 {m['coverage_95']:.2f} miscal {m['miscalibration_area']:.3f}"
+                                if "coverage_95" in m else "") for part, m in parts.items())
             print(f"{kernel:>9} {score:>5}: {line}")
     print(f"wrote {p.out}, {p.plots['reliability']}")
     return {"results": results}
@@ -384,15 +386,21 @@ def run_demo(p: Plan, args) -> dict:
     real = real_force_errors(p.inputs["model"], p.inputs["pool"], p.opts)
     print(f"ntkal demo: picked {len(res.indices)} of {res.n_pool} Si structures "
           f"(kernel {p.opts.kernel}, score {res.info['score']}, {res.method}) in {time.perf_counter() - t0:.1f} s")
-    print(f"{'rank':>4} {'pool':>5} {'formula':>8} {'score':>10} {'predicted F err':>16} {'real F err':>11}")
+    print(f"{'rank':>4} {'pool':>5} {'formula':>8} {'score':>10} {'predicted F err':>16} {'real F err':>11} "
+          f"{'pred/real':>9}")
     for r, (c, a) in enumerate(zip(res.picks, res.atoms)):
         pred = c.values.get("force_error")
         print(f"{r:>4} {int(c.index):>5} {a.get_chemical_formula():>8} {c.values['score']:>10.4g} "
-              f"{'-' if pred is None else f'{pred:.0f} meV/A':>16} {real[c.index]:>6.0f} meV/A")
+              f"{'-' if pred is None else f'{pred:.0f} meV/A':>16} {real[c.index]:>6.0f} meV/A "
+              f"{'-' if pred is None else f'{pred / max(real[c.index], 1e-9):.2f}':>9}")
     print(f"real force error (RMS per structure, meV/A): picks {np.mean(real[res.indices]):.0f}, "
           f"pool {np.mean(real):.0f} (x{np.mean(real[res.indices]) / np.mean(real):.2f})")
     if seen and "force_error" in seen[0]:
         predicted = np.concatenate([v["force_error"] for v in seen])
+        ok = real >= 0.1  # below: zero forces by symmetry
+        print(f"predicted/real force error per structure (the predicted error is the median real error of "
+              f"structures so predicted): median {np.median(predicted[ok] / real[ok]):.2f} over the pool, "
+              f"{np.median(predicted[res.indices] / np.maximum(real[res.indices], 1e-9)):.2f} over the picks")
         plot_errors(predicted, real, res.indices, p.plots["errors"])
     print(f"wrote {done['out']}, {done['report']}, " + ", ".join(str(x) for x in p.plots.values() if x.exists()))
     return done
