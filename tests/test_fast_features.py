@@ -121,6 +121,23 @@ def test_rows_do_not_depend_on_batching(model, atoms):
     assert torch.equal(a.ptr, b.ptr) and rel(a.rows, b.rows) <= 1e-12
 
 
+@pytest.mark.parametrize("kernel,probes", [("energy", None), ("force", 3), ("joint", None), ("joint", 5)])
+def test_one_structure_batches_differentiate_small_layers_directly(model, atoms, kernel, probes, monkeypatch):
+    """Batches of one structure (the calculator's): small layers' parameter gradients straight from the
+    backward (FastRoute.direct_single), the same rows as their taps / perturbations and as the reference."""
+    seen = []
+    direct_sketch = fastmod._direct_sketch
+    monkeypatch.setattr(fastmod, "_direct_sketch", lambda sk, dp, *a: seen.append(len(dp)) or direct_sketch(sk, dp, *a))
+    direct, ref = pair(model, kernel, probes, batch_size=1)
+    taps, _ = pair(model, kernel, probes, batch_size=1, route=FastRoute(direct_single=False))
+    a = direct(atoms[:4])
+    assert seen and all(seen)
+    seen.clear()
+    b, c = taps(atoms[:4]), ref(atoms[:4])
+    assert not any(seen)
+    assert rel(a.rows, c.rows) <= 1e-9 and rel(b.rows, c.rows) <= 1e-9 and float(c.rows.abs().max()) > 0
+
+
 def test_size_groups_bound_the_spread_and_keep_every_index():
     sizes = [3, 17, 4, 16, 5, 30, 8, 9, 3, 40]
     groups = size_groups(sizes, batch_size=3, slack=1.25)

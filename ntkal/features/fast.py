@@ -29,6 +29,9 @@ class FastRoute:
     tap_route: str = "auto"  # tapped blocks: "auto" (fewer flops), "rows" (fused tensor sketch) or "dense"
     big_layer_numel: float = BIG_LAYER_NUMEL  # layers this large take the big-layer rules (rules.py); 0: all
     vmap: Optional[bool] = None  # force double backward: vmapped (True) or a loop (False); None: vmapped on CUDA
+    # A batch of one structure of a model whose layers are all smaller than big_layer_numel: differentiated
+    # w.r.t. its parameters (the batch's gradient is the structure's), no taps or perturbations (False: off)
+    direct_single: bool = True
 
 # Structures per batch for force rows on a CPU: the per-projection double backward ran ~1.2x faster on
 # batches of 16 than of 64 there (bench/RESULTS.md); exact-row batches are also grouped by size.
@@ -62,6 +65,7 @@ class FastTaps:
         self.model, self.sketch, self.route = model, sketch, route
         self.phase = "off"  # "forward" while recording, "first" during the first backward
         self.guard = False  # a rule is evaluating its own layer (no recording)
+        self.direct = frozenset()  # rules of this run differentiated w.r.t. their parameters (not recording)
         blocks_of: Dict[str, list] = {}
         for i, b in enumerate(sketch.blocks):
             blocks_of.setdefault(b.param, []).append(i)
@@ -78,6 +82,12 @@ class FastTaps:
         handles = []
         for layer in self.layers.values():
             handles.extend(layer.install())
+        # layers a one-structure batch differentiates directly (FastRoute.direct_single): all of them, when
+        # every layer is small (shipped models); a model with big layers keeps its rules (on mp0-medium the
+        # mixed route measured slower for force rows)
+        small = [layer for layer in self.layers.values()
+                 if sum(p.numel() for p in layer.module.parameters()) < route.big_layer_numel]
+        self.small = frozenset(small) if len(small) == len(self.layers) else frozenset()
         self._finalizer = weakref.finalize(self, _remove, handles)
 
     def _rule_for(self, mod, local, layouts, prefix, name):
@@ -121,6 +131,7 @@ class FastTaps:
             rows = energy.detach(), None if forces is None else forces.detach()
             return rows + (model_out,) if outputs else rows
         finally:
+            self.direct = frozenset()
             for layer in self.layers.values():
                 layer.release()
 
@@ -128,9 +139,14 @@ class FastTaps:
         sk = self.sketch
         node_seg = data["batch"]
         chunk = Chunk(n, data["ptr"].cpu(), node_seg, node_seg[data["edge_index"][0]], self.route.tap_route)
-        layers = list(self.layers.values())
+        self.direct = self.small if n == 1 and self.route.direct_single else frozenset()
+        direct = [layer for layer in self.layers.values() if layer in self.direct]
+        layers = [layer for layer in self.layers.values() if layer not in self.direct]
         for layer in layers:
             layer.begin(chunk)
+        # the sketched parameters of the direct layers, (rule, local name, tensor) in one order
+        dparams = [(layer, local, sk.parameters[j]) for layer in direct for local, j in layer.params.items()]
+        dtensors = [p for _, _, p in dparams]
         pos = data["positions"]  # the leaf: MACE replaces data["positions"] when it adds the displacement
         if want_forces or outputs:
             pos.requires_grad_(True)
@@ -141,7 +157,7 @@ class FastTaps:
             self.phase = "off"
         firsts = [layer.first_inputs() for layer in layers]
         lead = ([pos] if want_forces or outputs else []) + ([out["displacement"]] if stress else [])
-        inputs = lead + [t for f in firsts for t in f]
+        inputs = lead + dtensors + [t for f in firsts for t in f]
         self.phase = "first"
         try:
             grads = torch.autograd.grad(out["energy"].sum(), inputs, create_graph=want_forces, allow_unused=True)
@@ -151,7 +167,8 @@ class FastTaps:
         if outputs:
             model_out = {"energy": out["energy"].detach(), "forces": _neg(grads[0], pos).detach(),
                          "stress": _stress(grads[1], data["cell"]) if stress else None}
-        off = len(lead)
+        off = len(lead) + len(dtensors)
+        dgrads = grads[len(lead):off]
         for layer, f in zip(layers, firsts):
             layer.set_first(grads[off:off + len(f)], want_forces)
             off += len(f)
@@ -160,25 +177,39 @@ class FastTaps:
         with torch.no_grad():  # taps and first-backward adjoints carry graphs: the sketches must not
             for layer in layers:
                 layer.energy(sk, energy)
+            _direct_sketch(sk, dparams, [None if g is None else g.unsqueeze(0) for g in dgrads], energy)
         if not want_forces:
             return energy, None, model_out
         forces = -grads[0]
         seconds = [layer.second_inputs() for layer in layers]
-        second_in = [t for s in seconds for t in s]
+        second_in = dtensors + [t for s in seconds for t in s]
         parts = []
         vmap = self.route.vmap if vmap is None else vmap
         batched = vectors.is_cuda if vmap is None else vmap
-        for vc in vectors.split(_vec_chunk(vectors.device)):
+        for vc in vectors.split(_vec_chunk(vectors.device, batched and bool(self.direct))):
             J = vc.shape[0]
             g2 = _double_backward(forces, second_in, vc, batched)
             part = torch.zeros(J, n, sk.k, dtype=dtype, device=device)
-            off = 0
+            off = len(dtensors)
             with torch.no_grad():
+                _direct_sketch(sk, dparams, g2[:off], part.view(J * n, -1))
                 for layer, s in zip(layers, seconds):
                     layer.force(sk, g2[off:off + len(s)], J, part)
                     off += len(s)
             parts.append(part)
         return energy, torch.cat(parts), model_out
+
+
+def _direct_sketch(sk, dparams, grads, out):
+    """Add the sketches of parameter gradients [R, *shape] (None: zero) of (rule, local, tensor) `dparams`
+    to out [R, k]: every block of the parameter, as the reference path sketches it."""
+    for (layer, local, p), g in zip(dparams, grads):
+        if g is None:
+            continue
+        g = g.reshape(out.shape[0], -1)
+        for bi in layer.blocks[local]:
+            b = sk.blocks[bi]
+            out += sk.block_sketch(bi, g[:, b.offset:b.offset + b.numel])
 
 
 def _neg(grad, like):
@@ -194,11 +225,12 @@ def _stress(grad, cell):
     return torch.where(out.abs() < 1e10, out, torch.zeros_like(out))
 
 
-def _vec_chunk(device) -> int:
+def _vec_chunk(device, single_vmapped: bool = False) -> int:
     """Projections whose adjoints are held and sketched together. On a CPU the double backwards run one
     at a time anyway and 2-4 measured as fast as 16 with half the peak memory (tiny model, 16 exact-row
-    structures: 0.85 vs 1.38 GB); on CUDA they are one vmapped call, which wants more."""
-    return 16 if torch.device(device).type == "cuda" else 4
+    structures: 0.85 vs 1.38 GB); on CUDA they are one vmapped call, which wants more, and so does one
+    structure's vmapped direct call on a CPU (the calculator's: half the sketch calls, same backward time)."""
+    return 16 if torch.device(device).type == "cuda" or single_vmapped else 4
 
 
 def _double_backward(forces, inputs, vectors, batched: bool):

@@ -212,7 +212,7 @@ class Rule:
 
     def recording(self) -> bool:
         taps = self._taps()
-        return taps is not None and taps.phase == "forward" and not taps.guard
+        return taps is not None and taps.phase == "forward" and not taps.guard and self not in taps.direct
 
     def install(self) -> list:  # hook handles
         return []
