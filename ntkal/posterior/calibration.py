@@ -21,25 +21,43 @@ LEVELS = ("energy", "force", "atom_force")  # per structure, per structure (forc
 P_GRID = np.concatenate([np.linspace(0.0, 0.98, 50), [0.99, 0.995, 0.999, 1.0]])
 MIN_FOR_SLOPE = 8  # fewer structures than this: a scale only (slope 1)
 SLOPE_RANGE = (0.25, 4.0)
+ZERO = 1e-6  # real errors below this (eV/atom, eV/Å) are zero by symmetry (forces of a symmetric cell): no ratio
 
 
-def lad_line(x: np.ndarray, y: np.ndarray, iters: int = 100):
-    """(a, b) minimising Σ|y − a − b x| (iteratively reweighted least squares); a scale only (b = 1) for
+def lad_line(x: np.ndarray, y: np.ndarray, w: Optional[np.ndarray] = None, iters: int = 100):
+    """(a, b) minimising Σ w|y − a − b x| (iteratively reweighted least squares); a scale only (b = 1) for
     fewer than MIN_FOR_SLOPE points or no spread in x."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    w = np.ones_like(x) if w is None else np.asarray(w, dtype=np.float64)
     if len(x) < MIN_FOR_SLOPE or np.ptp(x) < 1e-9:
-        return float(np.median(y - x)), 1.0
+        return _weighted_median(y - x, w), 1.0
     A = np.stack([np.ones_like(x), x], 1)
-    coef = np.linalg.lstsq(A, y, rcond=None)[0]
+    coef = np.linalg.lstsq(A * np.sqrt(w)[:, None], y * np.sqrt(w), rcond=None)[0]
     scale = max(float(np.median(np.abs(y - A @ coef))), 1e-6)
     for _ in range(iters):
-        w = 1.0 / np.maximum(np.abs(y - A @ coef), 1e-3 * scale)
-        new = np.linalg.lstsq(A * np.sqrt(w)[:, None], y * np.sqrt(w), rcond=None)[0]
+        ww = w / np.maximum(np.abs(y - A @ coef), 1e-3 * scale)
+        new = np.linalg.lstsq(A * np.sqrt(ww)[:, None], y * np.sqrt(ww), rcond=None)[0]
         if np.allclose(new, coef, rtol=0, atol=1e-10):
             break
         coef = new
     b = float(np.clip(coef[1], *SLOPE_RANGE))
-    return float(np.median(y - b * x)), b
+    return _weighted_median(y - b * x, w), b
+
+
+def _weighted_median(v: np.ndarray, w: np.ndarray) -> float:
+    order = np.argsort(v, kind="stable")
+    cw = np.cumsum(w[order])
+    return float(v[order][np.searchsorted(cw, 0.5 * cw[-1])])
+
+
+def weighted_quantiles(v: np.ndarray, w: Optional[np.ndarray], probs: np.ndarray) -> np.ndarray:
+    """Quantiles of v at probs, each value counted with its weight (equal weights: np.quantile's)."""
+    if w is None:
+        return np.quantile(v, probs)
+    order = np.argsort(v, kind="stable")
+    v, w = v[order], w[order]
+    cum = (np.cumsum(w) - 0.5 * w) / w.sum()  # midpoints, as np.quantile's "linear" rule for equal weights
+    return np.interp(probs, cum, v)
 
 
 def half_normal_quantiles() -> np.ndarray:
@@ -57,23 +75,28 @@ class Calibration:
     n: Dict[str, int] = field(default_factory=dict)  # calibration structures (atoms for atom_force) per level
 
     @classmethod
-    def fit(cls, raw: Dict[str, np.ndarray], real: Dict[str, np.ndarray], t: Dict[str, np.ndarray]) -> "Calibration":
-        """raw / real: per level the held-out raw predicted and real RMS errors (same units); t: per part the
-        held-out components over their structure's raw prediction (rescaled below by the fitted line)."""
+    def fit(cls, raw: Dict[str, np.ndarray], real: Dict[str, np.ndarray], t: Dict[str, tuple],
+            weight: Optional[Dict[str, np.ndarray]] = None) -> "Calibration":
+        """raw / real: per level the held-out raw predicted and real RMS errors (same units); t: per part
+        (components at component scale, their structure's raw prediction, and optionally their weights);
+        weight: per level the structures' (atoms') weights (default equal)."""
         out = cls()
+        weight = weight or {}
         for level in LEVELS:
             if level not in raw:
                 continue
-            ok = (raw[level] > 0) & (real[level] > 0) & np.isfinite(raw[level]) & np.isfinite(real[level])
+            ok = (raw[level] > 0) & (real[level] > ZERO) & np.isfinite(raw[level]) & np.isfinite(real[level])
             if ok.sum() == 0:
                 continue
-            out.line[level] = list(lad_line(np.log(raw[level][ok]), np.log(real[level][ok])))
+            w = weight.get(level)
+            out.line[level] = list(lad_line(np.log(raw[level][ok]), np.log(real[level][ok]),
+                                            None if w is None else w[ok]))
             out.n[level] = int(ok.sum())
-        for part, (tt, raw_s) in t.items():
+        for part, (tt, raw_s, *w) in t.items():
             if part not in out.line or len(tt) == 0:
                 continue
             sigma = out.apply(part, raw_s)
-            out.abs_t[part] = np.quantile(np.abs(tt) / sigma, P_GRID)
+            out.abs_t[part] = weighted_quantiles(np.abs(tt) / sigma, w[0] if w else None, P_GRID)
         return out
 
     def apply(self, level: str, raw: np.ndarray) -> np.ndarray:

@@ -148,7 +148,8 @@ class ResidualModel:
         real = raw_levels(rows, torch.where(ok, eps, torch.full_like(eps, float("nan"))).square(), torch.zeros_like(eps))
         for variant, with_mean in (("error", True), ("pv", False)):
             sq = rho2 * (pv + (mu.square() if with_mean else 0))
-            self.calib[variant] = Calibration.fit(*_calibration_data(rows, raw_levels(rows, sq, rho2 * noise), real, eps))
+            self.calib[variant] = Calibration.fit(*_calibration_data(rows, raw_levels(rows, sq, rho2 * noise), real, eps,
+                                                                     labelled))
         n_pre = int(sum(len(b) for b, _, lab in kept if not lab))
         self.calibration = (f"{k_folds}-fold cross-fitted over {n - n_pre} labelled structures"
                             + (f" and {n_pre} labelled pretraining structures" if n_pre else ""))
@@ -190,16 +191,24 @@ class ResidualModel:
                    calib={str(k): Calibration.from_state(v) for k, v in state["calib"].items()})
 
 
-def _calibration_data(rows: RowBlock, raw: dict, real: dict, eps: torch.Tensor):
+def _calibration_data(rows: RowBlock, raw: dict, real: dict, eps: torch.Tensor, labelled: torch.Tensor):
     """Calibration.fit's arguments from held-out raw and real levels: per level the pairs, per part the
-    components at component scale (probe rows: ε_j·√(m/3N)) with their structure's raw prediction."""
+    components at component scale (probe rows: ε_j·√(m/3N)) with their structure's raw prediction, and weights
+    that give the labelled set and the pretraining sample equal say (each group's weights sum to 1: 40
+    labelled structures are not outvoted by 500 pretraining ones, so the line passes through both regions)."""
     seg, is_f = rows.seg.cpu().numpy(), (rows.kind == FORCE).numpy()
+    lab = np.zeros(len(rows), dtype=bool)
+    lab[seg[labelled.numpy()]] = True
+    w_struct = np.where(lab, 1.0 / max(lab.sum(), 1), 1.0 / max((~lab).sum(), 1))
     e = eps.numpy()
-    t = {"energy": (e[~is_f], raw["energy"][seg[~is_f]])}
     comp = np.sqrt(raw["force_rows"] / np.maximum(3 * rows.natoms.numpy(), 1))[seg]  # √(m/3N); 1 for exact rows
-    t["force"] = ((e * comp)[is_f], raw["force"][seg[is_f]])
-    levels = {lv: raw[lv] for lv in LEVELS if lv in raw}
+    t = {"energy": (e[~is_f], raw["energy"][seg[~is_f]], w_struct[seg[~is_f]]),
+         "force": ((e * comp)[is_f], raw["force"][seg[is_f]], (w_struct / np.maximum(raw["force_rows"], 1))[seg[is_f]])}
     for part in ("energy", "force"):
         keep = np.isfinite(t[part][0]) & np.isfinite(t[part][1])
-        t[part] = (t[part][0][keep], t[part][1][keep])
-    return levels, {lv: real[lv] for lv in levels}, t
+        t[part] = tuple(x[keep] for x in t[part])
+    levels = {lv: raw[lv] for lv in LEVELS if lv in raw}
+    weight = {"energy": w_struct, "force": w_struct}
+    if "atom_force" in raw:
+        weight["atom_force"] = (w_struct / np.maximum(rows.natoms.numpy(), 1))[raw["atom_seg"]]
+    return levels, {lv: real[lv] for lv in levels}, t, weight
