@@ -13,7 +13,6 @@ flat: frames are written as they come, the plotted series are thinned as they gr
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import InputError
-from .options import Options, flag
+from .options import Options, _bad, _number, flag
 
 ENSEMBLES = ("nvt", "npt")
 SERIES_POINTS = 2000  # at most this many points per trajectory in the plot (thinned by halves)
@@ -66,14 +65,6 @@ class MDSettings:
             if not _number(self.pressure):
                 _bad("pressure", f"must be a number (GPa), got {self.pressure!r}")
         return self
-
-
-def _bad(name: str, what: str):
-    raise InputError(f"{flag(name)} {what}")
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ------------------------------------------------------------------------------------------------
