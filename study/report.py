@@ -361,12 +361,14 @@ def _evaluate_section(folder: Path) -> List[str]:
     lines = ["## Are the predicted errors right? (`ntkal evaluate` on the test splits)", "",
              "Per record: the posterior fitted on the dataset's labelled train split (and, where `--pretrain` is "
              "given, its pretraining split), the predicted error of each test structure against the pretrained "
-             "model's real error: Spearman over structures, the 95 % interval's coverage and the miscalibration "
-             "area over energy rows and force components, RMS predicted vs real RMSE (meV/atom, meV/Å). "
-             "`error` = the error-aware score (posterior mean of the residuals + calibrated variance), `pv` = "
-             "the calibrated posterior variance alone. Reliability plots: `results/evaluate/*/evaluate.png`.", "",
-             "| record | command | kernel | score | part | n | Spearman | 95 % coverage | miscal. area | "
-             "RMS predicted / real RMSE |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "model's real error: Spearman over structures (atoms), the median of predicted/real (the written "
+             "error is calibrated to be the median real error), and over energy rows and force components the "
+             "95 % interval's coverage and the miscalibration area (meV/atom, meV/Å). "
+             "`error` = the error-aware score (posterior mean of the residuals + variance), `pv` = "
+             "the posterior variance alone, both calibrated (docs/design.md, Calibration). Reliability plots: "
+             "`results/evaluate/*/evaluate.png`.", "",
+             "| record | command | kernel | score | part | n | Spearman | median predicted/real | 95 % coverage | "
+             "miscal. area |", "|---|---|---|---|---|---|---|---|---|---|"]
     for path in docs:
         doc = json.loads(path.read_text())
         flags = " ".join(f"--{k} {Path(v).name}" for k, v in doc.get("inputs", {}).items())
@@ -375,11 +377,14 @@ def _evaluate_section(folder: Path) -> List[str]:
                 if score == "calibration":
                     continue
                 for part, m in parts.items():
-                    sp = "–" if m.get("spearman") is None else f"{m['spearman']:.2f}"
                     lines.append(f"| {path.parent.name} | `ntkal evaluate {flags}` | {kernel} | {score} | {part} | "
-                                 f"{m['n']} | {sp} | {m['coverage_95']:.2f} | {m['miscalibration_area']:.3f} | "
-                                 f"{m['rms_predicted']:.1f} / {m['rmse_real']:.1f} {m['units']} |")
+                                 f"{m['n']} | {_num(m.get('spearman'))} | {_num(m.get('median_ratio'))} | "
+                                 f"{_num(m.get('coverage_95'))} | {_num(m.get('miscalibration_area'), '.3f')} |")
     return lines + [""]
+
+
+def _num(v, spec: str = ".2f") -> str:
+    return "–" if v is None else format(v, spec)
 
 
 # ---------------------------------------------------------------------- the document

@@ -431,17 +431,19 @@ def test_report_judges_the_claims_it_is_given(tmp_path):
 
 def test_report_lists_every_evaluate_record(tmp_path):
     """The evaluation section has one row per record, kernel, score and part, with the record's own numbers."""
-    m = {"n": 7, "spearman": 0.5, "miscalibration_area": 0.125, "coverage_95": 0.9, "rms_predicted": 12.0,
-         "rmse_real": 15.0, "units": "meV/A", "bins": []}
+    m = {"n": 7, "spearman": 0.5, "median_ratio": 1.1, "miscalibration_area": 0.125, "coverage_95": 0.9,
+         "rms_predicted": 12.0, "rmse_real": 15.0, "units": "meV/A", "bins": []}
     doc = {"inputs": {"model": "a/si.model", "train": "a/si_train.xyz", "valid": "a/si_test.xyz"},
-           "results": {"force": {"error": {"force": m}, "pv": {"force": {**m, "spearman": None}},
+           "results": {"force": {"error": {"force": m, "atom_force": {"n": 30, "spearman": 0.7, "median_ratio": 0.9}},
+                                 "pv": {"force": {**m, "spearman": None}},
                                  "calibration": {"rho": {"force": 1.0}}}}}
     (tmp_path / "si_plain").mkdir()
     (tmp_path / "si_plain" / "evaluate.json").write_text(json.dumps(doc))
     rows = [line for line in report._evaluate_section(tmp_path) if line.startswith("| si_plain")]
-    assert len(rows) == 2
-    assert "--valid si_test.xyz" in rows[0] and "| 7 | 0.50 | 0.90 | 0.125 | 12.0 / 15.0 meV/A |" in rows[0]
-    assert "| pv | force | 7 | – |" in rows[1]
+    assert len(rows) == 3
+    assert "--valid si_test.xyz" in rows[0] and "| 7 | 0.50 | 1.10 | 0.90 | 0.125 |" in rows[0]
+    assert "| atom_force | 30 | 0.70 | 0.90 | – | – |" in rows[1]
+    assert "| pv | force | 7 | – |" in rows[2]
     assert report._evaluate_section(tmp_path / "none") == []
 
 
