@@ -1,4 +1,4 @@
-"""`python -m bench {select,features,end2end,kernels,acquisition} [options] [--json PATH]`.
+"""`python -m bench {select,features,end2end,kernels,acquisition,md,calibration} [options] [--json PATH]`.
 
 Each stage prints a markdown table to stdout and, with --json, writes a JSON record (command, machine,
 versions, timestamp, results). See bench/RESULTS.md for the measured figures and docs/design.md, Measuring.
@@ -11,10 +11,11 @@ import sys
 
 import mace  # noqa: E402,F401  (before e3nn: docs/design.md, Imports)
 
-from . import bench_acquisition, bench_end2end, bench_features, bench_kernels, bench_select, utils  # noqa: E402
+from . import bench_acquisition, bench_calibration, bench_end2end, bench_features, bench_kernels, bench_md, bench_select, utils  # noqa: E402
 
 STAGES = {"select": bench_select, "features": bench_features, "end2end": bench_end2end, "kernels": bench_kernels,
-          "acquisition": bench_acquisition}
+          "acquisition": bench_acquisition, "md": bench_md,
+          "calibration": bench_calibration}
 
 
 def build_parser() -> argparse.ArgumentParser:
