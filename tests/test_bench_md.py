@@ -1,0 +1,60 @@
+"""`python -m bench md --quick` runs every part at a tiny size and its JSON holds the fields RESULTS.md quotes.
+
+No timing or accuracy is checked (the numbers live in bench/RESULTS.md); the quick committee is the shipped
+model with weight noise, not trained members.
+"""
+import json
+
+import pytest
+import torch
+
+from bench.__main__ import build_parser, main
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    old = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_md_parses():
+    a = build_parser().parse_args(["md", "--long", "--models", "si", "--every", "1,5"])
+    assert a.stage == "md" and a.long
+
+
+def test_md_quick_writes_every_field(tmp_path, capsys):
+    out = tmp_path / "md.json"
+    assert main(["md", "--quick", "--threads", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["stage"] == "md" and doc["command"].startswith("python -m bench md")
+    parts = doc["parts"]
+    # cost: every calculator's ratio, the fresh-error pattern of error_every, the memory children
+    timing = parts["cost"]["timing"][0]
+    assert "error" not in timing, timing.get("error")
+    assert set(timing["ratio"]) == {"plain", "energy", "joint8", "joint8_every5", "joint8_every10"}
+    assert all(v > 0 for v in timing["ratio"].values()) and timing["ratio"]["plain"] == 1.0
+    assert all(timing["fresh_is_every_kth_call"].values())
+    assert "ntkal_force_error" in timing["example_results"]
+    mem = {m["config"]: m for m in parts["cost"]["memory"]}
+    assert all("error" not in m for m in mem.values()), mem
+    assert mem["joint8"]["peak_ratio"] > 0 and mem["plain"]["peak_rss_md_mib"] > 0
+    assert parts["cost"]["goals"]
+    # committee against ntkal: metrics per method, costs, error_every's misses, per-frame records
+    c = parts["committee"]
+    assert {r["method"] for r in c["methods"]} == {"ntkal", "committee max", "committee mean"}
+    nt = next(r for r in c["methods"] if r["method"] == "ntkal")
+    for key in ("spearman", "auroc_p90", "recall_own_p90", "recall_matched_p90", "ratio_median_in",
+                "ratio_median_out"):
+        assert key in nt
+    assert c["n_frames"] == len(c["frames"]) > 0
+    assert {"real_f", "pred_f", "cmax", "cmean", "plain_s", "committee_s", "ntkal_call_s"} <= set(c["frames"][0])
+    assert c["cost"]["committee_over_plain_call"] > 0 and c["cost"]["ntkal_call_over_plain_call"] > 0
+    assert {"p90 k=1 vs k1", "p90 k=5 vs real"} <= set(c["every"])
+    assert "QUICK" in c["members"]["recipe"]
+    # memory over a (short) run: samples and a slope
+    m = parts["memory"]
+    assert len(m["samples"]) >= 3 and m["slope_mib_per_1000_steps"] is not None
+    assert "Cost per MD step" in capsys.readouterr().out
