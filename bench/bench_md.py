@@ -177,6 +177,15 @@ def langevin(atoms, temperature, timestep_fs, seed, friction=0.02):
                     rng=np.random.default_rng(seed + 1))
 
 
+def running(start, calc, seed, temperature=300.0):
+    """A copy of `start` on `calc` with its Langevin integrator, forces of frame 0 computed."""
+    at = start.copy()
+    at.calc = calc
+    dyn = langevin(at, temperature, 1.0, seed=seed)
+    at.get_forces()
+    return at, dyn
+
+
 def fix_bottom_layer(atoms):
     """FixAtoms on the lowest layer of metal atoms (as the oc20 generator's MD)."""
     from ase.constraints import FixAtoms
@@ -215,11 +224,7 @@ def child_cost(spec: dict) -> dict:
     calcs = calculators(model, CONFIGS, posts, spec)
     atoms, dyns = {}, {}
     for name, calc in calcs.items():
-        at = start.copy()
-        at.calc = calc
-        dyns[name] = langevin(at, 300.0, 1.0, seed=7)
-        at.get_forces()  # the first call (frame 0) outside the timed steps
-        atoms[name] = at
+        atoms[name], dyns[name] = running(start, calc, seed=7)  # frame 0's call outside the timed steps
     names = list(CONFIGS)
     times = {n: [] for n in names}
     fresh = {n: [] for n in names if n.startswith("joint8")}  # per step: did the call give an estimate?
@@ -264,11 +269,7 @@ def child_memory(spec: dict) -> dict:
     name = spec["config"]
     posts = {} if name == "plain" else posteriors(model, train, pre, spec,
                                                    kernels=("energy",) if name == "energy" else ("joint",))
-    calc = calculators(model, [name], posts, spec)[name]
-    at = start.copy()
-    at.calc = calc
-    dyn = langevin(at, 300.0, 1.0, seed=7)
-    at.get_forces()
+    at, dyn = running(start, calculators(model, [name], posts, spec)[name], seed=7)
     del train, pre
     gc.collect()
     fit_rss = utils.rss_mib()
@@ -679,10 +680,7 @@ def memory_part(a, log) -> dict:
     spec = {"probes": a.probes, "sketch_dim": a.sketch_dim, "dtype": a.dtype}
     fz, post = posteriors(model, train, pre, spec, kernels=("joint",))["joint"]
     calc = ntkal_calculator(post, fz, a.probes, 1)
-    atoms = start.copy()
-    atoms.calc = calc
-    dyn = langevin(atoms, 300.0, 1.0, seed=11)
-    atoms.get_forces()
+    atoms, dyn = running(start, calc, seed=11)
     del train, pre
     gc.collect()
     samples = [{"step": 0, "rss_mib": utils.rss_mib(), "s": 0.0}]

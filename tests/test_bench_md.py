@@ -5,19 +5,9 @@ model with weight noise, not trained members.
 """
 import json
 
-import pytest
-import torch
-
 from bench.__main__ import build_parser, main
 
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    old = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from test_bench import one_thread  # noqa: F401  (autouse: one torch thread here and in child processes)
 
 
 def test_md_parses():
