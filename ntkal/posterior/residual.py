@@ -145,11 +145,12 @@ class ResidualModel:
                 self.alpha2[name] = float(num[kind] / den[kind])
                 self.alpha2_pv[name] = float(num_pv[kind] / den[kind])
         rho2 = rho.square()
-        real = raw_levels(rows, torch.where(ok, eps, torch.full_like(eps, float("nan"))).square(), torch.zeros_like(eps))
+        known = torch.where(ok, eps, torch.full_like(eps, float("nan")))
+        real = raw_levels(rows, known.square(), torch.zeros_like(eps))
         for variant, with_mean in (("error", True), ("pv", False)):
             sq = rho2 * (pv + (mu.square() if with_mean else 0))
-            self.calib[variant] = Calibration.fit(*_calibration_data(rows, raw_levels(rows, sq, rho2 * noise), real, eps,
-                                                                     labelled))
+            raw = raw_levels(rows, sq, rho2 * noise)
+            self.calib[variant] = Calibration.fit(*_calibration_data(rows, raw, real, eps, labelled))
         n_pre = int(sum(len(b) for b, _, lab in kept if not lab))
         self.calibration = (f"{k_folds}-fold cross-fitted over {n - n_pre} labelled structures"
                             + (f" and {n_pre} labelled pretraining structures" if n_pre else ""))
