@@ -397,7 +397,8 @@ def run_demo(p: Plan, args) -> dict:
           f"pool {np.mean(real):.0f} (x{np.mean(real[res.indices]) / np.mean(real):.2f})")
     if seen and "force_error" in seen[0]:
         predicted = np.concatenate([v["force_error"] for v in seen])
-        ok = real >= 0.1  # below: zero forces by symmetry
+        from .evaluate import NO_RATIO_BELOW
+        ok = real >= NO_RATIO_BELOW
         print(f"predicted/real force error per structure (the predicted error is the median real error of "
               f"structures so predicted): median {np.median(predicted[ok] / real[ok]):.2f} over the pool, "
               f"{np.median(predicted[res.indices] / np.maximum(real[res.indices], 1e-9)):.2f} over the picks")

@@ -23,6 +23,7 @@ from .errors import InputError
 from .features.rowblock import ENERGY, FORCE, RowBlock
 from .options import KERNELS, SCORES, Options
 N_BINS = 8
+NO_RATIO_BELOW = 0.1  # meV/Å (meV/atom): real errors below are zero by symmetry (forces of a symmetric cell)
 
 
 def evaluate(model, train, valid, kernels: Optional[Sequence[str]] = ("energy", "force", "joint"),
@@ -73,13 +74,13 @@ def evaluate(model, train, valid, kernels: Optional[Sequence[str]] = ("energy", 
 def _metrics(post, rows: RowBlock, eps: torch.Tensor, score: str) -> dict:
     """Per part, the written (calibrated) errors against the real RMS errors per structure (and per atom),
     and the components' probability integral transforms under the calibrated distribution."""
-    from .posterior.residual import raw_levels
+    from .posterior.residual import component_scale, raw_levels
     with_mean = score == "error"
     res = post.residual
     err = res.errors(rows, post.predictive(rows, with_mean=with_mean), with_mean)
     real = raw_levels(rows, eps.square(), torch.zeros_like(eps))
     seg, is_f = rows.seg.cpu().numpy(), (rows.kind == FORCE).numpy()
-    comp = np.sqrt(real["force_rows"] / np.maximum(3 * rows.natoms.numpy(), 1))[seg]  # √(m/3N): probe rows
+    comp = component_scale(rows, real)  # probe rows to the scale of one component
     out = {}
     for part, mask in (("energy", ~is_f), ("force", is_f)):
         if not mask.any():
@@ -102,7 +103,7 @@ def summary(predicted: np.ndarray, real: np.ndarray, u) -> dict:
     transforms u (F(|t|), uniform when calibrated): miscalibration area, coverage at 50/68/95 %; the binned
     reliability curve."""
     from scipy.stats import spearmanr
-    ratio = predicted / np.where(real >= 0.1, real, np.nan)  # below 0.1: zero forces by symmetry, no ratio
+    ratio = predicted / np.where(real >= NO_RATIO_BELOW, real, np.nan)
     ratio = ratio[np.isfinite(ratio)]
     out = {"n": int(len(predicted)),
            "spearman": float(spearmanr(predicted, real)[0]) if len(predicted) > 2 else None,

@@ -171,7 +171,7 @@ class ResidualModel:
         "energy" [n] (per atom), "force" [n] (force components), "atom_force" [atoms] with "atom_seg", and the
         raw values they came from ("raw")."""
         cal = self.calib.get("error" if with_mean else "pv", Calibration())
-        raw = raw_levels(rows, pred.mu.square() + pred.epistemic if with_mean else pred.epistemic, pred.noise)
+        raw = raw_levels(rows, pred.spread if with_mean else pred.epistemic, pred.noise)
         out = {level: cal.apply(level, raw[level]) for level in LEVELS if level in raw}
         out["atom_seg"], out["raw"], out["calibration"] = raw.get("atom_seg"), raw, cal
         return out
@@ -192,6 +192,12 @@ class ResidualModel:
                    calib={str(k): Calibration.from_state(v) for k, v in state["calib"].items()})
 
 
+def component_scale(rows: RowBlock, levels: dict) -> np.ndarray:
+    """Per row √(m/3N), m the structure's force rows (levels["force_rows"] of raw_levels): a probe row's
+    residual times it is at the scale of one force component; 1 for exact rows."""
+    return np.sqrt(levels["force_rows"] / np.maximum(3 * rows.natoms.numpy(), 1))[rows.seg.cpu().numpy()]
+
+
 def _calibration_data(rows: RowBlock, raw: dict, real: dict, eps: torch.Tensor, labelled: torch.Tensor):
     """Calibration.fit's arguments from held-out raw and real levels: per level the pairs, per part the
     components at component scale (probe rows: ε_j·√(m/3N)) with their structure's raw prediction, and weights
@@ -202,7 +208,7 @@ def _calibration_data(rows: RowBlock, raw: dict, real: dict, eps: torch.Tensor, 
     lab[seg[labelled.numpy()]] = True
     w_struct = np.where(lab, 1.0 / max(lab.sum(), 1), 1.0 / max((~lab).sum(), 1))
     e = eps.numpy()
-    comp = np.sqrt(raw["force_rows"] / np.maximum(3 * rows.natoms.numpy(), 1))[seg]  # √(m/3N); 1 for exact rows
+    comp = component_scale(rows, raw)
     t = {"energy": (e[~is_f], raw["energy"][seg[~is_f]], w_struct[seg[~is_f]]),
          "force": ((e * comp)[is_f], raw["force"][seg[is_f]], (w_struct / np.maximum(raw["force_rows"], 1))[seg[is_f]])}
     for part in ("energy", "force"):
