@@ -129,7 +129,7 @@ def plan(args) -> Plan:
     if args.command == "md":  # ntkal md plans its own inputs and outputs (ntkal/dynamics.py)
         from .dynamics import plan_cli
         return plan_cli(args)
-    from .io import COMPRESSION_SUFFIXES, EXTXYZ_SUFFIXES, check_output_path, survey
+    from .io import check_extxyz_name, check_output_path, survey, writable_folder
     from .runstate import claim
     names = {f.name for f in dataclasses.fields(Options)}
     opts = Options(**{k: v for k, v in vars(args).items() if k in names})
@@ -156,12 +156,7 @@ def plan(args) -> Plan:
         p.out = check_out(folder, list(p.inputs.values()))
     else:
         p.out = folder or Path(p.inputs["pool"].name.split(".")[0] + "_selected.extxyz")
-        name = p.out.name.lower()
-        for c in COMPRESSION_SUFFIXES:
-            name = name[: -len(c)] if name.endswith(c) else name
-        if not name.endswith(EXTXYZ_SUFFIXES):
-            raise InputError(f"--out must name an extxyz file (.xyz or .extxyz, optionally .gz/.bz2/.xz), "
-                             f"got {p.out.name!r}", path=p.out)
+        check_extxyz_name(p.out)
     if p.opts.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -215,20 +210,6 @@ def _posterior_plan(p: Plan, args):
         given = {f.name for f in dataclasses.fields(Options) if getattr(p.opts, f.name) != f.default}
     p.opts = Options(**options_for(p.saved, dataclasses.asdict(p.opts), given, f"--posterior {p.inputs['posterior']}"))
     p.opts.validate(target="target" in p.inputs)
-
-
-def writable_folder(folder: Path):
-    """InputError unless a file can be created in `folder` (or, if it does not exist yet, in its nearest
-    existing parent): found out now, not after the model has loaded. The probe file is removed at once."""
-    import tempfile
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        with tempfile.TemporaryFile(dir=existing, prefix=".ntkal-probe-"):
-            pass
-    except OSError as exc:
-        raise InputError(f"--out: cannot write in {existing} ({exc.strerror or exc})") from None
 
 
 # ------------------------------------------------------------------------------------------------

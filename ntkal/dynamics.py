@@ -89,7 +89,7 @@ def plan(model, posterior, structures, out, settings: MDSettings, device: Option
     """Settings, input files, the starting structures (read, non-empty, periodic for npt), the outputs (an
     extxyz name, beside it .json and .png, none of them an input or a file ntkal did not write) and the
     saved posterior (readable, with a residual model and force rows): all before the model loads."""
-    from .io import COMPRESSION_SUFFIXES, EXTXYZ_SUFFIXES, check_output_path, read_structures
+    from .io import check_extxyz_name, check_output_path, read_structures, writable_folder
     from .runstate import claim
     settings.validate()
     opts = Options(device=device or "cpu", threads=threads).validate()
@@ -102,12 +102,7 @@ def plan(model, posterior, structures, out, settings: MDSettings, device: Option
     if out is None:
         raise InputError("--out is required (the extxyz pool of kept frames)")
     out = Path(out).expanduser()
-    name = out.name.lower()
-    for c in COMPRESSION_SUFFIXES:
-        name = name[: -len(c)] if name.endswith(c) else name
-    if not name.endswith(EXTXYZ_SUFFIXES):
-        raise InputError(f"--out must name an extxyz file (.xyz or .extxyz, optionally .gz/.bz2/.xz), got "
-                         f"{out.name!r}", path=out)
+    check_extxyz_name(out)
     report, png = out.with_name(out.name + ".json"), out.with_name(out.name + ".png")
     for what, path in (("--out", out), ("report", report), ("plot", png)):
         try:
@@ -119,7 +114,7 @@ def plan(model, posterior, structures, out, settings: MDSettings, device: Option
         import torch
         if not torch.cuda.is_available():
             raise InputError("--device cuda was asked for but no CUDA device is available")
-    _probe_write(out.parent)
+    writable_folder(out.parent)
     try:
         starts = list(read_structures(structures)) if "structures" in inputs else [a.copy() for a in structures]
     except InputError as exc:
@@ -136,16 +131,6 @@ def plan(model, posterior, structures, out, settings: MDSettings, device: Option
         saved = load(inputs["posterior"])
         check_posterior(saved.posterior, saved.features.get("kernel"), f"--posterior {inputs['posterior']}")
     return MDPlan(command, opts, settings, inputs, starts, out, report, png, saved, dtype)
-
-
-def _probe_write(folder: Path):
-    """InputError unless a file can be created in `folder` (found out now, not after the MD has run)."""
-    import tempfile
-    try:
-        with tempfile.TemporaryFile(dir=folder, prefix=".ntkal-probe-"):
-            pass
-    except OSError as exc:
-        raise InputError(f"--out: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
 def check_posterior(post, kernel: Optional[str], what: str = "the posterior"):

@@ -14,8 +14,8 @@ from .checks import check_labels, check_structure
 from .jsonio import write_json
 from .read import (CALCULATOR_KEYS, COMPRESSION_SUFFIXES, DB_SUFFIXES, EXTXYZ_SUFFIXES, count_structures,
                    iter_chunks, normalize_labels, read_structures, survey)
-from .write import atomic_output, check_output_path, write_extxyz
+from .write import atomic_output, check_extxyz_name, check_output_path, writable_folder, write_extxyz
 
 __all__ = ["EXTXYZ_SUFFIXES", "COMPRESSION_SUFFIXES", "DB_SUFFIXES", "CALCULATOR_KEYS", "read_structures",
            "count_structures", "normalize_labels", "check_structure", "check_labels", "survey", "iter_chunks", "check_output_path",
-           "atomic_output", "write_extxyz", "write_json"]
+           "check_extxyz_name", "writable_folder", "atomic_output", "write_extxyz", "write_json"]

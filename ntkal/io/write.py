@@ -54,6 +54,30 @@ def check_output_path(path, inputs=()) -> Path:
         raise InputError(f"the output directory {str(out.parent)!r} does not exist", out)
     return out
 
+def writable_folder(folder: Path):
+    """InputError unless a file can be created in `folder` (or, if it does not exist yet, in its nearest
+    existing parent): found out now, not after the model has loaded. The probe file is removed at once."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".ntkal-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"--out: cannot write in {existing} ({exc.strerror or exc})") from None
+
+
+def check_extxyz_name(out: Path):
+    """InputError unless `out` names an extxyz file (.xyz or .extxyz, optionally compressed)."""
+    from .read import COMPRESSION_SUFFIXES, EXTXYZ_SUFFIXES
+    name = out.name.lower()
+    for c in COMPRESSION_SUFFIXES:
+        name = name[: -len(c)] if name.endswith(c) else name
+    if not name.endswith(EXTXYZ_SUFFIXES):
+        raise InputError(f"--out must name an extxyz file (.xyz or .extxyz, optionally .gz/.bz2/.xz), "
+                         f"got {out.name!r}", path=out)
+
+
 
 def _new_file_mode(existing: Path) -> int:
     try:
