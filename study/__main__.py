@@ -1,4 +1,4 @@
-"""`python -m study [CONFIG.yaml] [--quick] [--out DIR] [--shard I/N] [--curves] [--report-only] [--plan]`.
+"""`python -m study [CONFIG.yaml] [--quick] [--out DIR] [--shard I/N] [--only NAME,..] [--curves] [--report-only] [--plan]`.
 
 Default: run the study's cells (all, or the I-th of N contiguous blocks with --shard), then write the
 report from whatever records are under --out. --curves: the once-per-dataset fine-tune curves instead of
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="study-out", help="output directory (default ./study-out)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--shard", default=None, help="I/N: run the I-th of N disjoint blocks of cells (run N processes)")
+    p.add_argument("--only", default=None, help="NAME[,NAME]: run only these datasets' cells (of the shard); a later "
+                   "run without it resumes the rest")
     p.add_argument("--curves", action="store_true", help="only the fine-tune validation curves per dataset")
     p.add_argument("--report-only", action="store_true", help="only results.md from the records under --out")
     p.add_argument("--plan", action="store_true", help="print cells and fine-tunes per dataset and shard; run nothing")
@@ -44,7 +46,7 @@ def run(args, log=None) -> Optional[Path]:
         from .curves import run_curves
         run_curves(cfg, out, say)
     elif not args.report_only:
-        summary = Runner(cfg, out, say, shard=parse_shard(args.shard)).run()
+        summary = Runner(cfg, out, say, shard=parse_shard(args.shard), only=args.only).run()
         say(f"shard {summary['shard']}: {summary['wall_s'] / 60:.1f} min, {summary['finetunes']} fine-tunes")
     report = write_report(out, cfg.claims, cfg.source)
     say(f"wrote {report}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -48,22 +48,29 @@ def _collect(keys: list):
 
 def feature_picks(store: FeatureStore, kernel: str, method: str, labelled: Sequence, pool: Sequence,
                   budget: int, sel: SelectionConfig, seed: int, score: str = "pv", pretrain: Sequence = (),
-                  shortlist=None, scorer=None) -> Picks:
+                  shortlist=None, scorer=None, pool_rows: Optional[str] = None) -> Picks:
     """PV (or error-aware, score="error") shortlist + LCMD ('lcmd') or the top of the shortlist ('top') with
-    one kernel of the pretrained model; `pretrain`: a pretraining sample entering the posterior."""
+    one kernel of the pretrained model; `pretrain`: a pretraining sample entering the posterior; `pool_rows`:
+    None (pool and pretraining-sample force rows as `selection.force_probes`), "exact" or "probes"
+    (`selection.probe_variant` probes)."""
+    exact, probes = pool_rows == "exact", pool_rows == "probes"
     kw, t_extra = {}, 0.0
     if score == "error":
         train_rows, kw["train_residuals"], t_train = store.residuals(kernel, labelled, exact=True)
     else:
         train_rows, t_train = store.rows(kernel, labelled, exact=True)
     if len(pretrain):
-        kw["pretrain_rows"], kw["pretrain_residuals"], t_extra = store.residuals(kernel, pretrain, exact=False)
-    pool_rows, t_pool = store.rows(kernel, pool, exact=False)
+        kw["pretrain_rows"], kw["pretrain_residuals"], t_extra = store.residuals(kernel, pretrain, exact=exact,
+                                                                                 probes=probes)
+    rows, t_pool = store.rows(kernel, pool, exact=exact, probes=probes)
     keys: list = []
-    res = select_rows(train_rows, pool_rows, budget, method=method, shortlist=shortlist or sel.shortlist,
+    res = select_rows(train_rows, rows, budget, method=method, shortlist=shortlist or sel.shortlist,
                       sigma_e2=sel.sigma_e2, sigma_f2=sel.sigma_f2, mode=sel.mode, seed=seed, on_chunk=_collect(keys),
                       score=score, scorer=scorer, **kw)
-    detail = {"kernel": kernel, "method": method, "score": score, "features_labelled_s": t_train,
+    detail = {"kernel": kernel, "method": method, "score": score, "pool_force_rows":
+              f"{sel.probe_variant} probes" if probes else ("exact" if exact or sel.force_probes is None else
+                                                            f"{sel.force_probes} probes"),
+              "features_labelled_s": t_train,
               "features_pool_s": t_pool, "features_pretrain_s": t_extra, "select_s": res.timings["total"],
               "status": res.status, "shortlist_size": int(len(res.shortlist)),
               "scores": [float(s) for s in res.scores], "pool_scores": np.concatenate(keys).tolist()}
@@ -99,3 +106,41 @@ def target_picks(store: FeatureStore, kernel: str, labelled: Sequence, pool: Seq
               "reductions": [float(c.values["target_reduction"]) for c in res.picks],
               "pool_scores": np.concatenate(keys).tolist()}
     return Picks(np.asarray(res.indices, dtype=np.int64), t_train + t_pool + t_target + sum(cand_s) + select_s, detail)
+
+
+#: the diverse oracle's candidates: the DIVERSE_CANDIDATES x B largest real errors (docs/design.md, "The study")
+DIVERSE_CANDIDATES = 3
+
+
+def oracle_picks(kind: str, real_error: np.ndarray, store: FeatureStore, labelled: Sequence, pool: Sequence,
+                 budget: int) -> Picks:
+    """A rail that reads the pool's reference labels. "top": the `budget` largest real force errors (of the
+    pretrained model every selector sees). "diverse": greedy k-centre (farthest point) on the model's
+    invariant descriptors (the embedding kernel's mean node features) among the 3 x budget largest real
+    errors, the labelled set as the first centres: right about the errors and spread over them, the best a
+    selector that ranks by error could hope for (a top-error batch stacks one extreme kind)."""
+    t0 = time.perf_counter()
+    err = np.asarray(real_error, dtype=np.float64)
+    if err.shape != (len(pool),):
+        raise ValueError(f"oracle_picks: {err.shape} real errors for a pool of {len(pool)}")
+    order = np.argsort(-err, kind="stable")
+    if kind == "top":
+        pos = order[:budget]
+        return Picks(np.asarray(pos, dtype=np.int64), time.perf_counter() - t0,
+                     {"oracle": "top", "mean_real_error_f": float(err[pos].mean())})
+    if kind != "diverse":
+        raise ValueError(f"unknown oracle {kind!r}")
+    cand = order[:min(len(pool), DIVERSE_CANDIDATES * budget)]
+    x = store.rows("embedding", [pool[i] for i in cand])[0].rows.double().numpy()
+    centres = store.rows("embedding", list(labelled))[0].rows.double().numpy() if len(labelled) else x[:0]
+    d = (np.min(((x[:, None, :] - centres[None, :, :]) ** 2).sum(-1), axis=1) if len(centres)
+         else np.full(len(cand), np.inf))
+    picked = []
+    for _ in range(min(budget, len(cand))):
+        # ties (no centre yet) go to the larger real error: `cand` is in descending error order
+        j = int(np.argmax(np.where(np.isin(np.arange(len(cand)), picked), -np.inf, d)))
+        picked.append(j)
+        d = np.minimum(d, ((x - x[j]) ** 2).sum(-1))
+    pos = cand[picked]
+    return Picks(np.asarray(pos, dtype=np.int64), time.perf_counter() - t0,
+                 {"oracle": "diverse", "candidates": int(len(cand)), "mean_real_error_f": float(err[pos].mean())})

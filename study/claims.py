@@ -8,7 +8,10 @@ Per cell, on the final errors of the primary split, for each of the claim's quan
   less_variable  F-interval of var(against) / var(method) over seeds above threshold: held; below: did not hold;
   reaches        method's mean curve reaches against's final mean error with <= threshold x against's
                  labels and method - against below 0: held; otherwise did not hold;
-  labels         the labels method needs to reach against's final mean error, reported without a verdict.
+  labels         the labels method needs to reach against's final mean error, reported without a verdict;
+  resolves       the cell's best rail (rails.py) − against below 0: held (the cell has resolving power);
+  closes_gap     method's gap closure (against − method) / (against − best rail), Fieller 95 % interval, above
+                 threshold: held; below it: did not hold; a cell without resolving power is left out (and said).
 Otherwise "not resolved". With `cheaper`, method's fresh acquisition seconds per round must be lower too. Over the cells with records of both methods: "did not hold" when more cells did
 not hold than (cells - needed) allows, "held" when `needed` cells held (default: every cell), else
 "not resolved"; "not tested" without such cells.
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .fmt import ci, msd, num
+from .methods import ORACLES
+from .rails import gap_closure, resolving
 from .records import Records
 from .stats import mean_sd, resolved, variance_ratio
 
@@ -41,7 +46,7 @@ class Claim:
     id: str
     text: str                           # the statement, as the report prints it
     test: str                           # a key of TESTS (below)
-    method: str
+    method: str = "random"              # (resolves: unused; the rails are compared with `against`)
     against: str = "random"             # the method compared with ("lowest": every other method)
     scenarios: Optional[List[str]] = None   # None: every scenario
     datasets: Optional[List[str]] = None    # None: every dataset
@@ -50,6 +55,7 @@ class Claim:
                                         # the variance ratio to exceed; reaches: the largest share of labels
     cheaper: bool = False               # also fewer fresh acquisition seconds per round than `against`
     needed: Optional[int] = None        # cells that must hold (None: every cell with records)
+    rails: Optional[List[str]] = None   # resolves / closes_gap: the oracles (None: the study's `rails`)
 
 
 @dataclass
@@ -121,6 +127,33 @@ def _labels(c: Claim, rec: Records, q: str):
                                     f"{100 * ratio:.0f} % of {c.against}'s labels ({100 * (ratio - 1):+.0f} %)")
 
 
+NO_POWER = "no resolving power"
+
+
+def _resolves(c: Claim, rec: Records, q: str):
+    got = resolving(rec, c.rails or ORACLES, q, c.against)
+    if got["resolves"] is None:
+        return "not resolved", f"{LABELS[q]}: no records of the rails and {c.against}"
+    return ("held" if got["resolves"] else NO_POWER), f"{LABELS[q]}: {got['rail']} − {c.against} = {ci(got['difference'])}"
+
+
+def _closes_gap(c: Claim, rec: Records, q: str):
+    got = resolving(rec, c.rails or ORACLES, q, c.against)
+    if not got["resolves"]:
+        return NO_POWER, (f"{LABELS[q]}: no resolving power (best rail {got['rail']} − {c.against} = "
+                          f"{ci(got['difference'])})")
+    g = gap_closure(rec, c.method, got["rail"], q, c.against)
+    lo, hi = g["lo"], g["hi"]
+    state = ("held" if lo >= c.threshold else "did not hold" if hi < c.threshold else "not resolved") \
+        if math.isfinite(lo) else "not resolved"
+    return state, (f"{LABELS[q]}: gap closure against {got['rail']} {_pct(g['ratio'])} "
+                   f"[{_pct(lo)}, {_pct(hi)}] (threshold {100 * c.threshold:g} %)")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f} %" if math.isfinite(x) else "–"
+
+
 def _cheaper(c: Claim, rec: Records):
     fresh, reuse = rec.acquisition(c.method)
     fresh_ref, _ = rec.acquisition(c.against)
@@ -130,13 +163,20 @@ def _cheaper(c: Claim, rec: Records):
 
 
 def _cell(c: Claim, rec: Records):
-    """(state, texts) of the claim on one cell: every quantity's test, and the cost when `cheaper`."""
+    """(state, texts) of the claim on one cell: every quantity's test, and the cost when `cheaper`; a
+    closes_gap cell where no quantity has resolving power is NO_POWER (left out of the count)."""
     got = [TESTS[c.test](c, rec, q) for q in c.quantities] + ([_cheaper(c, rec)] if c.cheaper else [])
-    return (None if c.test == "labels" else _overall([s for s, _ in got])), [t for _, t in got]
+    states = [s for s, _ in got]
+    if c.test == "closes_gap":
+        states = [s for s in states if s != NO_POWER] or [NO_POWER]
+        return (NO_POWER if states == [NO_POWER] else _overall(states)), [t for _, t in got]
+    if c.test == "resolves":
+        return ("held" if "held" in states else NO_POWER if NO_POWER in states else "not resolved"), [t for _, t in got]
+    return (None if c.test == "labels" else _overall(states)), [t for _, t in got]
 
 
 TESTS = {"lower": _lower, "lowest": _lowest, "non_inferior": _non_inferior, "less_variable": _less_variable,
-         "reaches": _reaches, "labels": _labels}
+         "reaches": _reaches, "labels": _labels, "resolves": _resolves, "closes_gap": _closes_gap}
 
 
 def describe(c: Claim) -> str:
@@ -148,7 +188,10 @@ def describe(c: Claim) -> str:
            "less_variable": lambda: f"the F-interval of var({a}) / var({m}) of the final error over seeds above {t:g}",
            "reaches": lambda: f"{a}'s final mean error reached with ≤ {100 * t:g} % of {a}'s labels, "
                               f"and {m} − {a} below 0",
-           "labels": lambda: f"labels {m} needs to reach {a}'s final mean error"}[c.test]()
+           "labels": lambda: f"labels {m} needs to reach {a}'s final mean error",
+           "resolves": lambda: f"the best rail ({', '.join(c.rails or ORACLES)}) − {a} below 0",
+           "closes_gap": lambda: f"the Fieller 95 % interval of {m}'s gap closure ({a} − {m}) / ({a} − best rail) "
+                                 f"above {100 * t:g} %, on the cells with resolving power"}[c.test]()
     where = (f"{' and '.join(c.scenarios) + ' pools' if c.scenarios else 'every pool'} of "
              f"{', '.join(c.datasets) if c.datasets else 'every dataset'}")
     need = "" if c.test == "labels" else (f"; at least {c.needed} cells" if c.needed else "; every cell")
@@ -169,6 +212,15 @@ def judge(c: Claim, recs: Dict[tuple, Records]) -> Verdict:
     if c.test == "labels":
         return Verdict(None, texts)
     states = [state for _, _, _, state, _ in judged]
+    if c.test == "closes_gap":      # judged only where the scenario can answer
+        states = [st for st in states if st != NO_POWER]
+        if not states:
+            return Verdict("not tested", texts + ["no cell has resolving power"])
+    if c.test == "resolves":        # a cell without power does not fail the claim unless too few have it
+        held = states.count("held")
+        need = min(c.needed or len(states), len(states))
+        return Verdict("held" if held >= need else "did not hold",
+                       [f"resolving power on {held} of {len(states)} cells: " + texts[0]] + texts[1:])
     need = min(c.needed or len(states), len(states))
     failed, held = states.count("did not hold"), states.count("held")
     state = "did not hold" if failed > len(states) - need else ("held" if held >= need else "not resolved")

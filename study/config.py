@@ -18,7 +18,7 @@ from ntkal import InputError
 from ntkal.options import KERNELS
 
 from .claims import LABELS, TESTS, Claim
-from .methods import known_methods
+from .methods import ORACLES, known_methods
 
 SCENARIOS = ("natural", "biased")
 PROTOCOLS = ("replay", "naive")
@@ -63,6 +63,8 @@ class DatasetConfig:
     finetune: Dict[str, Any] = field(default_factory=dict)   # overrides of the study's finetune settings
     epochs_reason: str = ""             # why these epochs (from the fine-tune curve), for the report
     note: str = ""                      # how the splits were made, for the report
+    family: str = ""                    # chemistry family (e.g. "metals/surfaces", "molecules"), for the report
+    methods: Optional[List[str]] = None # the scenarios' methods run on this dataset (None: all of them)
 
 
 @dataclass
@@ -102,6 +104,7 @@ class SelectionConfig:
     target_shortlist: int = 100         # candidates re-featurised exactly for greedy target picks
     mode: str = "tp"
     top_kernel: str = "joint"           # kernel of the top-PV (no LCMD) ablation
+    probe_variant: int = 8              # pool force probes of the "~probes" methods
 
 
 @dataclass
@@ -115,6 +118,9 @@ class ScenarioConfig:
     pool_size: Optional[int] = None     # biased: structures in the pool
     pretrain_fraction: float = 0.8      # biased: share of pretraining-region structures
     target_size: int = 0                # unlabelled target-region structures for "<kernel>+target" runs
+    curves: Optional[List[str]] = None  # methods fine-tuned after every round (the learning curves); the
+                                        # others only after the last one (their picks of every round are
+                                        # still recorded). None: every method
 
 
 @dataclass
@@ -144,6 +150,7 @@ class StudyConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     curve: CurveConfig = field(default_factory=CurveConfig)
     claims: List[Claim] = field(default_factory=list)
+    rails: List[str] = field(default_factory=lambda: list(ORACLES))   # the oracles gap closure is measured against
     quick: bool = False
     source: str = ""                    # the YAML file it came from
 
@@ -158,6 +165,11 @@ class StudyConfig:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    def methods_for(self, dataset: str, scenario: str) -> List[str]:
+        """The scenario's methods that run on `dataset` (its `methods`, when it lists some), in scenario order."""
+        keep = self.dataset(dataset).methods
+        return [m for m in self.scenario(scenario).methods if keep is None or m in keep]
 
     def finetune_for(self, dataset: str) -> FinetuneConfig:
         """The study's fine-tune recipe with the dataset's overrides applied."""
@@ -218,6 +230,8 @@ def config_from_dict(raw, quick: bool = False, source: str = "") -> StudyConfig:
     cfg = _build(StudyConfig, data, "", where)
     cfg.datasets, cfg.finetune, cfg.selection, cfg.curve, cfg.scenarios = ds, ft, sel, curve, scenarios
     cfg.claims = claims
+    for c in claims:
+        c.rails = c.rails if c.rails is not None else list(cfg.rails)
     cfg.quick, cfg.source = bool(quick), source
     validate(cfg)
     return cfg
@@ -325,6 +339,9 @@ def validate(cfg: StudyConfig) -> None:
     need(sel.target_shortlist >= cfg.budget,
          f"selection.target_shortlist ({sel.target_shortlist}) is smaller than budget ({cfg.budget})")
     need(sel.mode in ("tp", "p"), f"selection.mode must be 'tp' or 'p', got {sel.mode!r}")
+    positive(sel.probe_variant, "selection.probe_variant")
+    need(isinstance(cfg.rails, list) and cfg.rails and set(cfg.rails) <= set(ORACLES),
+         f"rails must be a non-empty list of {', '.join(ORACLES)}, got {cfg.rails!r}")
     need(sel.top_kernel in KERNELS, f"selection.top_kernel must be one of {', '.join(KERNELS)}, got {sel.top_kernel!r}")
     positive(cfg.curve.epochs, "curve.epochs")
     positive(cfg.curve.valid_size, "curve.valid_size")
@@ -344,6 +361,8 @@ def validate(cfg: StudyConfig) -> None:
         need(isinstance(s.primary, str) and s.primary.startswith("test"),
              f"{where_s}.primary must name a test split (test_...), got {s.primary!r}")
         positive(s.target_size, f"{where_s}.target_size", allow_zero=True)
+        need(s.curves is None or (isinstance(s.curves, list) and set(s.curves) <= set(s.methods)),
+             f"{where_s}.curves must be null or a list of its methods, got {s.curves!r}")
         targeted = [m for m in s.methods if m.endswith("+target")]
         need(not targeted or s.target_size > 0,
              f"{where_s}.methods has {targeted[0] if targeted else ''} but target_size is 0")
@@ -356,7 +375,10 @@ def validate(cfg: StudyConfig) -> None:
                  f"{where_s}.pretrain_fraction must be in (0, 1), got {s.pretrain_fraction!r}")
         else:
             need(s.pool_size is None, f"{where_s}.pool_size applies to the biased scenario only")
+    everywhere = {m for s in cfg.scenarios for m in s.methods}
     for d in cfg.datasets:
+        need(d.methods is None or (isinstance(d.methods, list) and d.methods and set(d.methods) <= everywhere),
+             f"datasets[{d.name}].methods must be null or a non-empty list of the scenarios' methods, got {d.methods!r}")
         need(isinstance(d.name, str) and d.name.replace("_", "").isalnum(),
              f"dataset name {d.name!r} must be letters, digits and underscores")
         need(d.biased_source in ("pool", "pretrain"),
@@ -404,6 +426,11 @@ def _check_claims(cfg: StudyConfig, need) -> None:
         if c.test in ("non_inferior", "less_variable", "reaches"):
             need(isinstance(c.threshold, (int, float)) and not isinstance(c.threshold, bool) and c.threshold > 0,
                  f"{what}.threshold must be a positive number for test {c.test}, got {c.threshold!r}")
+        need(isinstance(c.rails, list) and c.rails and set(c.rails) <= set(ORACLES),
+             f"{what}.rails must be a non-empty list of {', '.join(ORACLES)}, got {c.rails!r}")
+        if c.test == "closes_gap":
+            need(isinstance(c.threshold, (int, float)) and not isinstance(c.threshold, bool) and 0 < c.threshold <= 1,
+                 f"{what}.threshold must be a share in (0, 1] for test closes_gap, got {c.threshold!r}")
         need(c.needed is None or (isinstance(c.needed, int) and c.needed > 0),
              f"{what}.needed must be null or a positive integer, got {c.needed!r}")
 

@@ -5,9 +5,10 @@ set (the paper's point), so a structure's rows never change during a study: they
 `info["exp_id"]`. Three featurisations are kept (all with sketch seed 0, the study's fixed sketch):
   - "embedding": one mean-node-feature row;
   - "energy":    the energy-NTK row (also the LCMD vector of every NTK kernel);
-  - "joint" / "joint_exact": energy + force rows, force rows by Rademacher probes for pool scoring
-    (`selection.force_probes`) or exact 3N rows for labelled, target and greedy-candidate structures
-    (as `ntkal.select` does). The force kernel is the joint block without its energy row;
+  - "joint" / "joint_exact" / "joint_probes": energy + force rows; pool rows as `selection.force_probes`
+    says (null: exact 3N rows, `ntkal select` as shipped), exact rows for labelled, target and
+    greedy-candidate structures (as `ntkal.select` does), and `selection.probe_variant` Rademacher probes
+    for the "~probes" methods' pools. The force kernel is the joint block without its energy row;
   - "readout": the energy row of the readout parameters alone (params="readout"), the last-layer
     posterior of the LLPR-style baseline.
 The pretrained model's predictions (energy, forces) are cached the same way: the residuals of the
@@ -27,12 +28,8 @@ from ntkal.acquisition.residuals import residual_rows
 
 from .config import SelectionConfig
 
-#: which cached featurisation serves each (kernel, exact?) request
-_SOURCE = {("embedding", False): "embedding", ("embedding", True): "embedding",
-           ("energy", False): "energy", ("energy", True): "energy",
-           ("force", False): "joint", ("force", True): "joint_exact",
-           ("joint", False): "joint", ("joint", True): "joint_exact",
-           ("readout", False): "readout", ("readout", True): "readout"}
+#: which cached featurisation serves each kernel's pool rows (force rows: the joint block's)
+_SOURCE = {"embedding": "embedding", "energy": "energy", "force": "joint", "joint": "joint", "readout": "readout"}
 
 
 class FeatureStore:
@@ -42,6 +39,7 @@ class FeatureStore:
         base = MACEFeaturizer(str(model_path), kernel="joint", sketch_dim=sel.sketch_dim,
                               force_probes=sel.force_probes, seed=0)
         self.featurizers = {"joint": base, "joint_exact": base.with_kernel("joint", None),
+                            "joint_probes": base.with_kernel("joint", sel.probe_variant),
                             "energy": base.with_kernel("energy", None),
                             "embedding": base.with_kernel("embedding", None),
                             "readout": MACEFeaturizer(str(model_path), kernel="energy", sketch_dim=sel.sketch_dim,
@@ -50,7 +48,18 @@ class FeatureStore:
         self.chunk_size = int(chunk_size)
         self.cache: Dict[str, Dict[str, RowBlock]] = {k: {} for k in self.featurizers}
         self.cost: Dict[str, Dict[str, float]] = {k: {} for k in self.featurizers}  # seconds per structure
-        self.settings = {**base.settings(), "pool_force_probes": sel.force_probes, "labelled_force_rows": "exact"}
+        if sel.force_probes is None:     # exact pool rows: one featurisation serves pool and labelled set
+            self.cache["joint_exact"], self.cost["joint_exact"] = self.cache["joint"], self.cost["joint"]
+        self.settings = {**base.settings(), "pool_force_probes": sel.force_probes, "labelled_force_rows": "exact",
+                         "probes_variant_force_probes": sel.probe_variant}
+
+    @staticmethod
+    def source(kernel: str, exact: bool = False, probes: bool = False) -> str:
+        """The cached featurisation serving `kernel`: exact force rows, the probes variant's, or the pool's."""
+        src = _SOURCE[kernel]
+        if src == "joint" and exact:
+            return "joint_exact"
+        return "joint_probes" if src == "joint" and probes else src
 
     def _fill(self, source: str, structures: Sequence) -> None:
         todo = [a for a in structures if a.info["exp_id"] not in self.cache[source]]
@@ -64,9 +73,9 @@ class FeatureStore:
                 self.cache[source][a.info["exp_id"]] = block.select([i])
                 self.cost[source][a.info["exp_id"]] = per
 
-    def rows(self, kernel: str, structures: Sequence, exact: bool = False) -> Tuple[RowBlock, float]:
+    def rows(self, kernel: str, structures: Sequence, exact: bool = False, probes: bool = False) -> Tuple[RowBlock, float]:
         """(RowBlock of `kernel` for the structures in order, seconds a fresh featurisation would take)."""
-        source = _SOURCE[(kernel, exact)]
+        source = self.source(kernel, exact, probes)
         self._fill(source, structures)
         ids = [a.info["exp_id"] for a in structures]
         block = RowBlock.cat([self.cache[source][i] for i in ids])
@@ -86,16 +95,20 @@ class FeatureStore:
         got = [self._pred[a.info["exp_id"]] for a in structures]
         return np.array([g[0] for g in got]), [g[1] for g in got]
 
-    def residuals(self, kernel: str, structures: Sequence, exact: bool):
+    def residuals(self, kernel: str, structures: Sequence, exact: bool, probes: bool = False):
         """(rows, per-row residuals label − pretrained prediction, seconds): the error-aware score's input."""
-        rows, secs = self.rows(kernel, structures, exact)
+        rows, secs = self.rows(kernel, structures, exact, probes)
         e, f = self.predictions(structures)
-        fz = self.featurizers["joint"]
+        fz = self.featurizers[self.source("joint", exact, probes)]
         return rows, residual_rows(rows, structures, e, f, lambda a: fz.probe_vectors(a, fz.force_probes)), secs
+
+    def _own(self) -> list:
+        """The featurisations with caches of their own (joint_exact shares joint's when pools are exact)."""
+        return [k for k in self.cache if not (k == "joint_exact" and self.cache[k] is self.cache["joint"])]
 
     def seconds(self) -> Dict[str, float]:
         """Total featurisation seconds spent so far, per featurisation."""
-        return {k: float(sum(v.values())) for k, v in self.cost.items()}
+        return {k: float(sum(self.cost[k].values())) for k in self._own()}
 
     def count(self) -> Dict[str, int]:
-        return {k: len(v) for k, v in self.cache.items()}
+        return {k: len(self.cache[k]) for k in self._own()}

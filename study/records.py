@@ -36,10 +36,12 @@ class Records:
     `order` first."""
 
     def __init__(self, runs: List[dict], dataset: str, scenario: str, order: Sequence[str] = ()):
-        self.by_method: Dict[str, Dict[int, List[dict]]] = defaultdict(dict)
+        self.by_method: Dict[str, Dict[int, List[dict]]] = defaultdict(dict)   # evaluated rounds only
+        self.picked: Dict[str, Dict[int, List[dict]]] = defaultdict(dict)      # every round (picks, cheap)
         for run in runs:
             if run["dataset"] == dataset and run["condition"] == scenario:
                 self.by_method[run["method"]][run["seed"]] = [r for r in run["rounds"] if "metrics" in r]
+                self.picked[run["method"]][run["seed"]] = list(run["rounds"])
         self.methods = _order(self.by_method, order)
         first = next((rs[0] for seeds in self.by_method.values() for rs in seeds.values() if rs), {})
         self.info = first.get("condition", {})
@@ -130,7 +132,7 @@ class Records:
     def acquisition(self, method: str):
         """(fresh seconds per round, seconds with the pool's features reused), over rounds and seeds."""
         fresh, reuse = [], []
-        for rounds in self.by_method.get(method, {}).values():
+        for rounds in self.picked.get(method, {}).values():
             for r in rounds:
                 if r.get("acquisition_s") is not None:
                     fresh.append(r["acquisition_s"])
@@ -139,7 +141,7 @@ class Records:
 
     def cheap(self, method: str, key: str) -> List[float]:
         out = []
-        for rounds in self.by_method.get(method, {}).values():
+        for rounds in self.picked.get(method, {}).values():
             for r in rounds:
                 v = (r.get("cheap") or {}).get(key)
                 if v is not None and math.isfinite(v):

@@ -15,8 +15,12 @@ import numpy as np
 
 from ntkal.io.write import figure, save_png
 
+from scipy.stats import spearmanr
+
 from .claims import CHEAP, Claim, describe, judge
 from .fmt import ci, msd, num, side
+from .methods import ORACLES, is_rail
+from .rails import gap_closure, resolving
 from .records import Records, load_runs
 from .stats import mean_sd, paired_difference
 
@@ -42,6 +46,10 @@ def plot_learning_curves(rec: Records, title: str, path: Path) -> None:
             ns = np.array(sorted(cur), dtype=float)
             mean = np.array([np.mean(cur[n]) for n in sorted(cur)])
             sd = np.array([np.std(cur[n], ddof=1) if len(cur[n]) > 1 else 0.0 for n in sorted(cur)])
+            if len(ns) <= 2 and len(ns) < len(rec.curve("random", rec.primary, key)):
+                # fine-tuned after the last round only: its final point (mean ± sd), no line through the rounds
+                ax.errorbar(ns[-1:], mean[-1:], yerr=sd[-1:], fmt="s", ms=4, capsize=2, color=f"C{k % 10}", label=m)
+                continue
             style = "--" if m in ("random", "committee") else "-"
             ax.plot(ns, mean, style, marker="o", ms=3, color=f"C{k % 10}", label=m)
             ax.fill_between(ns, mean - sd, mean + sd, color=f"C{k % 10}", alpha=0.12)
@@ -154,7 +162,10 @@ def _setup(cfg: dict, run_info: dict) -> List[str]:
         extra = (f"pool of {s.get('pool_size')}: {100 * s.get('pretrain_fraction', 0):.0f} % pretraining region, "
                  "the rest target region, drawn per seed; " if s["name"] == "biased" else "the dataset's pool; ")
         lines.append(f"- scenario **{s['name']}**: {extra}primary split {s.get('primary')}; methods "
-                     + ", ".join(f"`{m}`" for m in s.get("methods", [])) + ".")
+                     + ", ".join(f"`{m}`" for m in s.get("methods", [])) + "."
+                     + ("" if s.get("curves") is None else " Fine-tuned after every round (learning curves): "
+                        + ", ".join(f"`{m}`" for m in s["curves"]) + "; the others after the last round only "
+                        "(their picks are made every round all the same)."))
     everywhere = {m for s in cfg.get("scenarios", []) for m in s.get("methods", [])}
     for s in cfg.get("scenarios", []):
         left_out = sorted(everywhere - set(s.get("methods", [])))
@@ -170,8 +181,11 @@ def _setup(cfg: dict, run_info: dict) -> List[str]:
                 f"{info.get('n_train')} ({info.get('n_train_target')} target), pretraining split {info.get('n_pretrain')}; "
                 "tests " + ", ".join(f"{k} {v}" for k, v in info.get("tests", {}).items()) + ". " if info else "")
         region = d.get("region") or {}
-        lines.append(f"- **{d['name']}**: {d.get('note', '')}. Target region: info['{region.get('key')}'] in "
-                     f"{region.get('target')}. {desc}Fine-tune epochs {eps}: {d.get('epochs_reason') or '(no reason given)'}")
+        only = ("" if not d.get("methods") else " Methods run here: " + ", ".join(f"`{m}`" for m in d["methods"])
+                + " (the rest of the scenario's list runs on the other scenario of its family).")
+        lines.append(f"- **{d['name']}**{' (' + d['family'] + ')' if d.get('family') else ''}: {d.get('note', '')}. "
+                     f"Target region: info['{region.get('key')}'] in {region.get('target')}. {desc}Fine-tune epochs "
+                     f"{eps}: {d.get('epochs_reason') or '(no reason given)'}{only}")
     return lines + [""]
 
 
@@ -297,6 +311,101 @@ def _random_last_step(rec: Records) -> str:
             + "; ".join(parts) + ".") if parts else ""
 
 
+# ---------------------------------------------------------------------- rails
+def _pct(x) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{100 * x:.0f} %"
+
+
+def _rails_section(recs: Dict[tuple, Records], cfg: dict) -> List[str]:
+    """Resolving power per scenario and quantity, each method's gap closure where there is power, and whether
+    the cheap metrics (no fine-tune) rank the methods as the fine-tuned errors do."""
+    rails = cfg.get("rails") or list(ORACLES)
+    family = {d["name"]: d.get("family") or "–" for d in cfg.get("datasets", [])}
+    have = {k: r for k, r in recs.items() if r and "random" in r.by_method}
+    if not have:
+        return []
+    lines = ["## Rails: can each scenario answer, and how much of the gap does each method close?", "",
+             f"Rails: `random` and the oracles {', '.join(f'`{r}`' for r in rails)}, which read the pool's reference "
+             "labels (the pretrained model's real per-structure force error): `oracle:top` takes the B largest; "
+             "`oracle:diverse` takes a greedy k-centre batch (the model's mean node features, the labelled set as "
+             "first centres) among the 3B largest. The best rail is the one with the lower mean final error. A "
+             "scenario *has resolving power* for a quantity when best rail − random (paired over seeds, 95 % "
+             "t-interval) is below 0; gap closure = (random − method) / (random − best rail) of the final errors, "
+             "with Fieller's 95 % interval (– where unbounded). Scenarios without power are listed, and no "
+             "conclusion is drawn from them.", "",
+             "| scenario | family | quantity | random | oracle:top − random | oracle:diverse − random | best rail | "
+             "resolving power |", "|---|---|---|---|---|---|---|---|"]
+    power = {}
+    for (name, scen), rec in have.items():
+        for key, label in (("f_mae", "F MAE"), ("e_mae", "E MAE")):
+            got = resolving(rec, rails, key)
+            power[(name, scen, key)] = got
+            diffs = [ci(rec.difference(r, "random", key)) if r in rec.by_method else "–" for r in ORACLES]
+            lines.append(f"| {name} · {scen} | {family.get(name, '–')} | {label} | "
+                         f"{msd(list(rec.final('random', rec.primary, key).values()))} | {' | '.join(diffs)} | "
+                         f"{got['rail'] or '–'} | {'**yes**' if got['resolves'] else 'no'} |")
+    fam_count: Dict[str, int] = {}
+    for (name, scen, key), got in power.items():
+        if key == "f_mae" and got["resolves"]:
+            fam_count[family.get(name, "–")] = fam_count.get(family.get(name, "–"), 0) + 1
+    lines += ["", "Scenarios with resolving power for forces, per family: "
+              + (", ".join(f"{f} {n}" for f, n in sorted(fam_count.items())) or "none") + ".", ""]
+    rows, pooled = [], []
+    for (name, scen), rec in have.items():
+        for key, label in (("f_mae", "F"), ("e_mae", "E")):
+            got = power[(name, scen, key)]
+            if not got["resolves"]:
+                continue
+            rail_mean = mean_sd(list(rec.final(got["rail"], rec.primary, key).values()))["mean"]
+            for m in rec.methods:
+                if is_rail(m):
+                    continue
+                g = gap_closure(rec, m, got["rail"], key)
+                d_rail = rec.difference(m, got["rail"], key)
+                beats = side(d_rail) == "lower"
+                reach = _reach_text(rec, m, key) if key == "f_mae" else ""
+                mean_m = mean_sd(list(rec.final(m, rec.primary, key).values()))["mean"]
+                rows.append(f"| {name} · {scen} | {label} | {m} | {num(mean_m)} (rail {num(rail_mean)}) | "
+                            f"{_pct(g['ratio'])} [{_pct(g['lo'])}, {_pct(g['hi'])}] | "
+                            f"{ci(rec.difference(m, 'random', key))} | {reach} | "
+                            f"{'**beats every rail**' if beats else ''} |")
+    if rows:
+        lines += ["Gap closure on the scenarios with resolving power (final errors on the primary split; labels to "
+                  "reach random's final mean F error along the method's mean curve, where it has one):", "",
+                  "| scenario | quantity | method | final MAE | gap closure [95 % Fieller] | Δ vs random [95 % t] | "
+                  "labels to random's final F | |", "|---|---|---|---|---|---|---|---|"] + rows + [""]
+    # do the cheap metrics rank methods as the fine-tunes do?
+    cheap_keys = (("pick_pool_error_ratio_f", "picks / pool pretrained F error"),
+                  ("picks_target_share", "target share of picks"),
+                  ("spearman_score_error_f", "Spearman(score, F error)"))
+    per_scen, pooled = {k: [] for k, _ in cheap_keys}, {k: ([], []) for k, _ in cheap_keys}
+    for (name, scen), rec in have.items():
+        rand = mean_sd(list(rec.final("random", rec.primary, "f_mae").values()))["mean"]
+        for k, _ in cheap_keys:
+            xs, ys = [], []
+            for m in rec.methods:
+                c = rec.cheap(m, k)
+                f = mean_sd(list(rec.final(m, rec.primary, "f_mae").values()))["mean"]
+                if c and np.isfinite(f):
+                    xs.append(float(np.mean(c)))
+                    ys.append((rand - f) / rand)
+            if len(xs) >= 3:
+                per_scen[k].append(float(spearmanr(xs, ys).statistic))
+                pooled[k][0].extend(xs)
+                pooled[k][1].extend(ys)
+    lines += ["Do the cheap metrics (no fine-tune) predict the fine-tuned ranking? Spearman between each method's "
+              "mean cheap metric and its final F MAE reduction relative to random, (random − method) / random, "
+              "within each scenario (median over scenarios) and pooled over methods × scenarios:", "",
+              "| cheap metric | median within-scenario Spearman | scenarios | pooled Spearman | pairs |",
+              "|---|---|---|---|---|"]
+    for k, label in cheap_keys:
+        xs, ys = pooled[k]
+        rho = float(spearmanr(xs, ys).statistic) if len(xs) >= 3 else float("nan")
+        lines.append(f"| {label} | {num(float(np.median(per_scen[k])) if per_scen[k] else None, 2)} | "
+                     f"{len(per_scen[k])} | {num(rho, 2)} | {len(xs)} |")
+    return lines + [""]
+
+
 # ---------------------------------------------------------------------- verdicts
 def _verdicts(claims: Sequence[Claim], recs: Dict[tuple, Records], source: str) -> List[str]:
     """One numbered item per claim of the config, judged by claims.judge on the records."""
@@ -412,6 +521,7 @@ def write_report(out: Path, claims: Sequence[Claim] = (), source: str = "", docs
     lines += ["## Results", ""]
     for (name, scen), rec in recs.items():
         lines += _scenario_section(rec, name, scen, figs) if rec else [f"### {name} · {scen}", "", "No records.", ""]
+    lines += _rails_section(recs, cfg)
     lines += _verdicts(claims, recs, source)
     lines += _acquisition_section(results / "acquisition.json")
     lines += _evaluate_section(results / "evaluate")

@@ -26,13 +26,13 @@ from ntkal.io import write_json
 from ntkal.provenance import machine_summary
 from ntkal.runstate import sha256_file
 
-from .acquisition import Picks, feature_picks, random_picks, target_picks
+from .acquisition import Picks, feature_picks, oracle_picks, random_picks, target_picks
 from .committee import committee_select, member_seeds
 from .config import ConfigError, FinetuneConfig, ScenarioConfig, StudyConfig
 from .datasets import Dataset, load_dataset
 from .features import FeatureStore
 from .finetune import finetune, foundation_e0s
-from .methods import parse_method
+from .methods import parse_method, pool_rows_variant
 from .metrics import evaluate_splits, per_structure_errors, predictor
 
 
@@ -74,11 +74,17 @@ def shard_cells(cells: List[Cell], index: int, count: int) -> List[Cell]:
 
 
 def finetune_count(cfg: StudyConfig, cell: Cell) -> int:
-    """Fine-tunes one cell costs: the shared round 0, every method's R rounds, the committee's extra members
-    in rounds 0 .. R-1."""
-    methods = cfg.scenario(cell.scenario).methods
-    extra = (cfg.committee_size - 1) * cfg.rounds if "committee" in methods else 0
-    return 1 + len(methods) * cfg.rounds + extra
+    """Fine-tunes one cell costs: the shared round 0; R per method with a learning curve, 1 (the last round)
+    per other method; the committee's members in rounds 0 .. R-1 (member 0 is the round's evaluated
+    fine-tune where there is one: round 0's shared one, and every round of a committee with a curve)."""
+    scen = cfg.scenario(cell.scenario)
+    methods = cfg.methods_for(cell.dataset, cell.scenario)
+    curve = [scen.curves is None or m in scen.curves for m in methods]
+    n = 1 + sum(cfg.rounds if c else 1 for c in curve)
+    if "committee" in methods:
+        with_curve = curve[methods.index("committee")]
+        n += (cfg.committee_size - 1) + (cfg.rounds - 1) * (cfg.committee_size - (1 if with_curve else 0))
+    return n
 
 
 def plan_lines(cfg: StudyConfig, shards: int = 2) -> List[str]:
@@ -191,9 +197,15 @@ def biased_pool(ds: Dataset, scenario: ScenarioConfig, seed: int, pretrain_rest:
 class Runner:
     """Runs a StudyConfig's cells (or one shard of them) into `out/results/`; `log` gets a line per step."""
 
-    def __init__(self, cfg: StudyConfig, out: Path, log: Callable[[str], None] = print, shard=(0, 1)):
+    def __init__(self, cfg: StudyConfig, out: Path, log: Callable[[str], None] = print, shard=(0, 1),
+                 only: Optional[str] = None):
         self.cfg, self.out, self.log = cfg, Path(out), log
         self.shard = shard
+        self.only = None if only is None else [n.strip() for n in str(only).split(",") if n.strip()]
+        unknown = [n for n in self.only or [] if n not in [d.name for d in cfg.datasets]]
+        if unknown or self.only == []:
+            raise ConfigError(f"--only {only}: not a dataset of the config (have "
+                              f"{', '.join(d.name for d in cfg.datasets)})")
         self.results = self.out / "results"
         self.stats = {"finetunes": 0, "finetune_s": 0.0, "finetune_cpu_s": 0.0, "evaluations": 0, "evaluate_s": 0.0}
         self.pre_errors: Dict[str, Dict[str, Tuple[float, float]]] = {}
@@ -205,8 +217,8 @@ class Runner:
         cfg = self.cfg
         self.results.mkdir(parents=True, exist_ok=True)
         save_record(self.results / "config.json", cfg.to_dict())
-        cells = shard_cells(study_cells(cfg), *self.shard)
-        label = shard_label(*self.shard)
+        cells = [c for c in shard_cells(study_cells(cfg), *self.shard) if self.only is None or c.dataset in self.only]
+        label = shard_label(*self.shard) + ("" if self.only is None else "-" + "-".join(self.only))
         datasets: Dict[str, Dataset] = {}
         for name in dict.fromkeys(c.dataset for c in cells):
             ds = load_dataset(cfg.dataset(name))
@@ -260,7 +272,7 @@ class Runner:
         tests = region_tests(ds, ds.tests)
         info.update({"primary_split": primary_split(scen, tests), "replay": len(replay), "valid": len(valid),
                      "target_sample": [a.info["exp_id"] for a in target] if target else []})
-        return Condition(ds, scen, cell.seed, pool, tests, list(scen.methods), ft,
+        return Condition(ds, scen, cell.seed, pool, tests, cfg.methods_for(ds.name, scen.name), ft,
                          initial_set(ds, cfg.initial_size, cell.seed), valid, replay, replay_valid, target, info,
                          budget=cfg.budget, rounds=cfg.rounds)
 
@@ -335,8 +347,12 @@ class Runner:
         rounds = state["rounds"]
         labelled = list(cond.initial)
         model_path = r0_model
+        curve = cond.scenario.curves is None or method in cond.scenario.curves
         for r in range(cond.rounds + 1):
-            if r >= len(rounds):     # fine-tune and evaluate on the labelled set of this round
+            if r >= len(rounds) and not (curve or r == cond.rounds):   # picks only: no fine-tune this round
+                model_path = None
+                rounds.append({"round": r, "n_labels": len(labelled)})
+            elif r >= len(rounds):     # fine-tune and evaluate on the labelled set of this round
                 model_path, ft = self._finetune(labelled, tmp / f"{method}-r{r}", cond.seed, cond, e0s)
                 rounds.append({"round": r, "n_labels": len(labelled), "metrics": self._evaluate(model_path, cond), **ft})
                 save_record(path, state)
@@ -351,7 +367,7 @@ class Runner:
                 continue
             taken = {a.info["exp_id"] for a in labelled}
             avail = [a for a in cond.pool if a.info["exp_id"] not in taken]
-            picks = self._select(cond, method, labelled, avail, r, model_path, tmp, store, e0s)
+            picks = self._select(cond, method, labelled, avail, r, model_path, tmp, store, e0s, pre_err)
             self._drop(model_path, r0_model)
             chosen = [avail[i] for i in picks.positions]
             detail = dict(picks.detail)
@@ -366,24 +382,28 @@ class Runner:
         save_record(path, state)
 
     # ------------------------------------------------------------------ steps
-    def _select(self, cond, method, labelled, avail, r, model_path, tmp, store, e0s) -> Picks:
+    def _select(self, cond, method, labelled, avail, r, model_path, tmp, store, e0s, pre_err) -> Picks:
         """The seam with acquisition.py: one round's Picks for `method`. Picks.detail may carry
         "pool_scores" (one score per `avail` structure, higher = picked first) for Spearman(score, error)."""
         cfg, sel = self.cfg, self.cfg.selection
+        plain, variant = pool_rows_variant(method)
         base, kernel, with_target = parse_method(method)
         seed = cond.seed
         if base == "random":
             return random_picks(len(avail), cond.budget, seed, r, f"{cond.key}:{method}")
+        if base == "oracle":   # the rails: real force errors of the pretrained model (the model selectors see)
+            real = np.array([pre_err[a.info["exp_id"]][1] for a in avail])
+            return oracle_picks(kernel, real, store, labelled, avail, cond.budget)
         if with_target:
             return target_picks(store, kernel, labelled, avail, cond.target, cond.budget, sel)
-        if kernel is not None and method == base:
-            return feature_picks(store, kernel, "lcmd", labelled, avail, cond.budget, sel, seed)
+        if kernel is not None and plain == base:
+            return feature_picks(store, kernel, "lcmd", labelled, avail, cond.budget, sel, seed, pool_rows=variant)
         if base == "top":
             return feature_picks(store, sel.top_kernel, "top", labelled, avail, cond.budget, sel, seed)
         if base in ("error", "error+pretrain"):  # the pretraining sample a fine-tuning user has: the replay data
             pretrain = cond.replay if base == "error+pretrain" else ()
             return feature_picks(store, kernel, "lcmd", labelled, avail, cond.budget, sel, seed, score="error",
-                                 pretrain=pretrain)
+                                 pretrain=pretrain, pool_rows=variant)
         if base == "llpr":
             return feature_picks(store, "readout", "lcmd", labelled, avail, cond.budget, sel, seed)
         if base == "committee":

@@ -13,7 +13,7 @@ from ase import Atoms
 from scipy.stats import spearmanr
 
 from ntkal.data import demo_files
-from study import acquisition, claims, committee, report, stats
+from study import acquisition, claims, committee, rails, report, stats
 from study.__main__ import main as study_main
 from study.claims import Claim
 from study.config import ConfigError, ScenarioConfig, SelectionConfig, config_from_dict, load_config
@@ -22,8 +22,8 @@ from study.records import Records
 from study.features import FeatureStore
 from study.finetune import build_args, foundation_e0s, replay_foundation
 from study.metrics import errors, evaluate_splits, predictor
-from study.runner import (Cell, biased_pool, cheap_metrics, initial_set, parse_shard, region_tests,
-                                     shard_cells)
+from study.runner import (Cell, biased_pool, cheap_metrics, finetune_count, initial_set, parse_shard,
+                          region_tests, shard_cells)
 from ntkal.io import read_structures
 
 
@@ -270,7 +270,8 @@ def test_finetune_args_are_mace_options_for_both_protocols(tmp_path):
     parsed = build_default_arg_parser().parse_args(replay)
     assert parsed.multiheads_finetuning and parsed.pt_train_file == str(tmp_path / "r.xyz") and parsed.force_mh_ft_lr
     assert parsed.foundation_model == str(model) and parsed.max_num_epochs == cfg.epochs and parsed.seed == 7
-    assert parsed.lr == cfg.lr and parsed.default_dtype == cfg.dtype and parsed.ema_decay == cfg.ema_decay
+    assert parsed.lr == cfg.lr and parsed.default_dtype == cfg.dtype and parsed.ema == (cfg.ema_decay is not None)
+    assert cfg.ema_decay is None or parsed.ema_decay == cfg.ema_decay
     from dataclasses import replace
     naive = build_default_arg_parser().parse_args(build_args(replace(cfg, protocol="naive"), model, tmp_path / "t.xyz",
                                                              tmp_path / "v.xyz", tmp_path, 7, e0s))
@@ -322,6 +323,12 @@ BASE = {"datasets": [{"name": "si"}], "scenarios": {"natural": {"methods": ["ran
      r"claims\[c\].scenarios"),
     ({"claims": [{"id": "c", "text": "t", "test": "lower", "method": "joint", "quantity": "f"}]},
      r"unknown setting claims\[0\].quantity"),
+    ({"scenarios": {"natural": {"methods": ["random"], "curves": ["joint"]}}}, r"scenarios.natural.curves"),
+    ({"rails": ["random"]}, "rails must be a non-empty list of oracle:top, oracle:diverse"),
+    ({"datasets": [{"name": "si", "methods": ["joint"]}]}, r"datasets\[si\].methods"),
+    ({"claims": [{"id": "c", "text": "t", "test": "closes_gap", "method": "joint", "threshold": 50}]},
+     r"claims\[c\].threshold must be a share"),
+    ({"scenarios": {"natural": {"methods": ["random", "embedding~probes"]}}}, "unknown method 'embedding~probes'"),
 ])
 def test_config_errors_name_the_field(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -337,13 +344,36 @@ def test_planned_method_names_are_accepted():
 
 def test_packaged_config_and_quick_overrides():
     full, quick = load_config(), load_config(quick=True)
-    assert len(full.seeds) >= 3 and full.rounds >= 3 and {s.name for s in full.scenarios} == {"natural", "biased"}
-    assert {d.name for d in full.datasets} == {"si", "oc20", "t1x"}
-    assert all(d.epochs_reason for d in full.datasets) and full.finetune.protocol == "replay"
-    assert quick.quick and quick.rounds == 1 and [d.name for d in quick.datasets] == ["si"]
+    assert len(full.seeds) >= 5 and full.rounds >= 4 and full.initial_size + full.rounds * full.budget >= 130
+    families = {}
+    for d in full.datasets:
+        families.setdefault(d.family, []).append(d.name)
+    assert {f: len(v) for f, v in families.items()} == {"metals/surfaces": 2, "molecules": 2}
+    assert all(d.epochs_reason and d.max_pool >= 2000 for d in full.datasets) and full.finetune.protocol == "replay"
+    assert set(full.rails) == {"oracle:top", "oracle:diverse"}
+    for d in full.datasets:     # every scenario runs the rails and the default with and without --pretrain
+        assert {"random", "oracle:top", "oracle:diverse", "error:joint", "error+pretrain:joint"} <= set(
+            full.methods_for(d.name, "natural"))
+    assert quick.quick and quick.rounds == 2 and [d.name for d in quick.datasets] == ["t1xnew"]
     assert quick.finetune.lr == full.finetune.lr            # nested merge keeps what quick does not set
-    assert quick.finetune_for("si").epochs == 1
+    assert quick.finetune_for("t1xnew").epochs == 1
     assert full.claims and quick.claims == full.claims and {c.test for c in full.claims} <= set(claims.TESTS)
+    assert {"resolves", "closes_gap", "reaches"} <= {c.test for c in full.claims}
+
+
+def test_finetune_count_follows_curves_and_dataset_methods():
+    raw = {"datasets": [{"name": "a", "biased_source": "pretrain"},
+                        {"name": "b", "biased_source": "pretrain", "methods": ["random", "joint"]}],
+           "scenarios": {"natural": {"methods": ["random", "joint", "committee"], "curves": ["random"]}},
+           "rounds": 3, "committee_size": 4}
+    cfg = config_from_dict(raw)
+    # round 0 + random 3 + joint 1 + committee 1; members: 3 in round 0 (member 0 = round 0's), 4 in rounds 1, 2
+    assert finetune_count(cfg, Cell("a", "natural", 0)) == 1 + 3 + 1 + 1 + 3 + 2 * 4
+    assert finetune_count(cfg, Cell("b", "natural", 0)) == 1 + 3 + 1
+    assert cfg.methods_for("b", "natural") == ["random", "joint"]
+    with_curve = config_from_dict({**raw, "datasets": raw["datasets"][:1],
+                                   "scenarios": {"natural": {"methods": ["random", "committee"]}}})
+    assert finetune_count(with_curve, Cell("a", "natural", 0)) == 1 + 3 + 3 + 3 + 2 * 3
 
 
 def test_cli_config_errors_are_one_line(tmp_path, capsys):
@@ -417,6 +447,87 @@ def test_claims_combine_cells_by_needed():
     assert claims.judge(dataclasses.replace(lower, needed=None), cells(good, good, good)).state == "held"
 
 
+# ------------------------------------------------------------------ rails: resolving power and gap closure
+def test_fieller_interval_is_the_set_of_ratios_a_t_test_does_not_reject():
+    rng = np.random.default_rng(4)
+    b = 10.0 + rng.normal(0.0, 2.0, 6)
+    a = 0.6 * b + rng.normal(0.0, 1.5, 6)
+    got = rails.fieller(a, b)
+    assert got["ratio"] == pytest.approx(a.mean() / b.mean())
+    from scipy import stats as st
+    crit = st.t.ppf(0.975, 5)
+
+    def accepted(theta):
+        d = a - theta * b
+        return abs(d.mean()) / (d.std(ddof=1) / math.sqrt(6)) <= crit
+    grid = np.linspace(-1, 3, 40001)
+    inside = grid[[accepted(t) for t in grid]]
+    assert got["lo"] == pytest.approx(inside.min(), abs=2e-4) and got["hi"] == pytest.approx(inside.max(), abs=2e-4)
+    noise = rails.fieller(a, rng.normal(0.0, 1.0, 6))         # a gap that is noise: no bounded interval
+    assert math.isnan(noise["lo"]) and math.isnan(noise["hi"])
+
+
+def _rail_cells(values: dict, dataset="m"):
+    return {(dataset, "natural"): Records(_runs(values, dataset), dataset, "natural")}
+
+
+def test_resolving_power_and_gap_closure_claims():
+    rand, top, div = [100.0, 98.0, 101.0, 99.0, 102.0], [95.0, 97.0, 96.0, 99.0, 94.0], [80.0, 79.0, 82.0, 78.0, 81.0]
+    half = [90.0, 88.5, 91.5, 89.0, 91.0]             # closes about half of random − diverse
+    cells = _rail_cells({"random": rand, "oracle:top": top, "oracle:diverse": div, "joint": div[::-1], "force": half})
+    rec = cells[("m", "natural")]
+    got = rails.resolving(rec, ["oracle:top", "oracle:diverse"], "f_mae")
+    assert got["rail"] == "oracle:diverse" and got["resolves"]
+    g = rails.gap_closure(rec, "force", "oracle:diverse", "f_mae")
+    assert g["ratio"] == pytest.approx((np.mean(rand) - np.mean(half)) / (np.mean(rand) - np.mean(div)))
+    power = Claim("p", "it can answer", "resolves", rails=["oracle:top", "oracle:diverse"])
+    assert claims.judge(power, cells).state == "held"
+    gap = Claim("g", "joint closes half", "closes_gap", "joint", threshold=0.5, rails=["oracle:top", "oracle:diverse"])
+    assert claims.judge(gap, cells).state == "held"
+    assert claims.judge(dataclasses.replace(gap, method="force"), cells).state == "not resolved"
+    assert claims.judge(dataclasses.replace(gap, method="force", threshold=0.9), cells).state == "did not hold"
+    flat = _rail_cells({"random": rand, "oracle:top": rand[::-1], "oracle:diverse": [101.0, 97.0, 100.0, 99.5, 101.0],
+                        "joint": div})
+    assert claims.judge(power, flat).state == "did not hold"
+    assert claims.judge(gap, flat).state == "not tested"      # no scenario with power: nothing to judge
+    both = {**cells, **_rail_cells({"random": rand, "oracle:top": rand[::-1], "oracle:diverse": rand, "joint": rand},
+                                   "n")}
+    assert claims.judge(gap, both).state == "held"            # the cell without power is left out
+    text = "\n".join(report._rails_section(both, {"rails": ["oracle:top", "oracle:diverse"],
+                                                  "datasets": [{"name": "m", "family": "metals"},
+                                                               {"name": "n", "family": "metals"}]}))
+    assert "| m · natural | metals | F MAE |" in text and "**yes**" in text
+    assert "Scenarios with resolving power for forces, per family: metals 1." in text
+
+
+class _Embeddings:
+    """A FeatureStore stand-in: embedding rows from info['x']."""
+
+    def rows(self, kernel, structures, exact=False, probes=False):
+        class Block:
+            rows = torch.tensor(np.array([a.info["x"] for a in structures], dtype=np.float64))
+        return Block(), 0.0
+
+
+def test_oracles_take_the_largest_errors_or_spread_over_them():
+    pool = []
+    for i in range(12):
+        a = Atoms("H")
+        a.info["x"] = [float(i // 4), 0.0] if i < 8 else [10.0 + i, 5.0]   # two tight clusters + spread ones
+        pool.append(a)
+    err = np.array([50.0, 49.0, 48.0, 47.0, 46.0, 45.0, 44.0, 43.0, 10.0, 9.0, 8.0, 7.0])
+    top = acquisition.oracle_picks("top", err, _Embeddings(), [], pool, 3)
+    assert top.positions.tolist() == [0, 1, 2]
+    labelled = [Atoms("H")]
+    labelled[0].info["x"] = [0.0, 0.0]
+    div = acquisition.oracle_picks("diverse", err, _Embeddings(), labelled, pool, 3)
+    # among the 3B = 9 largest errors: the far one, then the cluster away from the labelled structure (its
+    # largest error first), and only then the labelled structure's own cluster
+    assert div.positions.tolist() == [8, 4, 0]
+    with pytest.raises(ValueError, match="real errors"):
+        acquisition.oracle_picks("top", err[:3], _Embeddings(), [], pool, 3)
+
+
 def test_report_judges_the_claims_it_is_given(tmp_path):
     """The verdicts are the config's claims: their text, how they are judged, and the state."""
     for run in _runs({"random": [99.0, 97.0, 98.0], "joint": [80.0, 79.0, 81.5], "force": [90.0, 91.0, 89.0]}):
@@ -468,26 +579,30 @@ def test_report_acquisition_section_pairs_each_method_with_random_by_draw(tmp_pa
 def test_quick_study_curves_shards_resume_and_report_only(tmp_path):
     out = tmp_path / "exp"
     assert study_main(["--quick", "--curves", "--out", str(out)]) == 0
-    curve = json.loads((out / "results" / "si_finetune_curve.json").read_text())
-    assert set(curve) == {"replay", "naive"} and len(curve["replay"]["curve"]["Default"]) == 3   # before + 2 epochs
+    curve = json.loads((out / "results" / "t1xnew_finetune_curve.json").read_text())
+    assert set(curve) == {"replay"} and len(curve["replay"]["curve"]["Default"]) == 3   # before + 2 epochs
     assert study_main(["--quick", "--shard", "0/2", "--out", str(out)]) == 0
     assert study_main(["--quick", "--shard", "1/2", "--out", str(out)]) == 0
     cfg = load_config(quick=True)
-    for scen in cfg.scenarios:
-        for method in scen.methods:
-            run = json.loads((out / "results" / f"si_{scen.name}" / "seed0" / f"{method}.json").read_text())
-            assert run["done"] and [r["n_labels"] for r in run["rounds"]] == [4, 7]
-            assert len(set(run["rounds"][0]["picks"])) == 3 and run["rounds"][0]["acquisition_s"] >= 0
-            assert "pick_pool_error_ratio_f" in run["rounds"][0]["cheap"]
-    biased = json.loads((out / "results" / "si_biased" / "seed0" / "round0.json").read_text())["condition"]
-    assert biased["pool_size"] == 12 and biased["pool_target"] == 3
+    for seed in (0, 1):
+        for method in cfg.scenario("natural").methods:
+            run = json.loads((out / "results" / "t1xnew_natural" / f"seed{seed}" / f"{method}.json").read_text())
+            assert run["done"] and [r["n_labels"] for r in run["rounds"]] == [4, 7, 10]
+            # random has a learning curve; the others are fine-tuned after the last round only
+            assert ("metrics" in run["rounds"][1]) == (method == "random") and "metrics" in run["rounds"][2]
+            for r in run["rounds"][:2]:
+                assert len(set(r["picks"])) == 3 and r["acquisition_s"] >= 0
+                assert "pick_pool_error_ratio_f" in r["cheap"]
+            if method == "oracle:top":   # the rail takes the largest real errors of what was left
+                assert run["rounds"][0]["cheap"]["pick_pool_error_ratio_f"] > 1
     shards = {p.name for p in (out / "results").glob("run-*.json")}
     assert shards == {"run-0of2.json", "run-1of2.json"}
     text = (out / "results.md").read_text()
-    for needle in ("si · natural", "si · biased", "Verdicts", "fine-tune curve", "labels to random's final F"):
+    for needle in ("t1xnew · natural", "Verdicts", "fine-tune curve", "Rails: can each scenario answer",
+                   "| t1xnew · natural | molecules | F MAE |"):
         assert needle in text
-    assert (out / "figures" / "si_natural_learning_curves.png").stat().st_size > 1000
-    assert (out / "figures" / "si_finetune_curve.png").stat().st_size > 1000
+    assert (out / "figures" / "t1xnew_natural_learning_curves.png").stat().st_size > 1000
+    assert (out / "figures" / "t1xnew_finetune_curve.png").stat().st_size > 1000
     before = json.loads((out / "results" / "run-0of2.json").read_text())
     # a rerun resumes: nothing is fine-tuned again; --report-only rewrites the same page from the records
     assert study_main(["--quick", "--shard", "0/2", "--out", str(out)]) == 0
