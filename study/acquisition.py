@@ -54,11 +54,13 @@ def feature_picks(store: FeatureStore, kernel: str, method: str, labelled: Seque
     None (pool and pretraining-sample force rows as `selection.force_probes`), "exact" or "probes"
     (`selection.probe_variant` probes)."""
     exact, probes = pool_rows == "exact", pool_rows == "probes"
+    # labelled rows: exact (as shipped), or the pool's kind when selection.labelled_force_rows is "pool"
+    lab = {"exact": True} if exact or sel.labelled_force_rows == "exact" else {"exact": False, "probes": probes}
     kw, t_extra = {}, 0.0
     if score == "error":
-        train_rows, kw["train_residuals"], t_train = store.residuals(kernel, labelled, exact=True)
+        train_rows, kw["train_residuals"], t_train = store.residuals(kernel, labelled, **lab)
     else:
-        train_rows, t_train = store.rows(kernel, labelled, exact=True)
+        train_rows, t_train = store.rows(kernel, labelled, **lab)
     if len(pretrain):
         kw["pretrain_rows"], kw["pretrain_residuals"], t_extra = store.residuals(kernel, pretrain, exact=exact,
                                                                                  probes=probes)
@@ -67,7 +69,8 @@ def feature_picks(store: FeatureStore, kernel: str, method: str, labelled: Seque
     res = select_rows(train_rows, rows, budget, method=method, shortlist=shortlist or sel.shortlist,
                       sigma_e2=sel.sigma_e2, sigma_f2=sel.sigma_f2, mode=sel.mode, seed=seed, on_chunk=_collect(keys),
                       score=score, scorer=scorer, **kw)
-    detail = {"kernel": kernel, "method": method, "score": score, "pool_force_rows":
+    detail = {"kernel": kernel, "method": method, "score": score, "labelled_force_rows":
+              "exact" if lab["exact"] else "as the pool's", "pool_force_rows":
               f"{sel.probe_variant} probes" if probes else ("exact" if exact or sel.force_probes is None else
                                                             f"{sel.force_probes} probes"),
               "features_labelled_s": t_train,

@@ -105,6 +105,7 @@ class SelectionConfig:
     mode: str = "tp"
     top_kernel: str = "joint"           # kernel of the top-PV (no LCMD) ablation
     probe_variant: int = 8              # pool force probes of the "~probes" methods
+    labelled_force_rows: str = "exact"  # "exact" (`ntkal select` as shipped) or "pool": the pool's probe rows
 
 
 @dataclass
@@ -340,6 +341,8 @@ def validate(cfg: StudyConfig) -> None:
          f"selection.target_shortlist ({sel.target_shortlist}) is smaller than budget ({cfg.budget})")
     need(sel.mode in ("tp", "p"), f"selection.mode must be 'tp' or 'p', got {sel.mode!r}")
     positive(sel.probe_variant, "selection.probe_variant")
+    need(sel.labelled_force_rows in ("exact", "pool"),
+         f"selection.labelled_force_rows must be 'exact' or 'pool', got {sel.labelled_force_rows!r}")
     need(isinstance(cfg.rails, list) and cfg.rails and set(cfg.rails) <= set(ORACLES),
          f"rails must be a non-empty list of {', '.join(ORACLES)}, got {cfg.rails!r}")
     need(sel.top_kernel in KERNELS, f"selection.top_kernel must be one of {', '.join(KERNELS)}, got {sel.top_kernel!r}")

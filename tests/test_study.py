@@ -138,6 +138,22 @@ def test_round_selection_reproduces_exactly(si, kernel, method):
     assert runs[0].detail["scores"] == runs[1].detail["scores"]
 
 
+def test_labelled_rows_exact_or_as_the_pool_s(si):
+    """selection.labelled_force_rows "pool" gives the labelled set the pool's probe rows; "~exact" methods
+    (pool_rows="exact") use exact rows for both, as `ntkal select` ships."""
+    model_path, train, pool = si
+    store = FeatureStore(model_path, SEL)
+    cheap = dataclasses.replace(SEL, labelled_force_rows="pool")
+    a = acquisition.feature_picks(store, "joint", "lcmd", train, pool, 3, cheap, seed=1, score="error")
+    b = acquisition.feature_picks(store, "joint", "lcmd", train, pool, 3, cheap, seed=1, score="error",
+                                  pool_rows="exact")
+    assert a.detail["labelled_force_rows"] == "as the pool's" and a.detail["pool_force_rows"] == "2 probes"
+    assert b.detail["labelled_force_rows"] == "exact" and b.detail["pool_force_rows"] == "exact"
+    n = sum(len(x) for x in train)
+    assert store.rows("joint", train)[0].rows.shape[0] == len(train) * (1 + 2)          # energy + 2 probe rows
+    assert store.rows("joint", train, exact=True)[0].rows.shape[0] == len(train) + 3 * n  # energy + 3N rows
+
+
 def test_target_and_random_selection_reproduce(si):
     model_path, train, pool = si
     target, cand = pool[:3], pool[3:]
