@@ -113,6 +113,8 @@ def _less_variable(c: Claim, rec: Records, q: str):
 
 
 def _reaches(c: Claim, rec: Records, q: str):
+    if not rec.has_curve(c.method, c.against):
+        return "not resolved", f"{LABELS[q]}: {c.method} has no learning curve here (fine-tuned after the last round only)"
     _, ratio, _ = rec.reach(c.method, q, c.against)
     d = rec.difference(c.method, c.against, q)
     met = ratio is not None and ratio <= c.threshold and resolved(d) == -1

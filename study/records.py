@@ -85,6 +85,12 @@ class Records:
                 per_seed.append(labels_to_reach(n, e, ref_final[seed]) is not None)
         return got, (got / n_final if got is not None else None), (sum(per_seed), len(per_seed))
 
+    def has_curve(self, method: str, ref: str = "random") -> bool:
+        """Was the method fine-tuned after every round `ref` was (a learning curve, not round 0 and the end)?"""
+        mine = {r["n_labels"] for rounds in self.by_method.get(method, {}).values() for r in rounds}
+        theirs = {r["n_labels"] for rounds in self.by_method.get(ref, {}).values() for r in rounds}
+        return len(mine) > 2 or (bool(mine) and len(mine) >= len(theirs))
+
     def final_labels(self, method: str) -> Optional[int]:
         rs = [r[-1]["n_labels"] for r in self.by_method.get(method, {}).values() if r]
         return max(rs) if rs else None

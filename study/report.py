@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _reach_text(rec: Records, method: str, key: str) -> str:
+    if not rec.has_curve(method):
+        return "– (no curve)"
     got, ratio, seeds = rec.reach(method, key)
     if seeds is None:
         return "–"
@@ -104,9 +106,10 @@ def flat_epoch(points: List[dict], key: str = "loss", within: float = 0.05):
 def _how_run(results: Path, out: Path) -> List[str]:
     lines = ["## How it was run", ""]
     shards = [json.loads(p.read_text()) for p in sorted(results.glob("run-*.json"))]
+    runs = " & ".join(f"python -m study {_invocation(s.get('shard', 'all'))}--out DIR" for s in shards) or \
+        "python -m study --shard 0/2 --out DIR & python -m study --shard 1/2 --out DIR"
     lines += ["```", "python -m study --curves --out DIR        # fine-tune curves, once",
-              "python -m study --shard 0/2 --out DIR & python -m study --shard 1/2 --out DIR; wait",
-              f"python -m study --report-only --out DIR   # this page (DIR = {out})", "```", ""]
+              f"{runs}; wait", f"python -m study --report-only --out DIR   # this page (DIR = {out})", "```", ""]
     if not shards:
         return lines + ["No run records (results/run-*.json).", ""]
     starts, ends = [], []
@@ -135,12 +138,19 @@ def _how_run(results: Path, out: Path) -> List[str]:
     return lines + [""]
 
 
+def _invocation(label: str) -> str:
+    """The flags a run record's shard label stands for: "0of2" -> "--shard 0/2 ", "all-a-b" -> "--only a,b "."""
+    shard, _, only = label.partition("-")
+    out = "" if shard == "all" else "--shard " + shard.replace("of", "/") + " "
+    return out + (f"--only {only.replace('-', ',')} " if only else "")
+
+
 def _setup(cfg: dict, run_info: dict) -> List[str]:
     ft = cfg.get("finetune", {})
     lines = ["## Set-up", "",
              f"- schedule: {cfg.get('initial_size')} labelled target-region structures to start (seeded draw from "
              f"the train split), {cfg.get('rounds')} rounds of {cfg.get('budget')}; seeds {cfg.get('seeds')}: seed s "
-             "fixes the initial set, the biased pool draw and the fine-tune seed for every method, so methods are "
+             "fixes the initial set, the fine-tune seed (and a biased pool's draw) for every method, so methods are "
              "compared seed by seed (paired).",
              f"- fine-tuning ({ft.get('protocol')} protocol): `mace_run_train --foundation_model` "
              + ("`--multiheads_finetuning True` with "
@@ -208,7 +218,7 @@ def _finetune_section(results: Path, figs: Path, cfg: dict, recs: Dict[tuple, Re
                       "|---|---|---|---|---|---|---|---|---|---|"]
             for protocol, r in sorted(crec.items()):
                 best, first = flat_epoch(r["curve"].get("Default", []))
-                for split in [s for s in r["finetuned_metrics"] if s.startswith("test_id")]:
+                for split in sorted(r["finetuned_metrics"]):
                     pre, aft = r["pretrained_metrics"][split], r["finetuned_metrics"][split]
                     lines.append(f"| {protocol} | {r['n_labels']} | {r['n_replay']} | {r['epochs']} | "
                                  f"{num(r['cpu_s_per_epoch'], 2)} | {best} | {first} | {split} | "

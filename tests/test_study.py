@@ -615,7 +615,7 @@ def test_quick_study_curves_shards_resume_and_report_only(tmp_path):
     assert shards == {"run-0of2.json", "run-1of2.json"}
     text = (out / "results.md").read_text()
     for needle in ("t1xnew · natural", "Verdicts", "fine-tune curve", "Rails: can each scenario answer",
-                   "| t1xnew · natural | molecules | F MAE |"):
+                   "| t1xnew · natural | molecules | F MAE |", "| oracle:top | 10 |", "– (no curve)"):
         assert needle in text
     assert (out / "figures" / "t1xnew_natural_learning_curves.png").stat().st_size > 1000
     assert (out / "figures" / "t1xnew_finetune_curve.png").stat().st_size > 1000
