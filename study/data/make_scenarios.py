@@ -58,7 +58,6 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.emt import EMT
 from ase.collections import g2
 from ase.constraints import FixAtoms
-from ase.io import read
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import thermalize_momenta
 from ase.optimize import FIRE
