@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .fmt import ci, msd, num
+from .fmt import ci, msd, num, pct
 from .methods import ORACLES
 from .rails import gap_closure, resolving
 from .records import Records
@@ -148,12 +148,8 @@ def _closes_gap(c: Claim, rec: Records, q: str):
     lo, hi = g["lo"], g["hi"]
     state = ("held" if lo >= c.threshold else "did not hold" if hi < c.threshold else "not resolved") \
         if math.isfinite(lo) else "not resolved"
-    return state, (f"{LABELS[q]}: gap closure against {got['rail']} {_pct(g['ratio'])} "
-                   f"[{_pct(lo)}, {_pct(hi)}] (threshold {100 * c.threshold:g} %)")
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f} %" if math.isfinite(x) else "–"
+    return state, (f"{LABELS[q]}: gap closure against {got['rail']} {pct(g['ratio'])} "
+                   f"[{pct(lo)}, {pct(hi)}] (threshold {100 * c.threshold:g} %)")
 
 
 def _cheaper(c: Claim, rec: Records):

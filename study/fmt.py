@@ -10,6 +10,11 @@ def num(x, digits=1) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
+def pct(x) -> str:
+    """A share as "86 %" ("–" when missing or not finite)."""
+    return "–" if x is None or not math.isfinite(x) else f"{100 * x:.0f} %"
+
+
 def msd(values, digits=1) -> str:
     """mean ± sd over the values (the mean alone for one value)."""
     s = mean_sd(values)

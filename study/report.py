@@ -18,7 +18,7 @@ from ntkal.io.write import figure, save_png
 from scipy.stats import spearmanr
 
 from .claims import CHEAP, Claim, describe, judge
-from .fmt import ci, msd, num, side
+from .fmt import ci, msd, num, pct, side
 from .methods import ORACLES, is_rail
 from .rails import gap_closure, resolving
 from .records import Records, load_runs
@@ -322,10 +322,6 @@ def _random_last_step(rec: Records) -> str:
 
 
 # ---------------------------------------------------------------------- rails
-def _pct(x) -> str:
-    return "–" if x is None or not np.isfinite(x) else f"{100 * x:.0f} %"
-
-
 def _rails_section(recs: Dict[tuple, Records], cfg: dict) -> List[str]:
     """Resolving power per scenario and quantity, each method's gap closure where there is power, and whether
     the cheap metrics (no fine-tune) rank the methods as the fine-tuned errors do."""
@@ -360,7 +356,7 @@ def _rails_section(recs: Dict[tuple, Records], cfg: dict) -> List[str]:
             fam_count[family.get(name, "–")] = fam_count.get(family.get(name, "–"), 0) + 1
     lines += ["", "Scenarios with resolving power for forces, per family: "
               + (", ".join(f"{f} {n}" for f, n in sorted(fam_count.items())) or "none") + ".", ""]
-    rows, pooled = [], []
+    rows = []
     for (name, scen), rec in have.items():
         for key, label in (("f_mae", "F"), ("e_mae", "E")):
             got = power[(name, scen, key)]
@@ -376,7 +372,7 @@ def _rails_section(recs: Dict[tuple, Records], cfg: dict) -> List[str]:
                 reach = _reach_text(rec, m, key) if key == "f_mae" else ""
                 mean_m = mean_sd(list(rec.final(m, rec.primary, key).values()))["mean"]
                 rows.append(f"| {name} · {scen} | {label} | {m} | {num(mean_m)} (rail {num(rail_mean)}) | "
-                            f"{_pct(g['ratio'])} [{_pct(g['lo'])}, {_pct(g['hi'])}] | "
+                            f"{pct(g['ratio'])} [{pct(g['lo'])}, {pct(g['hi'])}] | "
                             f"{ci(rec.difference(m, 'random', key))} | {reach} | "
                             f"{'**beats every rail**' if beats else ''} |")
     if rows:
