@@ -273,7 +273,8 @@ def child_memory(spec: dict) -> dict:
     del train, pre
     gc.collect()
     fit_rss = utils.rss_mib()
-    trimmed = _malloc_trim()  # hand the fit's freed heap back, so RSS is what the calculator holds
+    from ntkal.features.memory import release_free_heap
+    trimmed = release_free_heap()  # hand the fit's freed heap back, so RSS is what the calculator holds
     setup_rss = utils.rss_mib()
     reset = utils.reset_peak_rss()
     for _ in range(spec["memory_steps"]):
@@ -281,14 +282,6 @@ def child_memory(spec: dict) -> dict:
     return {"model": spec["model"], "config": name, "rss_after_imports_mib": base, "rss_after_fit_mib": fit_rss,
             "malloc_trim": trimmed, "rss_after_setup_mib": setup_rss,
             "peak_rss_md_mib": utils.peak_rss_mib(), "peak_reset": reset, "rss_end_mib": utils.rss_mib()}
-
-
-def _malloc_trim() -> bool:
-    try:
-        import ctypes
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 def run_child(kind: str, spec: dict, timeout=3600) -> dict:

@@ -353,6 +353,9 @@ class MACEFeaturizer:
                     with self.memory.measure(key, len(idx)):
                         parts.append(self.sketch.apply(self._row_grads(forces, vecs[idx], params)).detach())
                 force_rows.append(torch.cat(parts) * scale)
+            # the next structure's forward must not run while this one's double-backward graph is alive:
+            # that forward is outside the memory plan's measured blocks (memory.py)
+            out = forces = None
         natoms = torch.tensor([len(a) for a in atoms_list], dtype=torch.int64)
         return structure_rows(torch.stack(psis), force_rows if want_forces else None, natoms,
                               self.kernel in ("energy", "joint"), self.force_probes is None)
