@@ -1,4 +1,4 @@
-"""Build four active-learning scenarios, each a shipped pretrained MACE model with a real blind spot.
+"""Build five active-learning scenarios, each a shipped pretrained MACE model with a real blind spot.
 
 Usage::
 
@@ -26,6 +26,9 @@ Scenarios (file prefix = name):
   target = the same molecules at 2000/2500/3000 K.
 * ``t1xnew``    -- same model and base; target = the 10 OOD molecules of make_t1x_like's partition
   at 300/600 K.
+* ``t1xleft``   -- same model and base; target = the 18 molecules of make_t1x_like's in-distribution set
+  that pretraining left out (alcohols, acids, an amide, pyridine, furan, ... -- other chemistry than
+  t1xnew's alkenes and nitriles) at 300/600 K.
 
 Files per scenario (gzip extxyz, labels ``info["REF_energy"]`` / ``arrays["REF_forces"]``):
 ``<name>_pool`` (2,500 frames, 15 % target), ``<name>_train`` (60 frames, 30 target),
@@ -97,6 +100,7 @@ PARTS = {
     "t1xbase": {"family": "t1x", "region": "base", "molecules": "pretrain", "temps": MOL_BASE_T},
     "t1xhot": {"family": "t1x", "region": "target", "molecules": "pretrain", "temps": MOL_HOT_T},
     "t1xnew": {"family": "t1x", "region": "target", "molecules": "ood", "temps": MOL_NEW_T},
+    "t1xleft": {"family": "t1x", "region": "target", "molecules": "left_out", "temps": MOL_NEW_T},
 }
 # trajectories x frames per split and region (a little over the counts needed, for drops)
 PLAN = {
@@ -109,7 +113,7 @@ PLAN_TARGET = {"oc20metal": {"pool": (140, 5), "train": (56, 1), "test_target": 
 SPLIT_INDEX = {"pool": 0, "train": 1, "test_target": 2, "test_base": 3}
 SCENARIOS = {
     "oc20ads": ("oc20base", "oc20ads"), "oc20metal": ("oc20base", "oc20metal"),
-    "t1xhot": ("t1xbase", "t1xhot"), "t1xnew": ("t1xbase", "t1xnew"),
+    "t1xhot": ("t1xbase", "t1xhot"), "t1xnew": ("t1xbase", "t1xnew"), "t1xleft": ("t1xbase", "t1xleft"),
 }
 MODEL = {"oc20": DATA_DIR / "oc20_mace.model", "t1x": DATA_DIR / "t1x_mace.model"}
 PRETRAIN = {"oc20": DATA_DIR / "oc20_pretrain.extxyz.gz", "t1x": DATA_DIR / "t1x_pretrain.extxyz.gz"}
@@ -320,6 +324,7 @@ def build(name: str, out: pathlib.Path, seed: int, max_force: float, cache: dict
     t0 = time.time()
     feat = featurizer(family)
     molecules = partition(molecule_names(), 0)
+    molecules["left_out"] = sorted(set(molecules["in_distribution"]) - set(molecules["pretrain"]))
     for part in (base_part, target_part):
         if part not in cache:
             cache[part] = make_part(part, seed, max_force, feat, molecules, log)
