@@ -106,13 +106,22 @@ def flat_epoch(points: List[dict], key: str = "loss", within: float = 0.05):
 def _how_run(results: Path, out: Path) -> List[str]:
     lines = ["## How it was run", ""]
     shards = [json.loads(p.read_text()) for p in sorted(results.glob("run-*.json"))]
-    runs = " & ".join(f"python -m study {_invocation(s.get('shard', 'all'))}--out DIR" for s in shards) or \
-        "python -m study --shard 0/2 --out DIR & python -m study --shard 1/2 --out DIR"
-    lines += ["```", "python -m study --curves --out DIR        # fine-tune curves, once",
-              f"{runs}; wait", f"python -m study --report-only --out DIR   # this page (DIR = {out})", "```", ""]
+    spans = {id(s): _spans(s) for s in shards}
+    # shards whose runs overlap in time ran side by side ("&"); later groups ran after them
+    groups: List[list] = []
+    for s in sorted(shards, key=lambda s: min((a for a, _ in spans[id(s)]), default=0.0)):
+        sp = spans[id(s)]
+        if groups and sp and groups[-1][1] and min(a for a, _ in sp) < max(b for _, b in groups[-1][1]):
+            groups[-1][0].append(s)
+            groups[-1][1].extend(sp)
+        else:
+            groups.append([[s], list(sp)])
+    runs = [" & ".join(f"python -m study {_invocation(s.get('shard', 'all'))}--out DIR" for s in g) + "; wait"
+            for g, _ in groups] or ["python -m study --shard 0/2 --out DIR & python -m study --shard 1/2 --out DIR; wait"]
+    lines += ["```", "python -m study --curves --out DIR        # fine-tune curves, once", *runs,
+              f"python -m study --report-only --out DIR   # this page (DIR = {out})", "```", ""]
     if not shards:
         return lines + ["No run records (results/run-*.json).", ""]
-    starts, ends = [], []
     for s in shards:
         inv = s.get("invocations", [])
         wall = sum(i.get("wall_s", 0.0) for i in inv)
@@ -125,17 +134,37 @@ def _how_run(results: Path, out: Path) -> List[str]:
         lines.append(f"- shard {s.get('shard', '?')}: {len(inv)} invocation(s), {wall / 60:.1f} min wall, "
                      f"{cpu / 60:.1f} min process CPU; {n_ft} fine-tunes took {ft_s / 60:.1f} min wall "
                      f"({ft_cpu / 60:.1f} min CPU){load}; {s.get('machine', '?')}")
-        for i in inv:
-            try:
-                end = time.mktime(time.strptime(i["finished"], "%Y-%m-%d %H:%M:%S"))
-            except (KeyError, ValueError):
-                continue
-            ends.append(end)
-            starts.append(end - i.get("wall_s", 0.0))
-    if starts:
-        lines.append(f"- from the first start to the last finish: {(max(ends) - min(starts)) / 60:.1f} min "
-                     "(parallel shards overlap; a resumed study counts its pauses too)")
+    every = [sp for g in groups for sp in g[1]]
+    if every:
+        busy = _union_length(every)
+        lines.append(f"- running time: {busy / 60:.1f} min (the time at least one shard was running; "
+                     f"{(max(b for _, b in every) - min(a for a, _ in every)) / 60:.1f} min from the first start "
+                     "to the last finish, pauses between invocations included)")
     return lines + [""]
+
+
+def _spans(shard: dict) -> List[tuple]:
+    """(start, end) in seconds since the epoch of each invocation of a run record that says when it finished."""
+    spans = []
+    for i in shard.get("invocations", []):
+        try:
+            end = time.mktime(time.strptime(i["finished"], "%Y-%m-%d %H:%M:%S"))
+        except (KeyError, ValueError):
+            continue
+        spans.append((end - i.get("wall_s", 0.0), end))
+    return spans
+
+
+def _union_length(spans) -> float:
+    """Total length of the union of (start, end) intervals."""
+    total, cur = 0.0, None
+    for a, b in sorted(spans):
+        if cur is None or a > cur[1]:
+            total += 0.0 if cur is None else cur[1] - cur[0]
+            cur = [a, b]
+        else:
+            cur[1] = max(cur[1], b)
+    return total + (0.0 if cur is None else cur[1] - cur[0])
 
 
 def _invocation(label: str) -> str:

@@ -364,7 +364,7 @@ def test_packaged_config_and_quick_overrides():
     families = {}
     for d in full.datasets:
         families.setdefault(d.family, []).append(d.name)
-    assert {f: len(v) for f, v in families.items()} == {"metals/surfaces": 2, "molecules": 2}
+    assert {f: len(v) for f, v in families.items()} == {"metals/surfaces": 2, "molecules": 3}
     assert all(d.epochs_reason and d.max_pool >= 2000 for d in full.datasets) and full.finetune.protocol == "replay"
     assert set(full.rails) == {"oracle:top", "oracle:diverse"}
     for d in full.datasets:     # every scenario runs the rails and the default with and without --pretrain
@@ -572,6 +572,21 @@ def test_report_lists_every_evaluate_record(tmp_path):
     assert "| atom_force | 30 | 0.70 | 0.90 | – | – |" in rows[1]
     assert "| pv | force | 7 | – |" in rows[2]
     assert report._evaluate_section(tmp_path / "none") == []
+
+
+def test_how_it_was_run_groups_overlapping_shards_and_sums_their_running_time(tmp_path):
+    """Shards that ran at the same time share a line ("&"); one run later gets its own; the running time is
+    the union of the invocations (a pause between a shard's invocations and the gap between runs left out)."""
+    def record(shard, *invocations):  # (finished "HH:MM:SS", wall minutes)
+        inv = [{"finished": f"2026-12-03 {end}", "wall_s": 60.0 * wall, "cpu_s": 1.0} for end, wall in invocations]
+        (tmp_path / f"run-{shard}.json").write_text(json.dumps({"shard": shard, "invocations": inv}))
+    record("all-a-b", ("11:00:00", 60.0))                       # 10:00-11:00
+    record("all-c-d", ("10:30:00", 20.0), ("11:20:00", 40.0))   # 10:10-10:30, pause, 10:40-11:20
+    record("all-e", ("14:15:00", 15.0))                         # 14:00-14:15, hours later
+    text = "\n".join(report._how_run(tmp_path, tmp_path))
+    assert ("python -m study --only a,b --out DIR & python -m study --only c,d --out DIR; wait\n"
+            "python -m study --only e --out DIR; wait") in text
+    assert "- running time: 95.0 min" in text and "255.0 min from the first start" in text
 
 
 def test_report_acquisition_section_pairs_each_method_with_random_by_draw(tmp_path):
