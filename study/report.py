@@ -22,7 +22,7 @@ from .fmt import ci, msd, num, pct, side
 from .methods import ORACLES, is_rail
 from .rails import gap_closure, resolving
 from .records import Records, load_runs
-from .stats import mean_sd, paired_difference
+from .stats import mean_sd, paired_difference, t_interval
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,17 +336,24 @@ def _scenario_section(rec: Records, name: str, scen: str, figs: Path) -> List[st
 
 
 def _random_last_step(rec: Records) -> str:
-    """Is random's curve still falling at the end? Its last round's change, paired over seeds."""
+    """Is random's curve still falling at the end? Its last round's change and its slope over the second
+    half of the labels (least squares per seed, rounds with at least half the final labels), paired over seeds."""
     parts = []
     for key, label in (("e_mae", "E"), ("f_mae", "F")):
-        last, prev = {}, {}
+        last, prev, slopes = {}, {}, []
         for seed, rounds in rec.by_method.get("random", {}).items():
-            if len(rounds) >= 2 and rec.primary in rounds[-1]["metrics"]:
-                last[seed] = rounds[-1]["metrics"][rec.primary][key]
-                prev[seed] = rounds[-2]["metrics"][rec.primary][key]
+            rounds = [r for r in rounds if rec.primary in r["metrics"]]
+            if len(rounds) < 2:
+                continue
+            last[seed] = rounds[-1]["metrics"][rec.primary][key]
+            prev[seed] = rounds[-2]["metrics"][rec.primary][key]
+            late = [r for r in rounds if r["n_labels"] >= rounds[-1]["n_labels"] / 2]
+            if len(late) >= 3:
+                slopes.append(100 * np.polyfit([r["n_labels"] for r in late], [r["metrics"][rec.primary][key] for r in late], 1)[0])
         if last:
-            parts.append(f"{label} {ci(paired_difference(last, prev))}")
-    return ("Random's last round (final − previous, 95 % t-interval; negative = still falling): "
+            slope = f"; slope over the second half {ci(t_interval(slopes))} per 100 labels" if len(slopes) >= 2 else ""
+            parts.append(f"{label}: last round {ci(paired_difference(last, prev))}{slope}")
+    return ("Random's curve at the end (95 % t-intervals over seeds; negative = still falling): "
             + "; ".join(parts) + ".") if parts else ""
 
 

@@ -574,6 +574,21 @@ def test_report_lists_every_evaluate_record(tmp_path):
     assert report._evaluate_section(tmp_path / "none") == []
 
 
+def test_random_curve_at_the_end_is_its_last_step_and_late_slope():
+    """Random's last-round change and its least-squares slope over the rounds with ≥ half the final labels
+    (here 70, 100, 130), per 100 labels, each with a t-interval over seeds."""
+    runs = []
+    for seed, (a, b, c, d) in enumerate([(200.0, 190.0, 180.0, 175.0), (210.0, 196.0, 186.0, 177.0), (205.0, 195.0, 182.0, 178.0)]):
+        rounds = [{"round": i, "n_labels": n, "metrics": {"test_id": {"e_mae": f / 10, "f_mae": f}}}
+                  for i, (n, f) in enumerate(zip((40, 70, 100, 130), (a, b, c, d)))]
+        runs.append({"dataset": "x", "condition": "natural", "seed": seed, "method": "random", "rounds": rounds})
+    text = report._random_last_step(Records(runs, "x", "natural"))
+    slopes = [100 * np.polyfit([70, 100, 130], ys, 1)[0] for ys in ([190, 180, 175], [196, 186, 177], [195, 182, 178])]
+    step = [175 - 180.0, 177 - 186.0, 178 - 182.0]
+    assert f"F: last round {np.mean(step):+.1f} [" in text
+    assert f"slope over the second half {np.mean(slopes):+.1f} [" in text and f"E: last round {np.mean(step) / 10:+.1f} [" in text
+
+
 def test_how_it_was_run_groups_overlapping_shards_and_sums_their_running_time(tmp_path):
     """Shards that ran at the same time share a line ("&"); one run later gets its own; the running time is
     the union of the invocations (a pause between a shard's invocations and the gap between runs left out)."""
