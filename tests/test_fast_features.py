@@ -255,6 +255,19 @@ print(json.dumps({"base_mib": base, "peak_reset_works": reset_peak_rss()}))
 """
 
 
+def test_free_heap_release_is_glibc_s_or_nothing(monkeypatch):
+    """malloc_trim is found on this glibc machine; without it (macOS, musl) the plan still measures (RSS as is)."""
+    from ntkal.features import memory
+    monkeypatch.setattr(memory, "_TRIM", [])
+    assert isinstance(memory.release_free_heap(), bool) and memory._TRIM[0] is not None
+    monkeypatch.setattr(memory, "_TRIM", [None])
+    assert memory.release_free_heap() is False
+    plan = memory.MemoryPlan(1.0, torch.device("cpu"))
+    with plan.measure("k", 4.0):
+        block = torch.randn(2**20)
+    assert plan.current() > 0 and plan.cost("k")[1] == 4.0 and block.numel() == 2**20
+
+
 @pytest.mark.parametrize("impl", ["fast", "reference"])
 def test_memory_budget_bounds_the_peak_rss(tmp_path, impl):
     """Peak RSS of a child process featurising 16 structures of 24 atoms (exact joint rows: one batch, or

@@ -5,18 +5,16 @@ GPU. The first batch of each kind of call (kernel, probes, path) is one structur
 measured: its peak above the memory in use at its start, per unit (a structure's atoms plus its edges
 / avg_num_neighbors, or rows). On a CPU the heap's free pages go back to the OS (glibc malloc_trim)
 before each measurement and plan, so RSS is the memory in use: without it a batch that reuses pages
-the allocator kept looks up to 3x cheaper than it is, and the next, larger one overshoots. A batch is
-planned to fit SAFETY x (budget - memory in use now) at the largest per-unit cost measured on batches
-at least half as large as the largest so far (small batches carry the fixed part), and holds at most
-twice the units of the largest measured batch. SAFETY leaves room for the spread of repeated batches of
-one size on a CPU: 16-25 double-backward rows of the reference path cost 3.4-6.0 MiB a row in one run
-(tests/test_fast_features.py's budget child).
+the allocator kept looks up to 4x cheaper than it is (1.5 vs 6.0 MiB a double-backward row measured),
+and the next, larger one overshoots. A batch is planned to fit SAFETY x (budget - memory in use now) at
+the largest per-unit cost measured so far on batches at least half as large as the largest (small
+batches carry the fixed part; the largest, because repeated batches of one size spread: 3.2-6.0 MiB a
+row in one run of tests/test_fast_features.py's budget child), and holds at most twice the units of the
+largest measured batch. SAFETY is the margin left for a batch costlier than any measured before.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import resource
 import warnings
 from pathlib import Path
@@ -39,21 +37,20 @@ def status_bytes(field: str, pid="self") -> Optional[int]:
     return None
 
 
-def _libc_trim():
-    """glibc's malloc_trim, or None (another C library, or none found)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_TRIM = _libc_trim()
+_TRIM = []  # [malloc_trim or None], looked up on first use
 
 
 def release_free_heap() -> bool:
     """Hand the heap's free pages back to the OS (glibc malloc_trim), so that RSS is the memory in use: a
-    batch that reuses pages the allocator kept would otherwise look cheaper than it is. True if pages went back."""
-    return _TRIM is not None and bool(_TRIM(0))
+    batch that reuses pages the allocator kept would otherwise look cheaper than it is. True if pages went
+    back; False where there is no malloc_trim (macOS, musl, no ctypes)."""
+    if not _TRIM:
+        try:
+            import ctypes
+            _TRIM.append(ctypes.CDLL(None).malloc_trim)
+        except (ImportError, OSError, AttributeError):
+            _TRIM.append(None)
+    return _TRIM[0] is not None and bool(_TRIM[0](0))
 
 
 def reset_peak_rss() -> bool:
