@@ -7,6 +7,7 @@ cheap acquisition metrics and acquisition times, and a verdict on each claim the
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -107,15 +108,15 @@ def _how_run(results: Path, out: Path) -> List[str]:
     lines = ["## How it was run", ""]
     shards = [json.loads(p.read_text()) for p in sorted(results.glob("run-*.json"))]
     spans = {id(s): _spans(s) for s in shards}
-    # shards whose runs overlap in time ran side by side ("&"); later groups ran after them
+    # a shard one of whose invocations overlaps an invocation of a group ran beside it ("&"); the rest ran
+    # after; shards that say nothing of their times come last
     groups: List[list] = []
-    for s in sorted(shards, key=lambda s: min((a for a, _ in spans[id(s)]), default=0.0)):
+    for s in sorted(shards, key=lambda s: min((a for a, _ in spans[id(s)]), default=math.inf)):
         sp = spans[id(s)]
-        if groups and sp and groups[-1][1] and min(a for a, _ in sp) < max(b for _, b in groups[-1][1]):
-            groups[-1][0].append(s)
-            groups[-1][1].extend(sp)
-        else:
-            groups.append([[s], list(sp)])
+        beside = [g for g in groups if any(a < d and c < b for a, b in sp for c, d in g[1])]
+        merged = [[x for g in beside for x in g[0]] + [s], [x for g in beside for x in g[1]] + list(sp)]
+        groups = [g for g in groups if not any(g is b for b in beside)] + [merged]
+    groups.sort(key=lambda g: min((a for a, _ in g[1]), default=math.inf))
     runs = [" & ".join(f"python -m study {_invocation(s.get('shard', 'all'))}--out DIR" for s in g) + "; wait"
             for g, _ in groups] or ["python -m study --shard 0/2 --out DIR & python -m study --shard 1/2 --out DIR; wait"]
     lines += ["```", "python -m study --curves --out DIR        # fine-tune curves, once", *runs,
@@ -341,9 +342,11 @@ def _random_last_step(rec: Records) -> str:
     parts = []
     for key, label in (("e_mae", "E"), ("f_mae", "F")):
         last, prev, slopes = {}, {}, []
-        for seed, rounds in rec.by_method.get("random", {}).items():
-            rounds = [r for r in rounds if rec.primary in r["metrics"]]
-            if len(rounds) < 2:
+        curves = {seed: [r for r in rounds if rec.primary in r["metrics"]]
+                  for seed, rounds in rec.by_method.get("random", {}).items()}
+        n_final = max((c[-1]["n_labels"] for c in curves.values() if c), default=None)
+        for seed, rounds in curves.items():  # seeds whose curve reached the final round only
+            if len(rounds) < 2 or rounds[-1]["n_labels"] != n_final:
                 continue
             last[seed] = rounds[-1]["metrics"][rec.primary][key]
             prev[seed] = rounds[-2]["metrics"][rec.primary][key]

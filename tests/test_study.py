@@ -586,22 +586,31 @@ def test_random_curve_at_the_end_is_its_last_step_and_late_slope():
     slopes = [100 * np.polyfit([70, 100, 130], ys, 1)[0] for ys in ([190, 180, 175], [196, 186, 177], [195, 182, 178])]
     step = [175 - 180.0, 177 - 186.0, 178 - 182.0]
     assert f"F: last round {np.mean(step):+.1f} [" in text
-    assert f"slope over the second half {np.mean(slopes):+.1f} [" in text and f"E: last round {np.mean(step) / 10:+.1f} [" in text
+    from scipy import stats as sps
+    lo, hi = sps.t.interval(0.95, 2, loc=np.mean(slopes), scale=np.std(slopes, ddof=1) / np.sqrt(3))
+    assert f"slope over the second half {np.mean(slopes):+.1f} [{lo:+.1f}, {hi:+.1f}] per 100 labels" in text
+    assert f"E: last round {np.mean(step) / 10:+.1f} [" in text
+    runs.append({"dataset": "x", "condition": "natural", "seed": 3, "method": "random",   # unfinished: left out
+                 "rounds": [{"round": 0, "n_labels": 40, "metrics": {"test_id": {"e_mae": 1.0, "f_mae": 999.0}}},
+                            {"round": 1, "n_labels": 70, "metrics": {"test_id": {"e_mae": 1.0, "f_mae": 1.0}}}]})
+    assert report._random_last_step(Records(runs, "x", "natural")) == text
 
 
 def test_how_it_was_run_groups_overlapping_shards_and_sums_their_running_time(tmp_path):
-    """Shards that ran at the same time share a line ("&"); one run later gets its own; the running time is
-    the union of the invocations (a pause between a shard's invocations and the gap between runs left out)."""
+    """Shards whose invocations overlap share a line ("&"); one that ran later gets its own, even if another
+    shard resumed after it; the running time is the union of the invocations (pauses nobody ran in left out)."""
     def record(shard, *invocations):  # (finished "HH:MM:SS", wall minutes)
         inv = [{"finished": f"2026-12-03 {end}", "wall_s": 60.0 * wall, "cpu_s": 1.0} for end, wall in invocations]
         (tmp_path / f"run-{shard}.json").write_text(json.dumps({"shard": shard, "invocations": inv}))
-    record("all-a-b", ("11:00:00", 60.0))                       # 10:00-11:00
-    record("all-c-d", ("10:30:00", 20.0), ("11:20:00", 40.0))   # 10:10-10:30, pause, 10:40-11:20
-    record("all-e", ("14:15:00", 15.0))                         # 14:00-14:15, hours later
+    record("all-a-b", ("11:00:00", 60.0), ("16:01:00", 1.0))    # 10:00-11:00, resumed 16:00-16:01
+    record("all-c-d", ("10:30:00", 20.0), ("11:20:00", 30.0))   # 10:10-10:30, 10:50-11:20
+    record("all-e", ("13:00:00", 60.0))                         # 12:00-13:00: alone
+    record("all-f", ("15:10:00", 10.0), ("15:40:00", 10.0))     # 15:00-15:10, pause, 15:30-15:40: alone
     text = "\n".join(report._how_run(tmp_path, tmp_path))
     assert ("python -m study --only a,b --out DIR & python -m study --only c,d --out DIR; wait\n"
-            "python -m study --only e --out DIR; wait") in text
-    assert "- running time: 95.0 min" in text and "255.0 min from the first start" in text
+            "python -m study --only e --out DIR; wait\npython -m study --only f --out DIR; wait\n") in text
+    # 10:00-11:20, 12:00-13:00, 15:00-15:10, 15:30-15:40, 16:00-16:01
+    assert "- running time: 161.0 min" in text and "361.0 min from the first start" in text
 
 
 def test_report_acquisition_section_pairs_each_method_with_random_by_draw(tmp_path):
