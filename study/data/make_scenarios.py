@@ -367,11 +367,14 @@ def build(name: str, out: pathlib.Path, seed: int, max_force: float, cache: dict
 
 
 def write_readme(out: pathlib.Path) -> None:
+    """README.md from the scenarios' summaries; its hand-kept "## Notes" section (choices, run history) is kept."""
+    old = (out / "README.md").read_text() if (out / "README.md").exists() else ""
+    notes = old[old.index("## Notes"):] if "## Notes" in old else ""
     lines = ["# Active-learning scenarios (pretrained model + real blind spot)", "",
              "Made by `python -m study.data.make_scenarios` (see its docstring); one scenario: "
              "`python -m study.data.make_scenarios --only NAME`. Pools are the pretrained model's own "
              "Langevin MD, labelled by EMT (oc20*) or GFN2-xTB (t1x*). Shared base parts (oc20base, t1xbase) are "
-             "the same trajectories in both scenarios of a family. Blind spot = the pretrained model's "
+             "the same trajectories in every scenario of a family. Blind spot = the pretrained model's "
              "per-structure force MAE (meV/A, float32) on the pool's target vs base frames.", ""]
     for name in SCENARIOS:
         path = out / f"{name}_summary.json"
@@ -390,7 +393,7 @@ def write_readme(out: pathlib.Path) -> None:
                   f"{b['target']['median']:.1f} / mean {b['target']['mean']:.1f}; "
                   f"**ratio median {b['ratio_median']:.2f}, mean {b['ratio_mean']:.2f}**",
                   f"- time: {s['seconds']} s (wall clock, including the shared base part when that call built it)", ""]
-    (out / "README.md").write_text("\n".join(lines))
+    (out / "README.md").write_text("\n".join(lines) + ("\n" + notes if notes else ""))
 
 
 def main(argv=None) -> None:
