@@ -309,7 +309,7 @@ class Runner:
             cond.name)].items() if k != "methods"}
         wanted["curve_valid_size"] = cfg["curve"]["valid_size"]
         wanted["dataset"] = {k: v for k, v in next(d for d in cfg["datasets"] if d["name"] == cond.dataset.name).items()
-                             if k not in ("note", "epochs_reason")}
+                             if k not in ("note", "epochs_reason", "methods")}  # a method added later runs on its own
         wanted["data_sha256"] = {k: sha256_file(v) for k, v in sorted(cond.dataset.files.items())}
         wanted = json.loads(json.dumps(wanted, default=str))
         path = folder / "settings.json"
