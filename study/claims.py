@@ -101,7 +101,7 @@ def _lowest(c: Claim, rec: Records, q: str):
 
 def _non_inferior(c: Claim, rec: Records, q: str):
     d = rec.difference(c.method, c.against, q)
-    margin = c.threshold * mean_sd(_final(rec, c.against, q))["mean"]
+    margin = c.threshold * rec.final_mean(c.against, q)
     return _SIGN[resolved(d, at=margin)], f"{LABELS[q]}: {c.method} − {c.against} = {ci(d)} (margin {num(margin)})"
 
 
@@ -232,7 +232,7 @@ def best_method(c: Claim, rec: Records, dataset: str, scenario: str) -> str:
     """Where `c.method` fell short: the method with the lowest mean final error (the claim's first
     quantity) and the cheap metrics of both, i.e. what the picks looked like."""
     q = c.quantities[0]
-    means = {m: mean_sd(_final(rec, m, q))["mean"] for m in rec.methods}
+    means = {m: rec.final_mean(m, q) for m in rec.methods}
     means = {m: v for m, v in means.items() if math.isfinite(v)}
     if not means:
         return f"- {dataset}/{scenario}: no final errors."

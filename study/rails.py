@@ -15,12 +15,12 @@ import numpy as np
 from scipy import stats
 
 from .records import Records
-from .stats import mean_sd, resolved
+from .stats import resolved
 
 
 def best_rail(rec: Records, rails: Sequence[str], key: str) -> Optional[str]:
     """The rail with records and the lowest mean final error on the primary split (None without any)."""
-    means = {r: mean_sd(list(rec.final(r, rec.primary, key).values()))["mean"] for r in rails if r in rec.by_method}
+    means = {r: rec.final_mean(r, key) for r in rails if r in rec.by_method}
     means = {r: m for r, m in means.items() if math.isfinite(m)}
     return min(means, key=means.get) if means else None
 

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .stats import labels_to_reach, paired_difference
+from .stats import labels_to_reach, mean_sd, paired_difference
 
 
 def load_runs(results: Path) -> List[dict]:
@@ -61,6 +61,10 @@ class Records:
             if len(rounds) == n_rounds and split in rounds[-1]["metrics"]:
                 out[seed] = rounds[-1]["metrics"][split][key]
         return out
+
+    def final_mean(self, method: str, key: str) -> float:
+        """Mean over seeds of the method's final error on the primary split (NaN without records)."""
+        return mean_sd(list(self.final(method, self.primary, key).values()))["mean"]
 
     def difference(self, a: str, b: str, key: str) -> dict:
         """Per-seed difference a - b of the final errors on the primary split, with its t-interval."""

@@ -341,19 +341,16 @@ def _random_last_step(rec: Records) -> str:
     half of the labels (least squares per seed, rounds with at least half the final labels), paired over seeds."""
     parts = []
     for key, label in (("e_mae", "E"), ("f_mae", "F")):
-        last, prev, slopes = {}, {}, []
-        curves = {seed: [r for r in rounds if rec.primary in r["metrics"]]
-                  for seed, rounds in rec.by_method.get("random", {}).items()}
-        n_final = max((c[-1]["n_labels"] for c in curves.values() if c), default=None)
-        for seed, rounds in curves.items():  # seeds whose curve reached the final round only
-            if len(rounds) < 2 or rounds[-1]["n_labels"] != n_final:
+        last, prev, slopes = rec.final("random", rec.primary, key), {}, []  # seeds that finished every round
+        for seed in last:
+            rounds = rec.by_method["random"][seed]
+            if len(rounds) < 2:
                 continue
-            last[seed] = rounds[-1]["metrics"][rec.primary][key]
             prev[seed] = rounds[-2]["metrics"][rec.primary][key]
             late = [r for r in rounds if r["n_labels"] >= rounds[-1]["n_labels"] / 2]
             if len(late) >= 3:
                 slopes.append(100 * np.polyfit([r["n_labels"] for r in late], [r["metrics"][rec.primary][key] for r in late], 1)[0])
-        if last:
+        if prev:
             slope = f"; slope over the second half {ci(t_interval(slopes))} per 100 labels" if len(slopes) >= 2 else ""
             parts.append(f"{label}: last round {ci(paired_difference(last, prev))}{slope}")
     return ("Random's curve at the end (95 % t-intervals over seeds; negative = still falling): "
@@ -401,7 +398,7 @@ def _rails_section(recs: Dict[tuple, Records], cfg: dict) -> List[str]:
             got = power[(name, scen, key)]
             if not got["resolves"]:
                 continue
-            rail_mean = mean_sd(list(rec.final(got["rail"], rec.primary, key).values()))["mean"]
+            rail_mean = rec.final_mean(got["rail"], key)
             for m in rec.methods:
                 if is_rail(m):
                     continue
@@ -409,7 +406,7 @@ def _rails_section(recs: Dict[tuple, Records], cfg: dict) -> List[str]:
                 d_rail = rec.difference(m, got["rail"], key)
                 beats = side(d_rail) == "lower"
                 reach = _reach_text(rec, m, key) if key == "f_mae" else ""
-                mean_m = mean_sd(list(rec.final(m, rec.primary, key).values()))["mean"]
+                mean_m = rec.final_mean(m, key)
                 rows.append(f"| {name} · {scen} | {label} | {m} | {num(mean_m)} (rail {num(rail_mean)}) | "
                             f"{pct(g['ratio'])} [{pct(g['lo'])}, {pct(g['hi'])}] | "
                             f"{ci(rec.difference(m, 'random', key))} | {reach} | "
@@ -425,12 +422,12 @@ def _rails_section(recs: Dict[tuple, Records], cfg: dict) -> List[str]:
                   ("spearman_score_error_f", "Spearman(score, F error)"))
     per_scen, pooled = {k: [] for k, _ in cheap_keys}, {k: ([], []) for k, _ in cheap_keys}
     for (name, scen), rec in have.items():
-        rand = mean_sd(list(rec.final("random", rec.primary, "f_mae").values()))["mean"]
+        rand = rec.final_mean("random", "f_mae")
         for k, _ in cheap_keys:
             xs, ys = [], []
             for m in rec.methods:
                 c = rec.cheap(m, k)
-                f = mean_sd(list(rec.final(m, rec.primary, "f_mae").values()))["mean"]
+                f = rec.final_mean(m, "f_mae")
                 if c and np.isfinite(f):
                     xs.append(float(np.mean(c)))
                     ys.append((rand - f) / rand)
