@@ -292,12 +292,18 @@ def size_groups(sizes, batch_size: int, slack: float = 1.25):
     return groups
 
 
-def rows_and_outputs(fz, atoms_list, stress: bool = False, data_list=None, vmap: Optional[bool] = True):
+def rows_and_outputs(fz, atoms_list, stress: bool = False, data_list=None, vmap: Optional[bool] = None):
     """(RowBlock, model outputs) of one batch from one forward and backward: the rows fast_rows gives and
     the model's {"energy" [n], "forces" [atoms, 3], "stress" [n, 3, 3] or None} on the featurizer's head,
-    dtype and device (FastTaps.run). For the calculator (ntkal/calculator.py): one structure per step, where
-    the vmapped double backward measured faster on a CPU too (16 Si atoms, 8 probes: 0.21 vs 0.57 s a step)."""
+    dtype and device (FastTaps.run). For the calculator (ntkal/calculator.py): one structure per step. On a
+    CPU its probe double backwards are vmapped when it is differentiated directly (16 Si atoms, 8 probes:
+    0.21 vs 0.57 s a step) and a loop when big layers keep their taps (mp0-medium, 65 atoms: 4 probes a
+    vmapped call 64-74 s a step and 5.3 GB peak, one at a time 32-34 s and 3.2 GB; bench/RESULTS.md, md).
+    vmap: True / False force it; None decides as above (and vmaps on CUDA)."""
     data_list = fz.atomic_data(atoms_list) if data_list is None else data_list
+    taps = fz._taps
+    if vmap is None and len(atoms_list) == 1 and taps.route.direct_single and taps.small:
+        vmap = True
     return _fast_batch(fz, list(atoms_list), data_list, outputs=True, stress=stress, vmap=vmap)
 
 
