@@ -48,3 +48,24 @@ def test_md_quick_writes_every_field(tmp_path, capsys):
     m = parts["memory"]
     assert len(m["samples"]) >= 3 and m["slope_mib_per_1000_steps"] is not None
     assert "Cost per MD step" in capsys.readouterr().out
+
+
+def test_md_novelty_scores_every_frame_against_emt(tmp_path, capsys):
+    """bench.md_novelty at tiny sizes: every frame has its real errors and each kernel's PV and energy error,
+    and the summary's Spearmans are those of the frames."""
+    from scipy.stats import spearmanr
+
+    from bench import md_novelty
+    out = tmp_path / "novelty.json"
+    assert md_novelty.main(["--starts", "test_id:1,test_ood_metal:1", "--md-steps", "3", "--pretrain-size", "4",
+                            "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    frames, summary = doc["results"][0]["frames"], doc["results"][0]["summary"]
+    assert len(frames) == 8 and {f["run"] for f in frames} == {0, 1}
+    for f in frames:
+        assert f["real_f"] > 0 and f["real_e"] >= 0
+        assert all(f[f"{k}_pv"] > 0 and f[f"{k}_energy_error"] > 0 for k in md_novelty.KERNELS)
+    row = next(r for r in summary if r["score"] == "energy_pv")
+    want = spearmanr([f["energy_pv"] for f in frames], [f["real_f"] for f in frames])[0]
+    assert abs(row["real_f all"] - want) < 1e-12 and len(row["real_f per run"]) == 2
+    assert doc["command"].startswith("python -m bench.md_novelty") and "| energy_pv |" in capsys.readouterr().out

@@ -1,0 +1,100 @@
+"""Does the feature-space posterior see where the model's own MD goes wrong? `python -m bench.md_novelty`.
+
+The shipped oc20 model runs Langevin MD (bench/bench_md.py's set-up: 800 K, bottom layer fixed) from test_id
+frames; every frame is labelled with EMT afterwards. Per frame: the real RMS force error (meV/Å) and energy error
+(meV/atom), and, for the embedding and energy kernels fitted on the train split + a pretraining sample (ntkal.fit
+as `ntkal fit --pretrain` does), the posterior-variance score and the calibrated energy error. Prints the Spearman
+of each against the real errors, within each run (the MD's time course) and over all frames.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import mace  # noqa: F401  (before e3nn: docs/design.md, Imports)
+import numpy as np
+import torch
+
+KERNELS = ("embedding", "energy")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.md_novelty", description=__doc__.splitlines()[0])
+    ap.add_argument("--starts", default="test_id:4", help="split:count of MD starts (bench_md.md_starts)")
+    ap.add_argument("--md-steps", type=int, default=30)
+    ap.add_argument("--temperature", type=float, default=800.0)
+    ap.add_argument("--pretrain-size", type=int, default=100)
+    ap.add_argument("--sketch-dim", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    import ntkal
+    from ntkal.acquisition.scorers import ErrorScorer
+    from ntkal.data import dataset_files
+
+    from . import bench_md as bm
+    from . import utils
+    files = dataset_files("oc20")
+    train = bm.read(files["train"])
+    pre = bm.read(files["pretrain"], a.pretrain_size, seed=1) if a.pretrain_size else []
+    fits = {}
+    for kernel in KERNELS:
+        fz = ntkal.MACEFeaturizer(str(files["model"]), kernel=kernel, sketch_dim=a.sketch_dim, dtype=torch.float64)
+        fits[kernel] = (fz, ErrorScorer(ntkal.fit(fz, train, pretrain=pre or None)))
+    plain = bm.plain_calculator(files["model"])
+    frames = []
+    t0 = time.perf_counter()
+    for si, s in enumerate(bm.md_starts(a.starts)):
+        atoms = bm.fix_bottom_layer(s.copy())
+        atoms.calc = plain
+        dyn = bm.langevin(atoms, a.temperature, 1.0, seed=100 + si)
+        for t in range(a.md_steps + 1):
+            forces = atoms.get_forces(apply_constraint=False)
+            lab = bm.emt_label(atoms)
+            fr = {"run": si, "t": t,
+                  "real_f": 1e3 * float(np.sqrt(np.mean((lab.arrays["REF_forces"] - forces) ** 2))),
+                  "real_e": 1e3 * abs(lab.info["REF_energy"] - atoms.get_potential_energy()) / len(atoms)}
+            for kernel, (fz, scorer) in fits.items():
+                sc = scorer(fz([atoms]))
+                fr[f"{kernel}_pv"] = float(sc.values["pv"][0])
+                fr[f"{kernel}_energy_error"] = float(sc.values["energy_error"][0])
+            frames.append(fr)
+            if t < a.md_steps:
+                dyn.step()
+    summary = spearmans(frames)
+    doc = utils.record("md_novelty", [], [{"summary": summary, "frames": frames}], n_train=len(train),
+                       n_pretrain=len(pre), wall_s=time.perf_counter() - t0)
+    doc["command"] = " ".join(["python -m bench.md_novelty", *(sys.argv[1:] if argv is None else argv)])
+    print(table(summary))
+    if a.json:
+        utils.write_json(a.json, doc)
+    return 0
+
+
+def spearmans(frames) -> list:
+    """Per score and real error: Spearman over all frames, and the median of the per-run values."""
+    from scipy.stats import spearmanr
+    runs = sorted({f["run"] for f in frames})
+    out = []
+    for key in [f"{k}_{v}" for k in KERNELS for v in ("pv", "energy_error")]:
+        row = {"score": key}
+        for real in ("real_f", "real_e"):
+            row[f"{real} all"] = float(spearmanr([f[key] for f in frames], [f[real] for f in frames])[0])
+            per = [float(spearmanr([f[key] for f in frames if f["run"] == r], [f[real] for f in frames
+                                                                             if f["run"] == r])[0]) for r in runs]
+            row[f"{real} per run"] = per
+            row[f"{real} median per run"] = float(np.median(per))
+        out.append(row)
+    return out
+
+
+def table(summary) -> str:
+    from .utils import markdown_table
+    return markdown_table(summary, ["score", "real_f all", "real_f median per run", "real_e all",
+                                    "real_e median per run"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
