@@ -46,8 +46,10 @@ else
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
-# 2. GPU tests: every kernel test (the Triton kernels on the card, realistic sizes), fast = reference on CUDA
-step tests 150 $PY -m pytest tests/test_kernels.py -q -x -p no:cacheprovider
+# 2. GPU tests: every kernel test (the Triton kernels on the card, realistic sizes), fast = reference on CUDA.
+# addopts emptied: pyproject's -n (pytest-xdist) and --benchmark-disable (pytest-benchmark) need plugins that
+# the GPU machine does not have.
+step tests 150 $PY -m pytest tests/test_kernels.py -q -x -p no:cacheprovider -o addopts=
 step check_fast 120 $PY bench/gpu/check_fast.py --device $DEV --names mp0-medium,off-small
 
 # 3. kernels: Triton vs reference vs cuBLAS at the 200k chunk sizes
