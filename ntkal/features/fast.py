@@ -36,6 +36,8 @@ class FastRoute:
 # Structures per batch for force rows on a CPU: the per-projection double backward ran ~1.2x faster on
 # batches of 16 than of 64 there (bench/RESULTS.md); exact-row batches are also grouped by size.
 FORCE_BATCH_CPU = 16
+# One structure's probe double backwards on a CPU: vmapped up to this many atoms, a loop above (rows_and_outputs)
+VMAP_MAX_ATOMS_CPU = 16
 
 
 def _owner(model: torch.nn.Module, name: str):
@@ -296,13 +298,14 @@ def rows_and_outputs(fz, atoms_list, stress: bool = False, data_list=None, vmap:
     """(RowBlock, model outputs) of one batch from one forward and backward: the rows fast_rows gives and
     the model's {"energy" [n], "forces" [atoms, 3], "stress" [n, 3, 3] or None} on the featurizer's head,
     dtype and device (FastTaps.run). For the calculator (ntkal/calculator.py): one structure per step. On a
-    CPU its probe double backwards are vmapped when it is differentiated directly (16 Si atoms, 8 probes:
-    0.21 vs 0.57 s a step) and a loop when big layers keep their taps (mp0-medium, 65 atoms: 4 probes a
-    vmapped call 64-74 s a step and 5.3 GB peak, one at a time 32-34 s and 3.2 GB; bench/RESULTS.md, md).
-    vmap: True / False force it; None decides as above (and vmaps on CUDA)."""
+    CPU its probe double backwards are vmapped only for a small structure differentiated directly: 8 probes,
+    vmapped / loop time, 8 Si atoms 0.64-0.75, 13-16 atoms 0.89-1.07, 26-64 atoms 1.14-1.49; mp0-medium (taps,
+    65 atoms): 4 probes a vmapped call 64-74 s and 5.3 GB peak, a loop 32-34 s and 3.2 GB (bench/RESULTS.md,
+    md). vmap: True / False force it; None decides as above (and vmaps on CUDA)."""
     data_list = fz.atomic_data(atoms_list) if data_list is None else data_list
     taps = fz._taps
-    if vmap is None and len(atoms_list) == 1 and taps.route.direct_single and taps.small:
+    if (vmap is None and len(atoms_list) == 1 and len(atoms_list[0]) <= VMAP_MAX_ATOMS_CPU
+            and taps.route.direct_single and taps.small):
         vmap = True
     return _fast_batch(fz, list(atoms_list), data_list, outputs=True, stress=stress, vmap=vmap)
 
