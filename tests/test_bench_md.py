@@ -69,3 +69,13 @@ def test_md_novelty_scores_every_frame_against_emt(tmp_path, capsys):
     want = spearmanr([f["energy_pv"] for f in frames], [f["real_f"] for f in frames])[0]
     assert abs(row["real_f all"] - want) < 1e-12 and len(row["real_f per run"]) == 2
     assert doc["command"].startswith("python -m bench.md_novelty") and "| energy_pv |" in capsys.readouterr().out
+
+
+def test_probe_vmap_times_both_routes(tmp_path):
+    """bench.probe_vmap on the smallest case: both routes timed on the same structure, the ratio theirs."""
+    from bench import probe_vmap
+    out = tmp_path / "vmap.json"
+    assert probe_vmap.main(["--cases", "si:1,1,1", "--rounds", "2", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["atoms"] == 8 and len(row["times"]["vmapped"]) == len(row["times"]["loop"]) == 2
+    assert abs(row["vmapped_over_loop"] - row["vmapped_s"] / row["loop_s"]) < 1e-12
