@@ -87,7 +87,7 @@ def _metrics(post, rows: RowBlock, eps: torch.Tensor, score: str) -> dict:
             continue
         has = np.isfinite(real[part])
         t = (eps.numpy() * comp)[mask] / err[part][seg[mask]]
-        u = err["calibration"].pit(part, t)
+        u = err["calibration"].pit(part, t, err[part][seg[mask]])
         out[part] = summary(1e3 * err[part][has], 1e3 * real[part][has], u)
         out[part]["units"] = "meV/atom" if part == "energy" else "meV/A"
         if part == "force" and "atom_force" in real:

@@ -236,6 +236,34 @@ def test_calibration_quantiles_fix_heavy_tails():
     assert gauss["miscalibration_area"] > 0.05 and gauss["coverage_50"] > 0.58
 
 
+def test_calibration_halves_keep_each_region_s_shape():
+    """Two regions whose components differ in shape, not only in size (small σ: Student-t(3), large σ:
+    Gaussian), as a pretraining sample and a labelled set do: one pooled |t| table misstates the 50 %
+    interval of each; the tables of σ's two halves, blended by log σ, hold on fresh draws of both."""
+    from ntkal.evaluate import summary
+    from ntkal.posterior.calibration import Calibration
+    rng = np.random.default_rng(9)
+    n = 3000
+    raw = np.concatenate([np.full(n, 0.1), np.full(n, 1.0)])
+    real = np.concatenate([np.full(n, 0.1), np.full(n, 1.0)])
+
+    def draw():
+        return np.concatenate([0.1 * rng.standard_t(3, size=n) / np.sqrt(3.0), rng.normal(size=n)])
+    cal = Calibration.fit({"force": raw}, {"force": real}, {"force": (draw(), raw)})
+    assert set(cal.halves) == {"force"} and cal.halves["force"]["q"].shape == (2, len(cal.abs_t["force"]))
+    sigma = cal.apply("force", raw)
+    t = draw() / sigma
+    for region in (slice(0, n), slice(n, 2 * n)):
+        blended = summary(sigma[region], np.abs(t[region]), cal.pit("force", t[region], sigma[region]))
+        pooled = summary(sigma[region], np.abs(t[region]), cal.pit("force", t[region]))
+        assert abs(blended["coverage_50"] - 0.5) < 0.03 and blended["miscalibration_area"] < 0.02
+        assert abs(pooled["coverage_50"] - 0.5) > 0.05
+    back = Calibration.from_state(cal.to_state())
+    np.testing.assert_array_equal(back.pit("force", t, sigma), cal.pit("force", t, sigma))
+    few = Calibration.fit({"force": raw[::40]}, {"force": real[::40]}, {"force": (draw()[::40], raw[::40])})
+    assert few.halves == {}  # under MIN_PER_HALF components a half: one table
+
+
 def test_evaluate_end_to_end(featurizer):
     """ntkal.evaluate.evaluate on labelled structures: every kernel and score, energy and force parts, each
     structure counted once; an unknown kernel is an InputError naming the flag."""

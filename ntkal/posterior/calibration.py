@@ -7,7 +7,9 @@ Two maps per level, both robust to outliers and to the residuals' shape:
   prediction of 800 means that half the structures predicted at 800 are worse than 800 and half better, at
   every size (the slope b lets the errors of well-known and unknown regions spread as the real ones do);
 - the distribution of |t|, t = a residual component ÷ its structure's calibrated error, as quantiles: the
-  central p interval of a component is ±σ·Q(p), and F(|t|) is its probability integral transform.
+  central p interval of a component is ±σ·Q(p), and F(|t|) is its probability integral transform. With
+  enough components the table is kept for the lower and upper half of σ as well, and F(|t|) blends the two by
+  log σ: the labelled set's and a pretraining sample's residuals differ in shape, not only in size.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 LEVELS = ("energy", "force", "atom_force")  # per structure, per structure (force components), per atom
 P_GRID = np.concatenate([np.linspace(0.0, 0.98, 50), [0.99, 0.995, 0.999, 1.0]])
 MIN_FOR_SLOPE = 8  # fewer structures than this: a scale only (slope 1)
+MIN_PER_HALF = 100  # components per half of σ below which one |t| table serves every σ
 SLOPE_RANGE = (0.25, 4.0)
 ZERO = 1e-6  # real errors below this (eV/atom, eV/Å) are zero by symmetry (forces of a symmetric cell): no ratio
 
@@ -72,6 +75,9 @@ class Calibration:
 
     line: Dict[str, List[float]] = field(default_factory=dict)
     abs_t: Dict[str, np.ndarray] = field(default_factory=dict)
+    # per part: the |t| quantiles of the components below / above the weighted median σ, and the weighted
+    # median log σ of each half (where each table holds alone)
+    halves: Dict[str, dict] = field(default_factory=dict)
     n: Dict[str, int] = field(default_factory=dict)  # calibration structures (atoms for atom_force) per level
 
     @classmethod
@@ -96,7 +102,14 @@ class Calibration:
             if part not in out.line or len(tt) == 0:
                 continue
             sigma = out.apply(part, raw_s)
+            wt = w[0] if w else np.ones_like(tt)
             out.abs_t[part] = weighted_quantiles(np.abs(tt) / sigma, w[0] if w else None, P_GRID)
+            log_s = np.log(np.maximum(sigma, 1e-300))
+            upper = log_s > _weighted_median(log_s, wt)
+            if min(upper.sum(), (~upper).sum()) >= MIN_PER_HALF:
+                out.halves[part] = {
+                    "q": np.stack([weighted_quantiles(np.abs(tt[m]) / sigma[m], wt[m], P_GRID) for m in (~upper, upper)]),
+                    "log_sigma": np.array([_weighted_median(log_s[m], wt[m]) for m in (~upper, upper)])}
         return out
 
     def apply(self, level: str, raw: np.ndarray) -> np.ndarray:
@@ -105,13 +118,18 @@ class Calibration:
         raw = np.asarray(raw, dtype=np.float64)
         return np.exp(a) * np.power(np.maximum(raw, 0.0), b)
 
-    def pit(self, part: str, t: np.ndarray) -> np.ndarray:
-        """F(|t|): the smallest central interval level that holds a component with |t| = |residual| / σ."""
-        q = self.abs_t.get(part)
-        if q is None:
-            q = half_normal_quantiles()
-        q = np.maximum.accumulate(q)  # ties at the ends
-        return np.interp(np.abs(t), q, P_GRID, left=0.0, right=1.0)
+    def pit(self, part: str, t: np.ndarray, sigma: Optional[np.ndarray] = None) -> np.ndarray:
+        """F(|t|): the smallest central interval level that holds a component with |t| = |residual| / σ;
+        given each component's σ, the two halves' F blended by log σ (a mixture: still a distribution)."""
+        def cdf(q):
+            return np.interp(np.abs(t), np.maximum.accumulate(q), P_GRID, left=0.0, right=1.0)  # ties at the ends
+        halves = self.halves.get(part)
+        if halves is None or sigma is None:
+            q = self.abs_t.get(part)
+            return cdf(half_normal_quantiles() if q is None else q)
+        lo, hi = halves["log_sigma"]
+        w = np.clip((np.log(np.maximum(sigma, 1e-300)) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+        return (1 - w) * cdf(halves["q"][0]) + w * cdf(halves["q"][1])
 
     def quantile(self, part: str, p: float) -> float:
         """Q(p): the central p interval of a component is ±σ·Q(p)."""
@@ -122,6 +140,7 @@ class Calibration:
     def to_state(self) -> dict:
         return {"line": {k: [float(v) for v in ab] for k, ab in self.line.items()},
                 "abs_t": {k: np.asarray(v, dtype=np.float64) for k, v in self.abs_t.items()},
+                "halves": {k: {n: np.asarray(a, dtype=np.float64) for n, a in h.items()} for k, h in self.halves.items()},
                 "n": dict(self.n)}
 
     @classmethod
@@ -130,4 +149,6 @@ class Calibration:
             return cls()
         return cls(line={str(k): [float(v) for v in ab] for k, ab in state["line"].items()},
                    abs_t={str(k): np.asarray(v, dtype=np.float64) for k, v in state["abs_t"].items()},
+                   halves={str(k): {n: np.asarray(a, dtype=np.float64) for n, a in h.items()}
+                           for k, h in state.get("halves", {}).items()},
                    n={str(k): int(v) for k, v in state["n"].items()})
