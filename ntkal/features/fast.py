@@ -299,9 +299,10 @@ def rows_and_outputs(fz, atoms_list, stress: bool = False, data_list=None, vmap:
     the model's {"energy" [n], "forces" [atoms, 3], "stress" [n, 3, 3] or None} on the featurizer's head,
     dtype and device (FastTaps.run). For the calculator (ntkal/calculator.py): one structure per step. On a
     CPU its probe double backwards are vmapped only for a small structure differentiated directly: 8 probes,
-    vmapped / loop time, 8 Si atoms 0.64-0.75, 13-16 atoms 0.89-1.07, 26-64 atoms 1.14-1.49; mp0-medium (taps,
-    65 atoms): 4 probes a vmapped call 64-74 s and 5.3 GB peak, a loop 32-34 s and 3.2 GB (bench/RESULTS.md,
-    md). vmap: True / False force it; None decides as above (and vmaps on CUDA)."""
+    vmapped / loop time 0.83 at 8 atoms, 0.88-0.99 at 13-16, 1.02 at 26, 1.42-1.60 at 32-64 (python -m
+    bench.probe_vmap); on mp0-medium (taps, 65 atoms) the loop halved the MD step's cost and cut its peak from
+    3.7x to 2.1x a plain step's (bench/RESULTS.md, md). vmap: True / False force it; None decides as above (and
+    vmaps on CUDA)."""
     data_list = fz.atomic_data(atoms_list) if data_list is None else data_list
     taps = fz._taps
     if (vmap is None and len(atoms_list) == 1 and len(atoms_list[0]) <= VMAP_MAX_ATOMS_CPU
