@@ -131,11 +131,6 @@ class Calibration:
         w = np.clip((np.log(np.maximum(sigma, 1e-300)) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
         return (1 - w) * cdf(halves["q"][0]) + w * cdf(halves["q"][1])
 
-    def quantile(self, part: str, p: float) -> float:
-        """Q(p): the central p interval of a component is ±σ·Q(p)."""
-        q = self.abs_t.get(part)
-        return float(np.interp(p, P_GRID, half_normal_quantiles() if q is None else q))
-
     # --- plain state ------------------------------------------------------------------------------
     def to_state(self) -> dict:
         return {"line": {k: [float(v) for v in ab] for k, ab in self.line.items()},
