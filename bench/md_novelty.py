@@ -64,9 +64,9 @@ def main(argv=None) -> int:
             if t < a.md_steps:
                 dyn.step()
     summary = spearmans(frames)
-    doc = utils.record("md_novelty", [], [{"summary": summary, "frames": frames}], n_train=len(train),
-                       n_pretrain=len(pre), wall_s=time.perf_counter() - t0)
-    doc["command"] = " ".join(["python -m bench.md_novelty", *(sys.argv[1:] if argv is None else argv)])
+    doc = utils.record("md_novelty", sys.argv[1:] if argv is None else argv, [{"summary": summary, "frames": frames}],
+                       prog="python -m bench.md_novelty", n_train=len(train), n_pretrain=len(pre),
+                       wall_s=time.perf_counter() - t0)
     print(table(summary))
     if a.json:
         utils.write_json(a.json, doc)

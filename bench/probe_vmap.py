@@ -52,8 +52,7 @@ def main(argv=None) -> int:
                      "vmapped_over_loop": vm / lp, "times": {"vmapped": times[True], "loop": times[False]}})
         print(f"{ds} {rep} ({len(atoms)} atoms): vmapped {vm:.3f} s, loop {lp:.3f} s, ratio {vm / lp:.2f}",
               flush=True)
-    doc = utils.record("probe_vmap", [], rows)
-    doc["command"] = " ".join(["python -m bench.probe_vmap", *(sys.argv[1:] if argv is None else argv)])
+    doc = utils.record("probe_vmap", sys.argv[1:] if argv is None else argv, rows, prog="python -m bench.probe_vmap")
     print(utils.markdown_table(rows, ["dataset", "supercell", "atoms", "vmapped_s", "loop_s", "vmapped_over_loop"]))
     if a.json:
         utils.write_json(a.json, doc)

@@ -46,9 +46,9 @@ def machine() -> dict:
             "gpu": gpu, "platform": platform.platform(), "load_avg_1_5_15": load_average()}
 
 
-def record(stage: str, argv: Sequence[str], results: list, **extra) -> dict:
-    """The JSON document of one stage: command, time, machine, versions, results."""
-    return {"stage": stage, "command": "python -m bench " + " ".join(shlex.quote(a) for a in argv),
+def record(stage: str, argv: Sequence[str], results: list, prog: str = "python -m bench", **extra) -> dict:
+    """The JSON document of one stage: command (`prog` and its arguments), time, machine, versions, results."""
+    return {"stage": stage, "command": " ".join([prog, *(shlex.quote(a) for a in argv)]),
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(), "versions": versions(), **extra, "results": results}
 
