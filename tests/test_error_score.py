@@ -319,3 +319,21 @@ def test_labelled_pretraining_sample_calibrates_where_the_model_is_right():
         ratios[with_pre] = float(np.median(pred / r_test.abs().numpy()))
     assert 0.5 < ratios[True] < 2.0, ratios
     assert ratios[False] > 5.0, ratios
+
+
+def test_evaluate_standardises_energy_rows_of_a_block_without_force_rows():
+    """evaluate's components of an energy-only block (the energy kernel's) are residual ÷ written error: the
+    probe-row factor √(m/3N) is for force rows only (it is 0 where a structure has no force rows, which made
+    every energy interval hold: coverage 1.0 at 50 %, area 0.5)."""
+    from ntkal.evaluate import _metrics
+    k = 16
+    v = torch.randn(k, generator=torch.Generator().manual_seed(5), dtype=F64)
+    dims = list(range(k))
+    train, r_train = _region(200, k, dims, 1.0, v, 0.05, seed=6)
+    test, r_test = _region(600, k, dims, 1.0, v, 0.05, seed=7)
+    acc = Accumulator()
+    acc.add(train, 0, r_train)
+    post = Posterior.from_accumulator(acc)
+    m = _metrics(post, test, r_test, "error")["energy"]
+    assert m["n_components"] == 600
+    assert abs(m["coverage_50"] - 0.5) < 0.1 and m["miscalibration_area"] < 0.1, m
