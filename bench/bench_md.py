@@ -90,6 +90,15 @@ def read(path, n=None, seed=0):
     return out
 
 
+def oc20_sets(pretrain_size: int, n_train=None):
+    """(files, the train split's first n_train structures (all: None), a pretraining sample of pretrain_size) of
+    the shipped oc20 data, as the MD studies fit their posteriors (seed 1: the same sample in every study)."""
+    from ntkal.data import dataset_files
+    files = dataset_files("oc20")
+    pre = read(files["pretrain"], pretrain_size, seed=1) if pretrain_size else []
+    return files, read(files["train"])[:n_train], pre
+
+
 def emt_label(atoms):
     """A copy with EMT's REF_energy / REF_forces (ase.calculators.emt: H C N O Al Ni Cu Pd Ag Pt Au)."""
     from ase.calculators.emt import EMT
@@ -436,12 +445,9 @@ def committee_part(a, log) -> dict:
     import tempfile
 
     import torch
-    from ntkal.data import dataset_files
     torch.set_num_threads(1)
-    files = dataset_files("oc20")
+    files, train, pre = oc20_sets(a.pretrain_size)
     model = files["model"]
-    train = read(files["train"])
-    pre = read(files["pretrain"], a.pretrain_size, seed=1) if a.pretrain_size else []
     spec = {"probes": a.probes, "sketch_dim": a.sketch_dim, "dtype": a.dtype}
     t0 = time.perf_counter()
     fz, post = posteriors(model, train, pre, spec, kernels=("joint",))["joint"]

@@ -32,13 +32,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     import ntkal
     from ntkal.acquisition.scorers import ErrorScorer
-    from ntkal.data import dataset_files
 
     from . import bench_md as bm
     from . import utils
-    files = dataset_files("oc20")
-    train = bm.read(files["train"])
-    pre = bm.read(files["pretrain"], a.pretrain_size, seed=1) if a.pretrain_size else []
+    files, train, pre = bm.oc20_sets(a.pretrain_size)
     fits = {}
     for kernel in KERNELS:
         fz = ntkal.MACEFeaturizer(str(files["model"]), kernel=kernel, sketch_dim=a.sketch_dim, dtype=torch.float64)

@@ -79,3 +79,26 @@ def test_probe_vmap_times_both_routes(tmp_path):
     row = json.loads(out.read_text())["results"][0]
     assert row["atoms"] == 8 and len(row["times"]["vmapped"]) == len(row["times"]["loop"]) == 2
     assert abs(row["vmapped_over_loop"] - row["vmapped_s"] / row["loop_s"]) < 1e-12
+
+
+def test_md_refit_scores_round_two_with_both_posteriors(tmp_path, capsys):
+    """bench.md_refit at tiny sizes: the round-1 harvest (every k-th frame, not frame 0) enters the "after"
+    posterior only, every round-2 frame has both predictions and its real error, and the metrics are the frames'."""
+    import numpy as np
+
+    from bench import md_refit
+    out = tmp_path / "refit.json"
+    assert md_refit.main(["--starts", "test_id:1,test_ood_metal:1", "--md-steps", "2", "--harvest-every", "1",
+                          "--seeds", "1", "--pretrain-size", "2", "--n-train", "4", "--sketch-dim", "64",
+                          "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    res = doc["results"][0]
+    frames, m = res["frames"], res["metrics"]
+    assert res["n_harvest"] == 4 and len(frames) == 6 and doc["n_train"] == 4
+    assert all(f["real_f"] > 0 and f["pred_before"] > 0 and f["pred_after"] > 0 for f in frames)
+    assert any(abs(f["pred_after"] - f["pred_before"]) > 1e-9 * f["pred_before"] for f in frames)
+    for name in md_refit.VARIANTS:
+        ratio = [f[f"pred_{name}"] / f["real_f"] for f in frames if f["in_region"]]
+        assert abs(m[name]["ratio_in"] - float(np.median(ratio))) < 1e-12
+    assert {r["variant"] for r in doc["summary"]} == set(md_refit.VARIANTS)
+    assert doc["command"].startswith("python -m bench.md_refit") and "| after | ratio_in |" in capsys.readouterr().out
