@@ -95,8 +95,12 @@ def test_md_refit_scores_round_two_with_both_posteriors(tmp_path, capsys):
     res = doc["results"][0]
     frames, m = res["frames"], res["metrics"]
     assert res["n_harvest"] == 4 and len(frames) == 6 and doc["n_train"] == 4
-    assert all(f["real_f"] > 0 and f["pred_before"] > 0 and f["pred_after"] > 0 for f in frames)
+    assert all(f["real_f"] > 0 and f["pred_before"] > 0 and f["pred_after"] > 0 and f["pred_recalibrated"] > 0
+               for f in frames)
     assert any(abs(f["pred_after"] - f["pred_before"]) > 1e-9 * f["pred_before"] for f in frames)
+    a, b = res["recalibration_line"]  # fitted on the harvest, applied to before's errors
+    assert all(abs(f["pred_recalibrated"] - np.exp(a) * f["pred_before"] ** b) <= 1e-9 * f["pred_recalibrated"]
+               for f in frames)
     for name in md_refit.VARIANTS:
         ratio = [f[f"pred_{name}"] / f["real_f"] for f in frames if f["in_region"]]
         assert abs(m[name]["ratio_in"] - float(np.median(ratio))) < 1e-12
