@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-train", type=int, default=20)
     ap.add_argument("--dtype", default="float64")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both calculators)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -41,10 +42,10 @@ def main(argv=None) -> int:
     dtype = getattr(torch, a.dtype)
     train = list(ntkal.io.read_structures(files["train"]))[:a.n_train]
     atoms = list(ntkal.io.read_structures(files["pool"]))[a.index].repeat([int(x) for x in a.repeat.split(",")])
-    calcs = {"mace": MACECalculator(model_paths=str(files["model"]), device="cpu", default_dtype=a.dtype)}
+    calcs = {"mace": MACECalculator(model_paths=str(files["model"]), device=a.device, default_dtype=a.dtype)}
     for kernel in ("energy", "joint"):
         fz = ntkal.MACEFeaturizer(files["model"], kernel=kernel, sketch_dim=a.sketch_dim, force_probes=a.probes,
-                                  dtype=dtype)
+                                  dtype=dtype, device=a.device)
         post = ntkal.fit(fz, train, train_force_probes=a.probes)
         calcs[kernel] = Calculator(fz, post, force_probes=a.probes)
         calcs[f"{kernel}, error_every=10"] = Calculator(fz, post, force_probes=a.probes, error_every=10)
@@ -67,11 +68,12 @@ def main(argv=None) -> int:
     base = statistics.median(times["mace"])
     out = {"command": "python -m bench.calculator_cost " + " ".join(sys.argv[1:] if argv is None else argv), "dataset": a.dataset,
            "index": a.index, "natoms": len(atoms),
-           "sketch_dim": a.sketch_dim, "probes": a.probes, "dtype": a.dtype, "threads": a.threads,
+           "sketch_dim": a.sketch_dim, "probes": a.probes, "dtype": a.dtype, "threads": a.threads, "device": a.device,
+           "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None,
            "median_step_s": {k: statistics.median(v) for k, v in times.items()},
            "ratio_to_mace": {k: statistics.median(v) / base for k, v in times.items()}}
     print(f"{a.dataset} pool {a.index}: {len(atoms)} atoms, k={a.sketch_dim}, {a.probes} probes, {a.dtype}, "
-          f"{a.threads} thread(s), {a.steps} steps")
+          f"{a.device}, {a.threads} thread(s), {a.steps} steps")
     for k in times:
         print(f"{k:>24}: {1e3 * out['median_step_s'][k]:8.2f} ms  x{out['ratio_to_mace'][k]:.2f}")
     if a.json:

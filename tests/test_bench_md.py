@@ -106,3 +106,17 @@ def test_md_refit_scores_round_two_with_both_posteriors(tmp_path, capsys):
         assert abs(m[name]["ratio_in"] - float(np.median(ratio))) < 1e-12
     assert {r["variant"] for r in doc["summary"]} == set(md_refit.VARIANTS)
     assert doc["command"].startswith("python -m bench.md_refit") and "| after | ratio_in |" in capsys.readouterr().out
+
+
+def test_gpu_summary_reads_the_calculator_records(tmp_path):
+    """bench/gpu/summarize.py turns run.sh's calculator_cost records into goal lines (met / missed per kernel)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("summarize", Path(__file__).parents[1] / "bench/gpu/summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    doc = {"natoms": 512, "median_step_s": {"mace": 0.01}, "ratio_to_mace": {"mace": 1.0, "energy": 1.2, "joint": 5.0}}
+    (tmp_path / "calculator512.json").write_text(json.dumps(doc))
+    assert summarize.main(str(tmp_path)) == 0
+    line = next(x for x in (tmp_path / "summary.md").read_text().splitlines() if "512 atoms" in x)
+    assert "energy 1.20×, joint 5.00×" in line and "energy met, joint missed" in line

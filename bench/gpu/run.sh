@@ -2,8 +2,9 @@
 # The GPU run in ONE call (about 8 minutes on an H100/H200-class card): install the wheels that
 # bench/gpu/prepare.sh carried in .whl/, run the GPU tests, `bench kernels` (Triton vs reference vs
 # cuBLAS), `bench features --arch mp0-medium` (fast vs reference; energy NTK at ~80 atoms for the 200k
-# extrapolation), `bench select --device cuda` at 200k, and write JSON records, logs and summary.md
-# under $OUT (default bench/results/gpu).
+# extrapolation), `bench select --device cuda` at 200k, `bench.calculator_cost --device cuda` (an MD step
+# with the error against a plain MACECalculator step, si at 64 and 512 atoms), and write JSON records, logs
+# and summary.md under $OUT (default bench/results/gpu).
 #
 #   on the GPU machine:  bash bench/gpu/run.sh
 #   dry run, here:       DRY=1 bash bench/gpu/run.sh   (no CUDA: checks the wheels resolve for Python 3.12
@@ -17,9 +18,11 @@ mkdir -p "$OUT"
 if [ "$DRY" = 1 ]; then
   PY=${PY:-.venv/bin/python}; DEV=cpu
   ARCH=tiny; ATOMS=10; NSTRUCT=2; POOL=20000; NTRAIN="--n-train 1000"; REPEAT="--repeat 1"
+  CELLS64=1,1,1; CELLS512=1,1,1; CSTEPS=3
 else
   PY=${PY:-python3}; DEV=cuda
   ARCH=mp0-medium; ATOMS=38; NSTRUCT=8; POOL=200000; NTRAIN=""; REPEAT=""
+  CELLS64=2,2,1; CELLS512=4,4,2; CSTEPS=10
 fi
 export NTKAL_CACHE=${NTKAL_CACHE:-/tmp/ntkal-cache} OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONUNBUFFERED=1
 
@@ -63,6 +66,10 @@ step features80 90 $PY -m bench features --arch $ARCH --atoms 80 --n-structures 
 # 5. selection at 200k on the card
 step select 120 $PY -m bench select --device $DEV --pool-size $POOL --skip-bmdal $NTRAIN $REPEAT --json "$OUT/select.json"
 
-# 6. one table
+# 6. the MD calculator: ntkal.Calculator's step (energy kernel; joint with 8 probes) over a MACECalculator step
+step calculator64 90 $PY -m bench.calculator_cost --device $DEV --repeat $CELLS64 --steps $CSTEPS --json "$OUT/calculator64.json"
+step calculator512 90 $PY -m bench.calculator_cost --device $DEV --repeat $CELLS512 --steps $CSTEPS --json "$OUT/calculator512.json"
+
+# 7. one table
 step summary 30 $PY bench/gpu/summarize.py "$OUT"
 cat "$OUT/summary.md" 2>/dev/null

@@ -1,6 +1,6 @@
 """One table from a bench/gpu/run.sh output folder: the card, and where each GPU goal stands.
 
-`python bench/gpu/summarize.py OUT` reads OUT/{kernels,features,features80,select}.json and OUT/steps.log
+`python bench/gpu/summarize.py OUT` reads OUT/{kernels,features,features80,select,calculator64,calculator512}.json and OUT/steps.log
 (whatever is there) and writes OUT/summary.md.
 """
 from __future__ import annotations
@@ -49,6 +49,14 @@ def main(out: str) -> int:
                      f"(measured batch × 200k / batch size) | {mins:.1f} min | {'met' if mins <= 30 else 'missed'} |")
     for r in (_load(out, "select") or {}).get("results", []):
         lines.append(f"| select at 200k, n_train {r.get('n_train')} (PV + shortlist + LCMD) | {r.get('ntkal_s')} s | - |")
+    for name in ("calculator64", "calculator512"):
+        doc = _load(out, name)
+        if doc:
+            r = doc["ratio_to_mace"]
+            lines.append(f"| MD step with the error ÷ a MACECalculator step ({doc['natoms']} atoms; energy ≤ 1.5×, joint "
+                         f"8 probes ≤ 4×) | energy {r['energy']:.2f}×, joint {r['joint']:.2f}× (plain "
+                         f"{1e3 * doc['median_step_s']['mace']:.1f} ms) | energy {'met' if r['energy'] <= 1.5 else 'missed'}, "
+                         f"joint {'met' if r['joint'] <= 4 else 'missed'} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return 0
 
