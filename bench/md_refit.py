@@ -71,10 +71,9 @@ def main(argv=None) -> int:
                 f[f"pred_{name}"] = float(v)
         for f in frames:
             f["pred_recalibrated"] = float(np.exp(line[0]) * f["pred_before"] ** line[1])
-        for f in frames:
             del f["atoms"], f["labelled"]
-        results.append({"seed": seed, "n_harvest": len(labelled), "recalibration_line": list(line), "metrics": metrics(frames, a.threshold),
-                        "frames": frames})
+        results.append({"seed": seed, "n_harvest": len(labelled), "recalibration_line": list(line),
+                        "metrics": metrics(frames, a.threshold), "frames": frames})
         print(f"seed {seed}: {len(labelled)} harvested, {len(frames)} frames scored "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     summary = summarise(results)

@@ -81,9 +81,10 @@ def test_probe_vmap_times_both_routes(tmp_path):
     assert abs(row["vmapped_over_loop"] - row["vmapped_s"] / row["loop_s"]) < 1e-12
 
 
-def test_md_refit_scores_round_two_with_both_posteriors(tmp_path, capsys):
+def test_md_refit_scores_round_two_with_every_variant(tmp_path, capsys):
     """bench.md_refit at tiny sizes: the round-1 harvest (every k-th frame, not frame 0) enters the "after"
-    posterior only, every round-2 frame has both predictions and its real error, and the metrics are the frames'."""
+    posterior only and fits the "recalibrated" line; every round-2 frame has each variant's prediction and its
+    real error, and the metrics are the frames'."""
     import numpy as np
 
     from bench import md_refit

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU run in ONE call (about 8 minutes on an H100/H200-class card): install the wheels that
+# The GPU run in ONE call (about 9 minutes on an H100/H200-class card; every step has its own timeout): install the wheels that
 # bench/gpu/prepare.sh carried in .whl/, run the GPU tests, `bench kernels` (Triton vs reference vs
 # cuBLAS), `bench features --arch mp0-medium` (fast vs reference; energy NTK at ~80 atoms for the 200k
 # extrapolation), `bench select --device cuda` at 200k, `bench.calculator_cost --device cuda` (an MD step
