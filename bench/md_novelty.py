@@ -3,8 +3,12 @@
 The shipped oc20 model runs Langevin MD (bench/bench_md.py's set-up: 800 K, bottom layer fixed) from test_id
 frames; every frame is labelled with EMT afterwards. Per frame: the real RMS force error (meV/Å) and energy error
 (meV/atom), and, for the embedding and energy kernels fitted on the train split + a pretraining sample (ntkal.fit
-as `ntkal fit --pretrain` does), the posterior-variance score and the calibrated energy error. Prints the Spearman
-of each against the real errors, within each run (the MD's time course) and over all frames.
+as `ntkal fit --pretrain` does), the posterior-variance score and the calibrated energy error. For the joint kernel
+(fitted alike; the Calculator's 8 probe rows per frame) the written force error and what it is made of, per force
+row: ‖g‖² (the feature's size), PV = ‖L⁻¹g‖², PV/‖g‖² (how unknown its direction is) and μ² (the predicted
+residual's square); beside them the RMS of the model's and of EMT's forces. Prints the Spearman of each against the
+real errors, within each run (the MD's time course) and over all frames, and how each moved from a run's first
+to its last frame.
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ import numpy as np
 import torch
 
 KERNELS = ("embedding", "energy")
+# the joint kernel's force rows per frame (FORCE_PARTS) and the forces' sizes, followed from first to last frame
+FORCE_PARTS = ("joint_force_error", "force_row_norm2", "force_row_pv", "force_row_novelty", "force_row_mu2")
+DRIFT = ("real_f",) + FORCE_PARTS + ("model_force_rms", "emt_force_rms")
 
 
 def main(argv=None) -> int:
@@ -26,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=800.0)
     ap.add_argument("--pretrain-size", type=int, default=100)
     ap.add_argument("--sketch-dim", type=int, default=512)
+    ap.add_argument("--probes", type=int, default=8, help="the joint kernel's probe rows per frame (the Calculator's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -40,6 +48,9 @@ def main(argv=None) -> int:
     for kernel in KERNELS:
         fz = ntkal.MACEFeaturizer(str(files["model"]), kernel=kernel, sketch_dim=a.sketch_dim, dtype=torch.float64)
         fits[kernel] = (fz, ErrorScorer(ntkal.fit(fz, train, pretrain=pre or None)))
+    fz_joint = bm.featurizer(files["model"], "joint", a.sketch_dim, "float64")
+    post_joint = ntkal.fit(fz_joint, train, pretrain=pre or None)
+    joint = (fz_joint.with_kernel("joint", a.probes), post_joint, ErrorScorer(post_joint))
     plain = bm.plain_calculator(files["model"])
     frames = []
     t0 = time.perf_counter()
@@ -57,14 +68,20 @@ def main(argv=None) -> int:
                 sc = scorer(fz([atoms]))
                 fr[f"{kernel}_pv"] = float(sc.values["pv"][0])
                 fr[f"{kernel}_energy_error"] = float(sc.values["energy_error"][0])
+            fr.update(force_parts(*joint, atoms))
+            fr["model_force_rms"] = 1e3 * float(np.sqrt(np.mean(forces ** 2)))
+            fr["emt_force_rms"] = 1e3 * float(np.sqrt(np.mean(lab.arrays["REF_forces"] ** 2)))
             frames.append(fr)
             if t < a.md_steps:
                 dyn.step()
     summary = spearmans(frames)
-    doc = utils.record("md_novelty", sys.argv[1:] if argv is None else argv, [{"summary": summary, "frames": frames}],
+    moved = drift(frames)
+    doc = utils.record("md_novelty", sys.argv[1:] if argv is None else argv,
+                       [{"summary": summary, "drift": moved, "frames": frames}],
                        prog="python -m bench.md_novelty", n_train=len(train), n_pretrain=len(pre),
                        wall_s=time.perf_counter() - t0)
     print(table(summary))
+    print(utils.markdown_table(moved, ["quantity", "rose in runs", "median last / first"]))
     if a.json:
         utils.write_json(a.json, doc)
     return 0
@@ -75,7 +92,7 @@ def spearmans(frames) -> list:
     from scipy.stats import spearmanr
     runs = sorted({f["run"] for f in frames})
     out = []
-    for key in [f"{k}_{v}" for k in KERNELS for v in ("pv", "energy_error")]:
+    for key in [f"{k}_{v}" for k in KERNELS for v in ("pv", "energy_error")] + list(FORCE_PARTS):
         row = {"score": key}
         for real in ("real_f", "real_e"):
             row[f"{real} all"] = float(spearmanr([f[key] for f in frames], [f[real] for f in frames])[0])
@@ -84,6 +101,31 @@ def spearmans(frames) -> list:
             row[f"{real} per run"] = per
             row[f"{real} median per run"] = float(np.median(per))
         out.append(row)
+    return out
+
+
+def force_parts(fz, post, scorer, atoms) -> dict:
+    """The joint kernel's written force error of one frame and the means over its force rows of ‖g‖², PV,
+    PV/‖g‖² and μ² (ntkal/posterior/residual.py, Predictive)."""
+    from ntkal.features.rowblock import FORCE
+    rows = fz([atoms])
+    pred = post.predictive(rows)
+    f = (rows.kind == FORCE).numpy()
+    norm2 = rows.rows.detach().to(torch.float64).square().sum(1).cpu().numpy()[f]
+    pv = pred.row_pv.numpy()[f]
+    return {"joint_force_error": float(scorer(rows).values["force_error"][0]), "force_row_norm2": float(norm2.mean()),
+            "force_row_pv": float(pv.mean()), "force_row_novelty": float((pv / norm2).mean()),
+            "force_row_mu2": float(pred.mu.numpy()[f].__pow__(2).mean())}
+
+
+def drift(frames) -> list:
+    """Per quantity of DRIFT: in how many runs its last frame is above its first, and the median last / first."""
+    runs = sorted({f["run"] for f in frames})
+    out = []
+    for key in DRIFT:
+        pairs = [(fs[0][key], fs[-1][key]) for fs in ([f for f in frames if f["run"] == r] for r in runs)]
+        out.append({"quantity": key, "rose in runs": f"{sum(b > a for a, b in pairs)} of {len(pairs)}",
+                    "median last / first": float(np.median([b / a for a, b in pairs]))})
     return out
 
 

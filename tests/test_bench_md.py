@@ -53,6 +53,7 @@ def test_md_quick_writes_every_field(tmp_path, capsys):
 def test_md_novelty_scores_every_frame_against_emt(tmp_path, capsys):
     """bench.md_novelty at tiny sizes: every frame has its real errors and each kernel's PV and energy error,
     and the summary's Spearmans are those of the frames."""
+    import numpy as np
     from scipy.stats import spearmanr
 
     from bench import md_novelty
@@ -65,6 +66,13 @@ def test_md_novelty_scores_every_frame_against_emt(tmp_path, capsys):
     for f in frames:
         assert f["real_f"] > 0 and f["real_e"] >= 0
         assert all(f[f"{k}_pv"] > 0 and f[f"{k}_energy_error"] > 0 for k in md_novelty.KERNELS)
+        assert all(f[k] > 0 for k in md_novelty.FORCE_PARTS + ("model_force_rms", "emt_force_rms"))
+        assert f["force_row_pv"] < f["force_row_norm2"]  # Λ ⪰ I: PV ≤ ‖g‖² row by row
+    drift = {d["quantity"]: d for d in doc["results"][0]["drift"]}
+    assert set(drift) == set(md_novelty.DRIFT)
+    runs = [[f for f in frames if f["run"] == r] for r in (0, 1)]
+    want = np.median([fs[-1]["real_f"] / fs[0]["real_f"] for fs in runs])
+    assert abs(drift["real_f"]["median last / first"] - want) < 1e-12
     row = next(r for r in summary if r["score"] == "energy_pv")
     want = spearmanr([f["energy_pv"] for f in frames], [f["real_f"] for f in frames])[0]
     assert abs(row["real_f all"] - want) < 1e-12 and len(row["real_f per run"]) == 2
