@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         fits[kernel] = (fz, ErrorScorer(ntkal.fit(fz, train, pretrain=pre or None)))
     fz_joint = bm.featurizer(files["model"], "joint", a.sketch_dim, "float64")
     post_joint = ntkal.fit(fz_joint, train, pretrain=pre or None)
-    joint = (fz_joint.with_kernel("joint", a.probes), post_joint, ErrorScorer(post_joint))
+    joint = (fz_joint.with_kernel("joint", a.probes), post_joint)
     plain = bm.plain_calculator(files["model"])
     frames = []
     t0 = time.perf_counter()
@@ -104,18 +104,18 @@ def spearmans(frames) -> list:
     return out
 
 
-def force_parts(fz, post, scorer, atoms) -> dict:
-    """The joint kernel's written force error of one frame and the means over its force rows of ‖g‖², PV,
-    PV/‖g‖² and μ² (ntkal/posterior/residual.py, Predictive)."""
+def force_parts(fz, post, atoms) -> dict:
+    """The joint kernel's written force error of one frame (ErrorScorer's force_error, from the same predictive)
+    and the means over its force rows of ‖g‖², PV, PV/‖g‖² and μ² (ntkal/posterior/residual.py, Predictive)."""
     from ntkal.features.rowblock import FORCE
     rows = fz([atoms])
     pred = post.predictive(rows)
     f = (rows.kind == FORCE).numpy()
     norm2 = rows.rows.detach().to(torch.float64).square().sum(1).cpu().numpy()[f]
     pv = pred.row_pv.numpy()[f]
-    return {"joint_force_error": float(scorer(rows).values["force_error"][0]), "force_row_norm2": float(norm2.mean()),
-            "force_row_pv": float(pv.mean()), "force_row_novelty": float((pv / norm2).mean()),
-            "force_row_mu2": float(pred.mu.numpy()[f].__pow__(2).mean())}
+    return {"joint_force_error": 1e3 * float(post.residual.errors(rows, pred)["force"][0]),
+            "force_row_norm2": float(norm2.mean()), "force_row_pv": float(pv.mean()),
+            "force_row_novelty": float((pv / norm2).mean()), "force_row_mu2": float((pred.mu.numpy()[f] ** 2).mean())}
 
 
 def drift(frames) -> list:

@@ -80,7 +80,7 @@ def _metrics(post, rows: RowBlock, eps: torch.Tensor, score: str) -> dict:
     err = res.errors(rows, post.predictive(rows, with_mean=with_mean), with_mean)
     real = raw_levels(rows, eps.square(), torch.zeros_like(eps))
     seg, is_f = rows.seg.cpu().numpy(), (rows.kind == FORCE).numpy()
-    comp = np.where(is_f, component_scale(rows, real), 1.0)  # probe rows to the scale of one component
+    comp = component_scale(rows, real)  # probe rows to the scale of one component
     out = {}
     for part, mask in (("energy", ~is_f), ("force", is_f)):
         if not mask.any():

@@ -194,8 +194,9 @@ class ResidualModel:
 
 def component_scale(rows: RowBlock, levels: dict) -> np.ndarray:
     """Per row √(m/3N), m the structure's force rows (levels["force_rows"] of raw_levels): a probe row's
-    residual times it is at the scale of one force component; 1 for exact rows."""
-    return np.sqrt(levels["force_rows"] / np.maximum(3 * rows.natoms.numpy(), 1))[rows.seg.cpu().numpy()]
+    residual times it is at the scale of one force component; 1 for exact force rows and for energy rows."""
+    scale = np.sqrt(levels["force_rows"] / np.maximum(3 * rows.natoms.numpy(), 1))[rows.seg.cpu().numpy()]
+    return np.where((rows.kind == FORCE).numpy(), scale, 1.0)
 
 
 def _calibration_data(rows: RowBlock, raw: dict, real: dict, eps: torch.Tensor, labelled: torch.Tensor):
