@@ -6,9 +6,11 @@ frames; every frame is labelled with EMT afterwards. Per frame: the real RMS for
 as `ntkal fit --pretrain` does), the posterior-variance score and the calibrated energy error. For the joint kernel
 (fitted alike; the Calculator's 8 probe rows per frame) the written force error and what it is made of, per force
 row: ‖g‖² (the feature's size), PV = ‖L⁻¹g‖², PV/‖g‖² (how unknown its direction is) and μ² (the predicted
-residual's square); beside them the RMS of the model's and of EMT's forces. Prints the Spearman of each against the
-real errors, within each run (the MD's time course) and over all frames, and how each moved from a run's first
-to its last frame.
+residual's square); beside them the RMS of the model's and of EMT's forces. Per-atom scores (AtomNovelty): how far
+each atom's invariant embedding is from the labelled atoms' (a per-atom linear-posterior variance and the distance to
+the nearest labelled atom of its element), max over the frame's atoms, and the frame's shortest interatomic distance.
+Prints the Spearman of each against the real errors, within each run (the MD's time course) and over all frames,
+and how each moved from a run's first to its last frame.
 """
 from __future__ import annotations
 
@@ -21,9 +23,13 @@ import numpy as np
 import torch
 
 KERNELS = ("embedding", "energy")
+# per-atom scores (AtomNovelty), max over a frame's atoms; and the frame's shortest interatomic distance (Å)
+ATOM_SCORES = ("atom_pv_max", "atom_nn_max", "min_distance")
+# the same split by the atoms' kind: adsorbate (H, C, N, O) and metal atoms; real_f_* = RMS force error over them
+ADSORBATE_SCORES = ("real_f_ads", "real_f_metal", "atom_pv_ads", "atom_nn_ads")
 # the joint kernel's force rows per frame (FORCE_PARTS) and the forces' sizes, followed from first to last frame
 FORCE_PARTS = ("joint_force_error", "force_row_norm2", "force_row_pv", "force_row_novelty", "force_row_mu2")
-DRIFT = ("real_f",) + FORCE_PARTS + ("model_force_rms", "emt_force_rms")
+DRIFT = ("real_f",) + FORCE_PARTS + ("model_force_rms", "emt_force_rms") + ATOM_SCORES + ADSORBATE_SCORES
 
 
 def main(argv=None) -> int:
@@ -52,6 +58,7 @@ def main(argv=None) -> int:
     post_joint = ntkal.fit(fz_joint, train, pretrain=pre or None)
     joint = (fz_joint.with_kernel("joint", a.probes), post_joint)
     plain = bm.plain_calculator(files["model"])
+    atom_novelty = AtomNovelty(fits["embedding"][0], train + pre)
     frames = []
     t0 = time.perf_counter()
     for si, s in enumerate(bm.md_starts(a.starts)):
@@ -61,14 +68,18 @@ def main(argv=None) -> int:
         for t in range(a.md_steps + 1):
             forces = atoms.get_forces(apply_constraint=False)
             lab = bm.emt_label(atoms)
-            fr = {"run": si, "t": t,
-                  "real_f": 1e3 * float(np.sqrt(np.mean((lab.arrays["REF_forces"] - forces) ** 2))),
+            diff2 = (lab.arrays["REF_forces"] - forces) ** 2
+            ads = atoms.numbers < 10
+            fr = {"run": si, "t": t, "real_f": 1e3 * float(np.sqrt(np.mean(diff2))),
+                  "real_f_ads": 1e3 * float(np.sqrt(np.mean(diff2[ads]))),
+                  "real_f_metal": 1e3 * float(np.sqrt(np.mean(diff2[~ads]))),
                   "real_e": 1e3 * abs(lab.info["REF_energy"] - atoms.get_potential_energy()) / len(atoms)}
             for kernel, (fz, scorer) in fits.items():
                 sc = scorer(fz([atoms]))
                 fr[f"{kernel}_pv"] = float(sc.values["pv"][0])
                 fr[f"{kernel}_energy_error"] = float(sc.values["energy_error"][0])
             fr.update(force_parts(*joint, atoms))
+            fr.update(atom_novelty(atoms))
             fr["model_force_rms"] = 1e3 * float(np.sqrt(np.mean(forces ** 2)))
             fr["emt_force_rms"] = 1e3 * float(np.sqrt(np.mean(lab.arrays["REF_forces"] ** 2)))
             frames.append(fr)
@@ -92,9 +103,10 @@ def spearmans(frames) -> list:
     from scipy.stats import spearmanr
     runs = sorted({f["run"] for f in frames})
     out = []
-    for key in [f"{k}_{v}" for k in KERNELS for v in ("pv", "energy_error")] + list(FORCE_PARTS):
+    for key in ([f"{k}_{v}" for k in KERNELS for v in ("pv", "energy_error")] + list(FORCE_PARTS) + list(ATOM_SCORES)
+                + ["atom_pv_ads", "atom_nn_ads"]):
         row = {"score": key}
-        for real in ("real_f", "real_e"):
+        for real in ("real_f", "real_e", "real_f_ads"):
             row[f"{real} all"] = float(spearmanr([f[key] for f in frames], [f[real] for f in frames])[0])
             per = [float(spearmanr([f[key] for f in frames if f["run"] == r], [f[real] for f in frames
                                                                              if f["run"] == r])[0]) for r in runs]
@@ -118,6 +130,47 @@ def force_parts(fz, post, atoms) -> dict:
             "force_row_novelty": float((pv / norm2).mean()), "force_row_mu2": float((pred.mu.numpy()[f] ** 2).mean())}
 
 
+def atom_embeddings(fz, atoms_list) -> torch.Tensor:
+    """Each atom's invariant node features (the embedding kernel's, before its mean over atoms), atoms in order."""
+    from e3nn import o3
+    from mace.modules.utils import extract_invariant
+    irreps = o3.Irreps(str(fz.model.products[0].linear.irreps_out))
+    n_inv = irreps.dim // (irreps.lmax + 1) ** 2
+    out = []
+    for i in range(0, len(atoms_list), 16):
+        with torch.no_grad():
+            res = fz.model(fz.batch(atoms_list[i:i + 16]), training=False, compute_force=False)
+        out.append(extract_invariant(res["node_feats"], len(fz.model.interactions), n_inv, irreps.lmax))
+    return torch.cat(out).to(torch.float64)
+
+
+class AtomNovelty:
+    """Per-atom novelty against the labelled atoms, in their standardised invariant embeddings: a linear posterior's
+    variance h^T (H^T H + λI)^-1 h (λ = 1e-3 of the mean eigenvalue) and the distance to the nearest labelled atom
+    of the same element; each the max over a frame's atoms."""
+
+    def __init__(self, fz, labelled):
+        self.fz = fz
+        h = atom_embeddings(fz, labelled)
+        self.mean, self.std = h.mean(0), h.std(0).clamp_min(1e-8)
+        h = (h - self.mean) / self.std
+        gram = h.T @ h
+        lam = 1e-3 * float(torch.trace(gram)) / gram.shape[0]
+        self.chol = torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype))
+        z = np.concatenate([a.numbers for a in labelled])
+        self.by_z = {int(e): h[torch.from_numpy(z == e)] for e in np.unique(z)}
+
+    def __call__(self, atoms) -> dict:
+        h = (atom_embeddings(self.fz, [atoms]) - self.mean) / self.std
+        pv = torch.linalg.solve_triangular(self.chol, h.T, upper=False).square().sum(0)
+        nn = [float(torch.cdist(h[i:i + 1], self.by_z[int(z)]).min()) for i, z in enumerate(atoms.numbers)]
+        d = atoms.get_all_distances(mic=True)
+        ads = atoms.numbers < 10
+        return {"atom_pv_max": float(pv.max()), "atom_nn_max": max(nn),
+                "min_distance": float(d[np.triu_indices(len(atoms), 1)].min()),
+                "atom_pv_ads": float(pv[torch.from_numpy(ads)].max()), "atom_nn_ads": max(np.asarray(nn)[ads])}
+
+
 def drift(frames) -> list:
     """Per quantity of DRIFT: in how many runs its last frame is above its first, and the median last / first."""
     runs = sorted({f["run"] for f in frames})
@@ -132,7 +185,7 @@ def drift(frames) -> list:
 def table(summary) -> str:
     from .utils import markdown_table
     return markdown_table(summary, ["score", "real_f all", "real_f median per run", "real_e all",
-                                    "real_e median per run"])
+                                    "real_e median per run", "real_f_ads all", "real_f_ads median per run"])
 
 
 if __name__ == "__main__":

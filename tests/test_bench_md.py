@@ -68,6 +68,9 @@ def test_md_novelty_scores_every_frame_against_emt(tmp_path, capsys):
         assert all(f[f"{k}_pv"] > 0 and f[f"{k}_energy_error"] > 0 for k in md_novelty.KERNELS)
         assert all(f[k] > 0 for k in md_novelty.FORCE_PARTS + ("model_force_rms", "emt_force_rms"))
         assert f["force_row_pv"] < f["force_row_norm2"]  # Λ ⪰ I: PV ≤ ‖g‖² row by row
+        assert f["atom_pv_max"] > 0 and f["atom_nn_max"] > 0 and 0.5 < f["min_distance"] < 3
+        assert 0 < f["atom_pv_ads"] <= f["atom_pv_max"] and 0 < f["atom_nn_ads"] <= f["atom_nn_max"]
+        assert min(f["real_f_ads"], f["real_f_metal"]) <= f["real_f"] <= max(f["real_f_ads"], f["real_f_metal"])
     drift = {d["quantity"]: d for d in doc["results"][0]["drift"]}
     assert set(drift) == set(md_novelty.DRIFT)
     runs = [[f for f in frames if f["run"] == r] for r in (0, 1)]
@@ -77,6 +80,27 @@ def test_md_novelty_scores_every_frame_against_emt(tmp_path, capsys):
     want = spearmanr([f["energy_pv"] for f in frames], [f["real_f"] for f in frames])[0]
     assert abs(row["real_f all"] - want) < 1e-12 and len(row["real_f per run"]) == 2
     assert doc["command"].startswith("python -m bench.md_novelty") and "| energy_pv |" in capsys.readouterr().out
+
+
+def test_atom_novelty_is_zero_distance_on_a_labelled_structure_and_grows_when_squeezed():
+    """AtomNovelty: a labelled structure's atoms are their own nearest labelled atoms (distance 0), and moving one
+    atom close to another raises both per-atom scores."""
+    import numpy as np
+    import torch
+
+    import ntkal
+    from bench import bench_md, md_novelty
+    files, train, _ = bench_md.oc20_sets(0, n_train=4)
+    fz = ntkal.MACEFeaturizer(str(files["model"]), kernel="embedding", dtype=torch.float64)
+    nov = md_novelty.AtomNovelty(fz, train)
+    own = nov(train[0])
+    assert own["atom_nn_max"] < 1e-6
+    squeezed = train[0].copy()
+    i, j = 0, 1 + int(np.argmin(squeezed.get_distances(0, range(1, len(squeezed)), mic=True)))
+    squeezed.positions[i] += 0.5 * squeezed.get_distance(i, j, mic=True, vector=True)
+    moved = nov(squeezed)
+    assert moved["atom_nn_max"] > 0.1 and moved["atom_pv_max"] > own["atom_pv_max"]
+    assert moved["min_distance"] < own["min_distance"]
 
 
 def test_probe_vmap_times_both_routes(tmp_path):
