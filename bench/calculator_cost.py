@@ -9,7 +9,6 @@ not change the cost).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -66,19 +65,21 @@ def main(argv=None) -> int:
             if step >= 3:  # warm-up
                 times[name].append(time.perf_counter() - t)
     base = statistics.median(times["mace"])
-    out = {"command": "python -m bench.calculator_cost " + " ".join(sys.argv[1:] if argv is None else argv), "dataset": a.dataset,
-           "index": a.index, "natoms": len(atoms),
-           "sketch_dim": a.sketch_dim, "probes": a.probes, "dtype": a.dtype, "threads": a.threads, "device": a.device,
-           "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None,
-           "median_step_s": {k: statistics.median(v) for k, v in times.items()},
-           "ratio_to_mace": {k: statistics.median(v) / base for k, v in times.items()}}
+    median = {k: statistics.median(v) for k, v in times.items()}
+    ratio = {k: m / base for k, m in median.items()}
+    from . import utils
+    out = utils.record("calculator_cost", sys.argv[1:] if argv is None else argv,
+                       [{"calculator": k, "median_step_s": median[k], "ratio_to_mace": ratio[k]} for k in times],
+                       prog="python -m bench.calculator_cost", dataset=a.dataset, index=a.index, natoms=len(atoms),
+                       sketch_dim=a.sketch_dim, probes=a.probes, dtype=a.dtype, threads=a.threads, device=a.device,
+                       gpu=torch.cuda.get_device_name(0) if a.device == "cuda" else None,
+                       median_step_s=median, ratio_to_mace=ratio)
     print(f"{a.dataset} pool {a.index}: {len(atoms)} atoms, k={a.sketch_dim}, {a.probes} probes, {a.dtype}, "
           f"{a.device}, {a.threads} thread(s), {a.steps} steps")
     for k in times:
-        print(f"{k:>24}: {1e3 * out['median_step_s'][k]:8.2f} ms  x{out['ratio_to_mace'][k]:.2f}")
+        print(f"{k:>24}: {1e3 * median[k]:8.2f} ms  x{ratio[k]:.2f}")
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=1)
+        utils.write_json(a.json, out)
     return 0
 
 

@@ -141,6 +141,21 @@ def test_md_refit_scores_round_two_with_every_variant(tmp_path, capsys):
     assert doc["command"].startswith("python -m bench.md_refit") and "| after | ratio_in |" in capsys.readouterr().out
 
 
+def test_calculator_cost_records_each_calculator_against_mace(tmp_path, capsys):
+    """bench.calculator_cost at a tiny size: every calculator's median step and its ratio to MACECalculator's
+    (1 for MACECalculator itself), in the bench's common record (command, machine, versions)."""
+    from bench import calculator_cost
+    out = tmp_path / "cost.json"
+    assert calculator_cost.main(["--steps", "1", "--n-train", "2", "--sketch-dim", "16", "--probes", "2",
+                                 "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    names = {"mace", "energy", "joint", "energy, error_every=10", "joint, error_every=10"}
+    assert set(doc["ratio_to_mace"]) == names and doc["ratio_to_mace"]["mace"] == 1.0
+    assert {r["calculator"] for r in doc["results"]} == names and all(r["median_step_s"] > 0 for r in doc["results"])
+    assert doc["command"].startswith("python -m bench.calculator_cost --steps 1") and "machine" in doc
+    assert "joint, error_every=10" in capsys.readouterr().out
+
+
 def test_gpu_summary_reads_the_calculator_records(tmp_path):
     """bench/gpu/summarize.py turns run.sh's calculator_cost records into goal lines (met / missed per kernel)."""
     import importlib.util
