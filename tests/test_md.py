@@ -69,25 +69,6 @@ def test_one_step_vmaps_its_probes_only_when_differentiated_directly(si, monkeyp
     assert seen and not any(seen)
 
 
-def test_a_one_structure_loop_holds_one_probe_at_a_time(si, monkeypatch):
-    """On a CPU a one-structure loop (the calculator's step on a tapped model) pushes its probes through the double
-    backward one at a time (fast._vec_chunk: mp0-medium's peak 2.06x -> 1.78x a plain step's); a batch of
-    structures takes 4 at a time; the rows are the same to rounding."""
-    from ntkal.features import fast
-    seen = []
-    real = fast._double_backward
-    monkeypatch.setattr(fast, "_double_backward", lambda *a: seen.append(a[2].shape[0]) or real(*a))
-    tapped = ntkal.MACEFeaturizer(si["files"]["model"], kernel="joint", sketch_dim=K, force_probes=4,
-                                  dtype=torch.float64, route=fast.FastRoute(big_layer_numel=0, vmap=False))
-    pair = [si["pool"][3], si["pool"][0]]
-    one = rows_and_outputs(tapped, pair[:1])[0]
-    assert seen == [1, 1, 1, 1]
-    seen.clear()
-    both = tapped(pair)
-    assert seen == [4]
-    torch.testing.assert_close(one.rows, both.select(torch.tensor([0])).rows, rtol=1e-9, atol=1e-12)
-
-
 def test_calculator_equals_mace_and_error_scorer(si):
     calc = Calculator(si["fz"], si["post"], force_probes=2)
     ref = _mace_calc(si["files"])

@@ -188,7 +188,7 @@ class FastTaps:
         parts = []
         vmap = self.route.vmap if vmap is None else vmap
         batched = vectors.is_cuda if vmap is None else vmap
-        for vc in vectors.split(_vec_chunk(vectors.device, n, batched and bool(self.direct))):
+        for vc in vectors.split(_vec_chunk(vectors.device, batched and bool(self.direct))):
             J = vc.shape[0]
             g2 = _double_backward(forces, second_in, vc, batched)
             part = torch.zeros(J, n, sk.k, dtype=dtype, device=device)
@@ -227,16 +227,12 @@ def _stress(grad, cell):
     return torch.where(out.abs() < 1e10, out, torch.zeros_like(out))
 
 
-def _vec_chunk(device, n_struct: int, single_vmapped: bool = False) -> int:
+def _vec_chunk(device, single_vmapped: bool = False) -> int:
     """Projections whose adjoints are held and sketched together. On a CPU the double backwards run one
     at a time anyway and 2-4 measured as fast as 16 with half the peak memory (tiny model, 16 exact-row
     structures: 0.85 vs 1.38 GB); on CUDA they are one vmapped call, which wants more, and so does one
-    structure's vmapped direct call on a CPU (the calculator's: half the sketch calls, same backward time).
-    One structure in a CPU loop (the calculator's step on a model with big layers) holds one at a time: on
-    mp0-medium its peak fell from 2.06x to 1.78x a plain step's, step time within noise (bench/RESULTS.md, md)."""
-    if torch.device(device).type == "cuda" or single_vmapped:
-        return 16
-    return 1 if n_struct == 1 else 4
+    structure's vmapped direct call on a CPU (the calculator's: half the sketch calls, same backward time)."""
+    return 16 if torch.device(device).type == "cuda" or single_vmapped else 4
 
 
 def _double_backward(forces, inputs, vectors, batched: bool):
