@@ -147,7 +147,7 @@ def atom_embeddings(fz, atoms_list) -> torch.Tensor:
 class AtomNovelty:
     """Per-atom novelty against the labelled atoms, in their standardised invariant embeddings: a linear posterior's
     variance h^T (H^T H + λI)^-1 h (λ = 1e-3 of the mean eigenvalue) and the distance to the nearest labelled atom
-    of the same element; each the max over a frame's atoms."""
+    of the same element; each the max over a frame's atoms and over its adsorbate atoms (H, C, N, O)."""
 
     def __init__(self, fz, labelled):
         self.fz = fz
