@@ -131,17 +131,9 @@ def force_parts(fz, post, atoms) -> dict:
 
 
 def atom_embeddings(fz, atoms_list) -> torch.Tensor:
-    """Each atom's invariant node features (the embedding kernel's, before its mean over atoms), atoms in order."""
-    from e3nn import o3
-    from mace.modules.utils import extract_invariant
-    irreps = o3.Irreps(str(fz.model.products[0].linear.irreps_out))
-    n_inv = irreps.dim // (irreps.lmax + 1) ** 2
-    out = []
-    for i in range(0, len(atoms_list), 16):
-        with torch.no_grad():
-            res = fz.model(fz.batch(atoms_list[i:i + 16]), training=False, compute_force=False)
-        out.append(extract_invariant(res["node_feats"], len(fz.model.interactions), n_inv, irreps.lmax))
-    return torch.cat(out).to(torch.float64)
+    """Each atom's invariant node features (MACEFeaturizer.atom_invariants), atoms in order, float64."""
+    return torch.cat([fz.atom_invariants(fz.batch(atoms_list[i:i + 16]))
+                      for i in range(0, len(atoms_list), 16)]).to(torch.float64)
 
 
 class AtomNovelty:

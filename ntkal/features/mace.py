@@ -204,10 +204,22 @@ class MACEFeaturizer:
 
     @property
     def embedding_dim(self) -> int:
+        return self._invariant_layout()[0] * len(self.model.interactions)
+
+    def _invariant_layout(self):
+        """(invariant channels per interaction, lmax) of the node features (mace's extract_invariant takes both)."""
         from e3nn import o3
         irreps_out = o3.Irreps(str(self.model.products[0].linear.irreps_out))
-        n_inv = irreps_out.dim // (irreps_out.lmax + 1) ** 2
-        return n_inv * len(self.model.interactions)
+        return irreps_out.dim // (irreps_out.lmax + 1) ** 2, irreps_out.lmax
+
+    def atom_invariants(self, data: dict) -> torch.Tensor:
+        """Each atom's invariant node features [atoms, embedding_dim] of one collated batch (no gradients): the
+        embedding kernel's rows before their mean over atoms."""
+        from mace.modules.utils import extract_invariant
+        n_inv, lmax = self._invariant_layout()
+        with torch.no_grad():
+            out = self.model(data, training=False, compute_force=False)
+        return extract_invariant(out["node_feats"], len(self.model.interactions), n_inv, lmax)
 
     # --- batching -------------------------------------------------------------------------------
     def check_elements(self, atoms_list: Sequence, path=None, start: int = 0):
@@ -288,16 +300,9 @@ class MACEFeaturizer:
         return energies, forces
 
     def _embedding_rows(self, atoms_list, data_list) -> RowBlock:
-        from mace.modules.utils import extract_invariant
-        from e3nn import o3
-        irreps_out = o3.Irreps(str(self.model.products[0].linear.irreps_out))
-        lmax = irreps_out.lmax
-        n_inv = irreps_out.dim // (lmax + 1) ** 2
         rows = [None] * len(atoms_list)
         for idx, data in self._batches("embedding", atoms_list, data_list):
-            with torch.no_grad():
-                out = self.model(data, training=False, compute_force=False)
-            inv = extract_invariant(out["node_feats"], len(self.model.interactions), n_inv, lmax)
+            inv = self.atom_invariants(data)
             summed = torch.zeros(len(idx), inv.shape[1], dtype=inv.dtype, device=inv.device).index_add_(0, data["batch"], inv)
             counts = (data["ptr"][1:] - data["ptr"][:-1]).to(inv.dtype)
             for j, i in enumerate(idx):
