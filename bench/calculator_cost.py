@@ -21,6 +21,10 @@ import torch
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.calculator_cost", description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="si", help="shipped model and pool: si, oc20 or t1x")
+    ap.add_argument("--arch", default=None, help="instead of --dataset: a foundation architecture of bench/archs.py "
+                    "(random weights), e.g. mp0-medium, on a Cu slab with CO of about --n-atoms atoms; its posterior "
+                    "from EMT-labelled slabs as `python -m bench md` fits it")
+    ap.add_argument("--n-atoms", type=int, default=64, help="atoms of the --arch structure (about)")
     ap.add_argument("--index", type=int, default=406, help="pool structure (si 406: 16 atoms)")
     ap.add_argument("--repeat", default="1,1,1", help="supercell of the structure, e.g. 2,2,2")
     ap.add_argument("--sketch-dim", type=int, default=512)
@@ -37,13 +41,18 @@ def main(argv=None) -> int:
     from mace.calculators import MACECalculator
     from ntkal.calculator import Calculator
     from ntkal.data import dataset_files
-    files = dataset_files(a.dataset)
     dtype = getattr(torch, a.dtype)
-    train = list(ntkal.io.read_structures(files["train"]))[:a.n_train]
-    atoms = list(ntkal.io.read_structures(files["pool"]))[a.index].repeat([int(x) for x in a.repeat.split(",")])
-    calcs = {"mace": MACECalculator(model_paths=str(files["model"]), device=a.device, default_dtype=a.dtype)}
+    if a.arch:
+        from .bench_md import setup
+        model, atoms, train, _ = setup(a.arch, a.n_atoms, pretrain_size=0)
+    else:
+        files = dataset_files(a.dataset)
+        model = files["model"]
+        train = list(ntkal.io.read_structures(files["train"]))[:a.n_train]
+        atoms = list(ntkal.io.read_structures(files["pool"]))[a.index].repeat([int(x) for x in a.repeat.split(",")])
+    calcs = {"mace": MACECalculator(model_paths=str(model), device=a.device, default_dtype=a.dtype)}
     for kernel in ("energy", "joint"):
-        fz = ntkal.MACEFeaturizer(files["model"], kernel=kernel, sketch_dim=a.sketch_dim, force_probes=a.probes,
+        fz = ntkal.MACEFeaturizer(model, kernel=kernel, sketch_dim=a.sketch_dim, force_probes=a.probes,
                                   dtype=dtype, device=a.device)
         post = ntkal.fit(fz, train, train_force_probes=a.probes)
         calcs[kernel] = Calculator(fz, post, force_probes=a.probes)
@@ -51,12 +60,17 @@ def main(argv=None) -> int:
     stress = bool(np.all(atoms.pbc)) and atoms.cell.rank == 3
     rng = np.random.default_rng(0)
     times = {name: [] for name in calcs}
+    cuda = a.device == "cuda"
+    extra = {name: 0.0 for name in calcs}  # CUDA: most memory a step allocated above what was held before it
     for step in range(a.steps + 3):
         moved = atoms.copy()
         moved.positions += rng.normal(scale=0.01, size=moved.positions.shape)
         for name, calc in calcs.items():
             x = moved.copy()
             x.calc = calc
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                held = torch.cuda.memory_allocated()
             t = time.perf_counter()
             x.get_potential_energy()
             x.get_forces()
@@ -64,20 +78,28 @@ def main(argv=None) -> int:
                 x.get_stress()
             if step >= 3:  # warm-up
                 times[name].append(time.perf_counter() - t)
+            if cuda:
+                extra[name] = max(extra[name], (torch.cuda.max_memory_allocated() - held) / 2**20)
     base = statistics.median(times["mace"])
     median = {k: statistics.median(v) for k, v in times.items()}
     ratio = {k: m / base for k, m in median.items()}
     from . import utils
     out = utils.record("calculator_cost", sys.argv[1:] if argv is None else argv,
-                       [{"calculator": k, "median_step_s": median[k], "ratio_to_mace": ratio[k]} for k in times],
-                       prog="python -m bench.calculator_cost", dataset=a.dataset, index=a.index, natoms=len(atoms),
+                       [{"calculator": k, "median_step_s": median[k], "ratio_to_mace": ratio[k],
+                         "cuda_step_extra_mib": extra[k] if cuda else None} for k in times],
+                       prog="python -m bench.calculator_cost", dataset=None if a.arch else a.dataset, arch=a.arch,
+                       index=a.index, natoms=len(atoms),
+                       n_params=sum(p.numel() for p in calcs["mace"].models[0].parameters()),
                        sketch_dim=a.sketch_dim, probes=a.probes, dtype=a.dtype, threads=a.threads, device=a.device,
                        gpu=torch.cuda.get_device_name(0) if a.device == "cuda" else None,
-                       median_step_s=median, ratio_to_mace=ratio)
-    print(f"{a.dataset} pool {a.index}: {len(atoms)} atoms, k={a.sketch_dim}, {a.probes} probes, {a.dtype}, "
-          f"{a.device}, {a.threads} thread(s), {a.steps} steps")
+                       median_step_s=median, ratio_to_mace=ratio,
+                       cuda_step_extra_mib=extra if cuda else None,
+                       cuda_allocated_mib=torch.cuda.memory_allocated() / 2**20 if cuda else None)
+    print(f"{a.arch or f'{a.dataset} pool {a.index}'}: {len(atoms)} atoms, k={a.sketch_dim}, {a.probes} probes, "
+          f"{a.dtype}, {a.device}, {a.threads} thread(s), {a.steps} steps")
     for k in times:
-        print(f"{k:>24}: {1e3 * median[k]:8.2f} ms  x{ratio[k]:.2f}")
+        print(f"{k:>24}: {1e3 * median[k]:8.2f} ms  x{ratio[k]:.2f}"
+              + (f"  (a step's CUDA memory above what is held: {extra[k]:.1f} MiB)" if cuda else ""))
     if a.json:
         utils.write_json(a.json, out)
     return 0
