@@ -85,7 +85,7 @@ def _run_case(a, label, case, n_atoms, n_struct) -> dict:
     row = {"case": label, "n_structures": n_struct, "atoms": n_atoms, **out, "child_peak_rss_gib": r["child_peak_rss_mib"] / 1024}
     if r["rc"] != 0 or not out:
         row["note"] = f"failed (exit {r['rc']}): {utils.tail(r['stderr'], 300)}"
-    print(f"  {label}: {json.dumps({k: v for k, v in row.items() if k in ('cpu_s', 'peak_rss_gib', 'note')})}",
+    print(f"  {label}: {json.dumps({k: v for k, v in row.items() if k in ('time_s', 'cpu_s', 'peak_rss_gib', 'note')})}",
           file=sys.stderr, flush=True)
     return row
 

@@ -20,11 +20,11 @@ mkdir -p "$OUT"
 : > "$OUT/steps.log"
 if [ "$DRY" = 1 ]; then
   PY=${PY:-.venv/bin/python}; DEV=cpu
-  ARCH=tiny; ATOMS=10; NSTRUCT=2; POOL=20000; NTRAIN="--n-train 1000"; REPEAT="--repeat 1"
+  ARCH=tiny; ATOMS=10; NSTRUCT=2; NSTRUCT80=2; POOL=20000; NTRAIN="--n-train 1000"; REPEAT="--repeat 1"
   CELLS64=1,1,1; CELLS512=1,1,1; CSTEPS=3; FARCH=tiny; FATOMS=20
 else
   PY=${PY:-python3}; DEV=cuda
-  ARCH=mp0-medium; ATOMS=38; NSTRUCT=8; POOL=200000; NTRAIN=""; REPEAT=""
+  ARCH=mp0-medium; ATOMS=38; NSTRUCT=2; NSTRUCT80=64; POOL=200000; NTRAIN=""; REPEAT=""
   CELLS64=2,2,1; CELLS512=4,4,2; CSTEPS=10; FARCH=mp0-medium; FATOMS=64
 fi
 export NTKAL_CACHE=${NTKAL_CACHE:-/tmp/ntkal-cache} OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONUNBUFFERED=1
@@ -75,7 +75,7 @@ step kernels 90 $PY -m bench kernels --pool-size $POOL --json "$OUT/kernels.json
 step select 90 $PY -m bench select --device $DEV --pool-size $POOL --skip-bmdal $NTRAIN $REPEAT --json "$OUT/select.json"
 
 # 6. featurizer: energy NTK at 80 atoms for the 200k OC20-size extrapolation; fast vs reference on mp0-medium
-step features80 60 $PY -m bench features --arch $ARCH --atoms 80 --n-structures $NSTRUCT --batch $NSTRUCT --device $DEV \
+step features80 60 $PY -m bench features --arch $ARCH --atoms 80 --n-structures $NSTRUCT80 --batch $NSTRUCT80 --device $DEV \
   --cases "floor,energy fast" --pool-target 200000 --json "$OUT/features80.json"
 step features 150 $PY -m bench features --arch $ARCH --atoms $ATOMS --n-structures $NSTRUCT --device $DEV --json "$OUT/features.json"
 
