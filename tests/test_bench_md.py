@@ -168,3 +168,23 @@ def test_gpu_summary_reads_the_calculator_records(tmp_path):
     assert summarize.main(str(tmp_path)) == 0
     line = next(x for x in (tmp_path / "summary.md").read_text().splitlines() if "512 atoms" in x)
     assert "energy 1.20×, joint 5.00×" in line and "energy met, joint missed" in line
+    # mp0-medium's joint goal is 12x (issue 17), and a CUDA record's step memory is shown
+    doc = dict(doc, arch="mp0-medium", natoms=65, dtype="float64",
+               ratio_to_mace={"mace": 1.0, "energy": 2.0, "joint": 5.7},
+               cuda_step_extra_mib={"mace": 500.0, "energy": 560.0, "joint": 6900.0})
+    (tmp_path / "calculator_mp0.json").write_text(json.dumps(doc))
+    assert summarize.main(str(tmp_path)) == 0
+    line = next(x for x in (tmp_path / "summary.md").read_text().splitlines() if "mp0-medium, 65 atoms" in x)
+    assert "joint 8 probes ≤ 12.0×" in line and "energy missed, joint met" in line and "joint 6900 MiB" in line
+
+
+def test_calculator_cost_on_a_foundation_architecture(tmp_path):
+    """--arch: the random-weight architecture on bench_md's slab with its EMT-labelled posterior, same record."""
+    from bench import calculator_cost
+    out = tmp_path / "cost.json"
+    assert calculator_cost.main(["--arch", "tiny", "--n-atoms", "10", "--steps", "1", "--sketch-dim", "16",
+                                 "--probes", "2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["arch"] == "tiny" and doc["dataset"] is None and doc["natoms"] >= 10 and doc["n_params"] > 0
+    assert doc["ratio_to_mace"]["mace"] == 1.0 and doc["ratio_to_mace"]["joint"] > 0
+    assert doc["cuda_step_extra_mib"] is None  # a CPU run has no CUDA memory figures

@@ -55,10 +55,11 @@ def main(out: str) -> int:
         goals = (("energy", 1.5), ("joint", 12.0 if arch == "mp0-medium" else 4.0))
         status = [f"{k} {'met' if r[k] <= goal else 'missed'}" for k, goal in goals]
         extra = doc.get("cuda_step_extra_mib") or {}
-        mem = (f"; a step's CUDA memory above what is held: plain {extra['mace']:.0f}, joint {extra['joint']:.0f} MiB"
-               if extra else "")
-        lines.append(f"| MD step with the error ÷ a MACECalculator step ({arch or doc.get('dataset')}, {doc['natoms']} "
-                     f"atoms, {doc.get('dtype')}; energy ≤ {goals[0][1]}×, joint 8 probes ≤ {goals[1][1]}×) | energy "
+        mem = (f"; a step's CUDA memory above what is held: plain {extra['mace']:.0f}, "
+               f"joint {extra['joint']:.0f} MiB" if extra else "")
+        lines.append(f"| MD step with the error ÷ a MACECalculator step ({arch or doc.get('dataset')}, "
+                     f"{doc['natoms']} atoms, {doc.get('dtype')}; energy ≤ {goals[0][1]}×, "
+                     f"joint 8 probes ≤ {goals[1][1]}×) | energy "
                      f"{r['energy']:.2f}×, joint {r['joint']:.2f}× (plain {1e3 * doc['median_step_s']['mace']:.1f} ms"
                      f"{mem}) | {', '.join(status)} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
