@@ -30,6 +30,7 @@ def _segment_quadform_kernel(
     g_ptr, stride_g, lt_ptr, stride_lt,
     R, k,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_L: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -49,7 +50,7 @@ def _segment_quadform_kernel(
             # lt = Linvᵀ (contiguous): lt[l, j] = Linv[j, l]
             lt = tl.load(lt_ptr + ll[:, None] * stride_lt + jj[None, :],
                          mask=l_mask[:, None] & j_mask[None, :], other=0.0)
-            h = tl.dot(g, lt, h, input_precision="ieee", out_dtype=ACC)
+            h = tl.dot(g, lt, h, input_precision=PRECISION, out_dtype=ACC)
         total += tl.sum(h * h, axis=1)
     tl.store(row_out_ptr + rows, total.to(row_out_ptr.dtype.element_ty), mask=row_mask)
 

@@ -84,13 +84,14 @@ def segment_quadform_settings(k: int, dtype: torch.dtype) -> dict:
     """Blocks for ``segment_quadform``: BLOCK_R rows, BLOCK_J output columns, BLOCK_L reduction cols."""
     if is_interpreter():
         b = pow2_at_least(k, 16, 512)
-        return dict(BLOCK_R=128, BLOCK_J=b, BLOCK_L=b, num_warps=4)
+        return dict(BLOCK_R=128, BLOCK_J=b, BLOCK_L=b, num_warps=4, PRECISION="ieee")
     wide = dtype == torch.float64
     return dict(
         BLOCK_R=32 if wide else 64,
         BLOCK_J=pow2_at_least(k, 16, 32 if wide else 64),
         BLOCK_L=pow2_at_least(k, 16, 32),
         num_warps=4,
+        PRECISION="ieee",  # plain fp32 products (docs/design.md, Kernels); bench kernels also times "tf32x3"
     )
 
 
