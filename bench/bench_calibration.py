@@ -58,11 +58,38 @@ def run(a, argv) -> dict:
                     block = rows if kernel == "joint" else rows.only((FORCE,) if kernel == "force" else (ENERGY,))
                     eps = residual_rows(block, valid, e, f, required=True)
                     m = _metrics(post, block, eps, "error")
+                    reach = _reach(post, block, eps)
                     for part, metrics in m.items():
                         results.append({"dataset": name, "split": split, "kernel": kernel, "pretrain": with_pre,
                                         "part": part, "fit_s": fit_s, "calibration": post.residual.calibration,
-                                        **{k: v for k, v in metrics.items() if k != "bins"}})
+                                        **{k: v for k, v in metrics.items() if k != "bins"}, **reach.get(part, {})})
     return utils.record("calibration", argv, results, goals=GOALS)
+
+
+def _reach(post, rows, eps) -> dict:
+    """Per level: the calibration line (a, b), the raw predictions it was fitted on (quantiles, meV), this split's
+    median raw prediction, the share of its structures beyond the largest fitted one (where the line
+    extrapolates) and the median real / raw here: whether the written errors of a split are read off the line or
+    extrapolated from it."""
+    import numpy as np
+    import torch
+
+    from ntkal.posterior.residual import raw_levels
+    err = post.residual.errors(rows, post.predictive(rows, with_mean=True), True)
+    real = raw_levels(rows, eps.square(), torch.zeros_like(eps))
+    cal, out = err["calibration"], {}
+    for level in ("energy", "force"):
+        raw, ok = err["raw"].get(level), np.isfinite(real.get(level, np.array([])))
+        if raw is None or level not in cal.line or not ok.any() or level not in cal.raw_q:
+            continue
+        raw, rl = raw[ok], real[level][ok]
+        q = cal.raw_q[level]
+        pos = (raw > 0) & (rl > 0)
+        out[level] = {"line": cal.line[level], "calib_raw_q_mev": (1e3 * q).tolist(),
+                      "raw_median_mev": 1e3 * float(np.median(raw)),
+                      "share_beyond_calib_max": float(np.mean(raw > q[-1])),
+                      "median_real_over_raw": float(np.median(rl[pos] / raw[pos])) if pos.any() else None}
+    return out
 
 
 def _fmt(v, spec=".3f"):
@@ -71,12 +98,15 @@ def _fmt(v, spec=".3f"):
 
 def table(doc) -> str:
     lines = ["| dataset | split | kernel | --pretrain | part | n | Spearman | median pred/real | 10-90 % | "
-             "miscal. area | cov 50 | cov 68 | cov 95 |", "|" + "---|" * 13]
+             "miscal. area | cov 50 | cov 68 | cov 95 | line slope b | raw median / fitted median | beyond fitted max | "
+             "real/raw here |", "|" + "---|" * 17]
     for r in doc["results"]:
         q = r.get("ratio_q10_q90") or [None, None]
         lines.append(f"| {r['dataset']} | {r['split']} | {r['kernel']} | {'yes' if r['pretrain'] else 'no'} | "
                      f"{r['part']} | {r['n']} | {_fmt(r['spearman'], '.2f')} | {_fmt(r['median_ratio'], '.2f')} | "
                      f"{_fmt(q[0], '.2f')}–{_fmt(q[1], '.2f')} | {_fmt(r.get('miscalibration_area'))} | "
                      f"{_fmt(r.get('coverage_50'), '.2f')} | {_fmt(r.get('coverage_68'), '.2f')} | "
-                     f"{_fmt(r.get('coverage_95'), '.3f')} |")
+                     f"{_fmt(r.get('coverage_95'), '.3f')} | {_fmt((r.get('line') or [None, None])[1], '.2f')} | "
+                     f"{_fmt(r['raw_median_mev'] / r['calib_raw_q_mev'][2] if r.get('calib_raw_q_mev') else None, '.2f')} | "
+                     f"{_fmt(r.get('share_beyond_calib_max'), '.2f')} | {_fmt(r.get('median_real_over_raw'), '.2f')} |")
     return "\n".join(lines)

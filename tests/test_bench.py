@@ -156,3 +156,19 @@ def test_end2end_pool_and_score(tiny_model_file, tmp_path):
     assert row["rc"] == 0, row.get("error")
     assert row["n_scored"] == 3 and row["peak_rss_mib"] > 0
     assert "peak RSS" in bench_end2end.table(doc)
+
+
+def test_calibration_stage_says_where_the_line_extrapolates():
+    """bench calibration --quick: beside the metrics, each energy/force record carries the calibration line,
+    the raw predictions it was fitted on (sorted quantiles) and how much of the split lies beyond them."""
+    from bench import bench_calibration
+    a = _args(bench_calibration, ["--quick"])
+    doc = bench_calibration.run(a, ["calibration", "--quick"])
+    parts = [r for r in doc["results"] if r["part"] in ("energy", "force")]
+    assert {(r["split"], r["pretrain"]) for r in parts} == {(s, p) for s in ("test_id", "test_ood") for p in (False, True)}
+    for r in parts:
+        q = r["calib_raw_q_mev"]
+        assert len(r["line"]) == 2 and 0.25 <= r["line"][1] <= 4.0
+        assert len(q) == 5 and all(x <= y for x, y in zip(q, q[1:])) and q[0] > 0
+        assert 0.0 <= r["share_beyond_calib_max"] <= 1.0 and r["raw_median_mev"] > 0 and r["median_real_over_raw"] > 0
+    assert "beyond fitted max" in bench_calibration.table(doc)

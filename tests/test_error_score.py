@@ -260,6 +260,10 @@ def test_calibration_halves_keep_each_region_s_shape():
         assert abs(pooled["coverage_50"] - 0.5) > 0.05
     back = Calibration.from_state(cal.to_state())
     np.testing.assert_array_equal(back.pit("force", t, sigma), cal.pit("force", t, sigma))
+    # the raw predictions the line was fitted on travel with it; a state saved before they were kept loads
+    np.testing.assert_array_equal(back.raw_q["force"], [0.1, 0.1, 0.55, 1.0, 1.0])
+    old = {k: v for k, v in cal.to_state().items() if k != "raw_q"}
+    assert Calibration.from_state(old).raw_q == {} and Calibration.from_state(old).line == cal.line
     few = Calibration.fit({"force": raw[::40]}, {"force": real[::40]}, {"force": (draw()[::40], raw[::40])})
     assert few.halves == {}  # under MIN_PER_HALF components a half: one table
 

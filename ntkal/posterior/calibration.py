@@ -24,6 +24,7 @@ P_GRID = np.concatenate([np.linspace(0.0, 0.98, 50), [0.99, 0.995, 0.999, 1.0]])
 MIN_FOR_SLOPE = 8  # fewer structures than this: a scale only (slope 1)
 MIN_PER_HALF = 100  # components per half of σ below which one |t| table serves every σ
 SLOPE_RANGE = (0.25, 4.0)
+RAW_Q = np.array([0.0, 0.1, 0.5, 0.9, 1.0])
 ZERO = 1e-6  # real errors below this (eV/atom, eV/Å) are zero by symmetry (forces of a symmetric cell): no ratio
 
 
@@ -79,6 +80,8 @@ class Calibration:
     # median log σ of each half (where each table holds alone)
     halves: Dict[str, dict] = field(default_factory=dict)
     n: Dict[str, int] = field(default_factory=dict)  # calibration structures (atoms for atom_force) per level
+    # per level the raw predictions the line was fitted on, at RAW_Q: beyond them the line is an extrapolation
+    raw_q: Dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def fit(cls, raw: Dict[str, np.ndarray], real: Dict[str, np.ndarray], t: Dict[str, tuple],
@@ -98,6 +101,7 @@ class Calibration:
             out.line[level] = list(lad_line(np.log(raw[level][ok]), np.log(real[level][ok]),
                                             None if w is None else w[ok]))
             out.n[level] = int(ok.sum())
+            out.raw_q[level] = np.quantile(raw[level][ok], RAW_Q)
         for part, (tt, raw_s, *w) in t.items():
             if part not in out.line or len(tt) == 0:
                 continue
@@ -136,7 +140,7 @@ class Calibration:
         return {"line": {k: [float(v) for v in ab] for k, ab in self.line.items()},
                 "abs_t": {k: np.asarray(v, dtype=np.float64) for k, v in self.abs_t.items()},
                 "halves": {k: {n: np.asarray(a, dtype=np.float64) for n, a in h.items()} for k, h in self.halves.items()},
-                "n": dict(self.n)}
+                "n": dict(self.n), "raw_q": {k: np.asarray(v, dtype=np.float64) for k, v in self.raw_q.items()}}
 
     @classmethod
     def from_state(cls, state: Optional[dict]) -> "Calibration":
@@ -146,4 +150,6 @@ class Calibration:
                    abs_t={str(k): np.asarray(v, dtype=np.float64) for k, v in state["abs_t"].items()},
                    halves={str(k): {n: np.asarray(a, dtype=np.float64) for n, a in h.items()}
                            for k, h in state.get("halves", {}).items()},
-                   n={str(k): int(v) for k, v in state["n"].items()})
+                   n={str(k): int(v) for k, v in state["n"].items()},
+                   # states saved before raw_q was kept have none
+                   raw_q={str(k): np.asarray(v, dtype=np.float64) for k, v in state.get("raw_q", {}).items()})
