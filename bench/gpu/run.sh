@@ -77,7 +77,8 @@ step select 90 $PY -m bench select --device $DEV --pool-size $POOL --skip-bmdal 
 # 6. featurizer: energy NTK at 80 atoms for the 200k OC20-size extrapolation; fast vs reference on mp0-medium
 step features80 60 $PY -m bench features --arch $ARCH --atoms 80 --n-structures $NSTRUCT80 --batch $NSTRUCT80 --device $DEV \
   --cases "floor,energy fast" --pool-target 200000 --json "$OUT/features80.json"
-step features 150 $PY -m bench features --arch $ARCH --atoms $ATOMS --n-structures $NSTRUCT --device $DEV --json "$OUT/features.json"
+step features 150 $PY -m bench features --arch $ARCH --atoms $ATOMS --n-structures $NSTRUCT --exact-structures 1 \
+  --device $DEV --json "$OUT/features.json"
 
 # 7. one table
 DEADLINE=$((SECONDS + 40)) step summary 30 $PY bench/gpu/summarize.py "$OUT"
