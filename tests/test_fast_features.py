@@ -113,6 +113,33 @@ def test_double_backward_loop_equals_vmapped(model, atoms, monkeypatch):
     assert rel(a, b) <= 1e-12 and float(a.abs().max()) > 0
 
 
+def test_vmapped_double_backward_out_of_gpu_memory_halves_its_projections(model, atoms, monkeypatch):
+    """A vmapped double backward that runs out of GPU memory (simulated: more than 2 projections at once) is
+    retried with half as many, says so, keeps the smaller size for later calls, and gives the same rows."""
+    exact = pair(model, "joint", None, route=FastRoute(vmap=True))[0]
+    want = exact(atoms[:3]).rows
+    sizes = []
+    double_backward = fastmod._double_backward
+
+    def tight(forces, inputs, vectors, batched):
+        sizes.append(vectors.shape[0])
+        if batched and vectors.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return double_backward(forces, inputs, vectors, batched)
+    monkeypatch.setattr(fastmod, "_double_backward", tight)
+    with pytest.warns(RuntimeWarning, match="ran out of GPU memory"):
+        got = exact(atoms[:3]).rows
+    assert rel(got, want) <= 1e-12 and exact._taps.vec_cap == 2
+    assert max(sizes[sizes.index(2):]) == 2  # once halved down to 2, never more again
+    sizes.clear()
+    exact(atoms[:3])  # a later call starts at the remembered size: no failed attempt
+    assert sizes and max(sizes) == 2
+    # a loop (one projection at a time) has nothing to halve: its error is the user's
+    monkeypatch.setattr(fastmod, "_double_backward", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(torch.OutOfMemoryError):
+        pair(model, "joint", 2, route=FastRoute(vmap=False))[0](atoms[:1])
+
+
 def test_rows_do_not_depend_on_batching(model, atoms):
     one, _ = pair(model, "joint", None, batch_size=1, route=ALL_RULES)
     many, _ = pair(model, "joint", None, batch_size=5, route=ALL_RULES)

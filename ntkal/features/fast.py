@@ -9,6 +9,7 @@ use the reference path. The rows equal the reference path's (same sketch, same s
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -68,6 +69,7 @@ class FastTaps:
         self.phase = "off"  # "forward" while recording, "first" during the first backward
         self.guard = False  # a rule is evaluating its own layer (no recording)
         self.direct = frozenset()  # rules of this run differentiated w.r.t. their parameters (not recording)
+        self.vec_cap = None  # projections per vmapped double backward after one ran out of GPU memory
         blocks_of: Dict[str, list] = {}
         for i, b in enumerate(sketch.blocks):
             blocks_of.setdefault(b.param, []).append(i)
@@ -188,9 +190,23 @@ class FastTaps:
         parts = []
         vmap = self.route.vmap if vmap is None else vmap
         batched = vectors.is_cuda if vmap is None else vmap
-        for vc in vectors.split(_vec_chunk(vectors.device, batched and bool(self.direct))):
+        size, start = _vec_chunk(vectors.device, batched and bool(self.direct)), 0
+        while start < vectors.shape[0]:
+            vc = vectors[start:start + min(size, self.vec_cap or size)]
             J = vc.shape[0]
-            g2 = _double_backward(forces, second_in, vc, batched)
+            try:
+                g2 = _double_backward(forces, second_in, vc, batched)
+            except torch.OutOfMemoryError:
+                if not batched or J == 1:
+                    raise
+                # one vmapped call holds J second-order graphs at once (13.7x a plain MD step's memory for 8
+                # probes on mp0-medium, bench/RESULTS.md, GPU): halve J for this and every later call
+                self.vec_cap = max(1, J // 2)
+                warnings.warn(f"ntkal: the force rows' vmapped double backward ran out of GPU memory with {J} "
+                              f"projections at once; {self.vec_cap} at a time from now on (same rows, slower)",
+                              RuntimeWarning, stacklevel=2)
+                continue
+            start += J
             part = torch.zeros(J, n, sk.k, dtype=dtype, device=device)
             off = len(dtensors)
             with torch.no_grad():
