@@ -61,48 +61,106 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     times = {name: [] for name in calcs}
     cuda = a.device == "cuda"
+    parts = _PartTimer({k: c for k, c in calcs.items() if k in ("energy", "joint")}, cuda)
     extra = {name: 0.0 for name in calcs}  # CUDA: most memory a step allocated above what was held before it
-    for step in range(a.steps + 3):
-        moved = atoms.copy()
-        moved.positions += rng.normal(scale=0.01, size=moved.positions.shape)
-        for name, calc in calcs.items():
-            x = moved.copy()
-            x.calc = calc
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-                held = torch.cuda.memory_allocated()
-            t = time.perf_counter()
-            x.get_potential_energy()
-            x.get_forces()
-            if stress:
-                x.get_stress()
-            if step >= 3:  # warm-up
-                times[name].append(time.perf_counter() - t)
-            if cuda:
-                extra[name] = max(extra[name], (torch.cuda.max_memory_allocated() - held) / 2**20)
+    with parts:
+        for step in range(a.steps + 3):
+            moved = atoms.copy()
+            moved.positions += rng.normal(scale=0.01, size=moved.positions.shape)
+            for name, calc in calcs.items():
+                x = moved.copy()
+                x.calc = calc
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                    held = torch.cuda.memory_allocated()
+                t = time.perf_counter()
+                x.get_potential_energy()
+                x.get_forces()
+                if stress:
+                    x.get_stress()
+                if step >= 3:  # warm-up
+                    times[name].append(time.perf_counter() - t)
+                if cuda:
+                    extra[name] = max(extra[name], (torch.cuda.max_memory_allocated() - held) / 2**20)
+    split = parts.medians(warmup=3)
     base = statistics.median(times["mace"])
     median = {k: statistics.median(v) for k, v in times.items()}
     ratio = {k: m / base for k, m in median.items()}
     from . import utils
     out = utils.record("calculator_cost", sys.argv[1:] if argv is None else argv,
                        [{"calculator": k, "median_step_s": median[k], "ratio_to_mace": ratio[k],
-                         "cuda_step_extra_mib": extra[k] if cuda else None} for k in times],
+                         "cuda_step_extra_mib": extra[k] if cuda else None,
+                         "median_part_s": split.get(k)} for k in times],
                        prog="python -m bench.calculator_cost", dataset=None if a.arch else a.dataset, arch=a.arch,
                        index=a.index, natoms=len(atoms),
                        n_params=sum(p.numel() for p in calcs["mace"].models[0].parameters()),
                        sketch_dim=a.sketch_dim, probes=a.probes, dtype=a.dtype, threads=a.threads, device=a.device,
                        gpu=torch.cuda.get_device_name(0) if a.device == "cuda" else None,
                        median_step_s=median, ratio_to_mace=ratio,
-                       cuda_step_extra_mib=extra if cuda else None,
+                       cuda_step_extra_mib=extra if cuda else None, median_part_s=split,
                        cuda_allocated_mib=torch.cuda.memory_allocated() / 2**20 if cuda else None)
     print(f"{a.arch or f'{a.dataset} pool {a.index}'}: {len(atoms)} atoms, k={a.sketch_dim}, {a.probes} probes, "
           f"{a.dtype}, {a.device}, {a.threads} thread(s), {a.steps} steps")
     for k in times:
         print(f"{k:>24}: {1e3 * median[k]:8.2f} ms  x{ratio[k]:.2f}"
-              + (f"  (a step's CUDA memory above what is held: {extra[k]:.1f} MiB)" if cuda else ""))
+              + (f"  (a step's CUDA memory above what is held: {extra[k]:.1f} MiB)" if cuda else "")
+              + "".join(f"; {part} {1e3 * v:.2f} ms" for part, v in (split.get(k) or {}).items()))
     if a.json:
         utils.write_json(a.json, out)
     return 0
+
+
+class _PartTimer:
+    """The two parts of each error step of the watched calculators: the model call with its feature rows
+    (features.fast.rows_and_outputs) and the posterior's scoring of those rows (Calculator._errors), synchronised
+    on CUDA. A context: features.fast.rows_and_outputs is wrapped inside it and restored after."""
+
+    PARTS = ("features_and_model", "posterior_error")
+
+    def __init__(self, calcs: dict, cuda: bool):
+        self.calcs, self.cuda, self.current = calcs, cuda, None
+        self.times = {name: {p: [] for p in self.PARTS} for name in calcs}
+
+    def _timed(self, fn, part):
+        import torch
+
+        def run(*args, **kw):
+            if self.cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            res = fn(*args, **kw)
+            if self.cuda:
+                torch.cuda.synchronize()
+            if self.current is not None:
+                self.times[self.current][part].append(time.perf_counter() - t)
+            return res
+        return run
+
+    def _watched(self, name, calculate):
+        def run(*args, **kw):
+            self.current = name
+            try:
+                return calculate(*args, **kw)
+            finally:
+                self.current = None
+        return run
+
+    def __enter__(self):
+        from ntkal.features import fast
+        self._fast, self._orig = fast, fast.rows_and_outputs
+        fast.rows_and_outputs = self._timed(fast.rows_and_outputs, "features_and_model")  # imported per call
+        for name, calc in self.calcs.items():
+            calc._errors = self._timed(calc._errors, "posterior_error")
+            calc.calculate = self._watched(name, calc.calculate)
+        return self
+
+    def __exit__(self, *exc):
+        self._fast.rows_and_outputs = self._orig
+        return False
+
+    def medians(self, warmup: int) -> dict:
+        return {name: {p: statistics.median(v[warmup:]) for p, v in got.items() if len(v) > warmup}
+                for name, got in self.times.items() if all(len(v) > warmup for v in got.values())}
 
 
 if __name__ == "__main__":

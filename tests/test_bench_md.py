@@ -153,6 +153,12 @@ def test_calculator_cost_records_each_calculator_against_mace(tmp_path, capsys):
     assert set(doc["ratio_to_mace"]) == names and doc["ratio_to_mace"]["mace"] == 1.0
     assert {r["calculator"] for r in doc["results"]} == names and all(r["median_step_s"] > 0 for r in doc["results"])
     assert doc["command"].startswith("python -m bench.calculator_cost --steps 1") and "machine" in doc
+    # each error step split into the model call with its rows and the posterior's scoring; the wrap is undone
+    from ntkal.features import fast
+    for name in ("energy", "joint"):
+        part = doc["median_part_s"][name]
+        assert 0 < part["posterior_error"] and 0 < part["features_and_model"] <= doc["median_step_s"][name]
+    assert fast.rows_and_outputs.__module__ == "ntkal.features.fast" and fast.rows_and_outputs.__name__ == "rows_and_outputs"
     assert "joint, error_every=10" in capsys.readouterr().out
 
 

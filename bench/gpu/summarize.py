@@ -57,6 +57,9 @@ def main(out: str) -> int:
         extra = doc.get("cuda_step_extra_mib") or {}
         mem = (f"; a step's CUDA memory above what is held: plain {extra['mace']:.0f}, "
                f"joint {extra['joint']:.0f} MiB" if extra else "")
+        for kernel, part in (doc.get("median_part_s") or {}).items():
+            mem += (f"; {kernel}: model call with rows {1e3 * part['features_and_model']:.1f} ms, posterior "
+                    f"{1e3 * part['posterior_error']:.1f} ms")
         lines.append(f"| MD step with the error ÷ a MACECalculator step ({arch or doc.get('dataset')}, "
                      f"{doc['natoms']} atoms, {doc.get('dtype')}; energy ≤ {goals[0][1]}×, "
                      f"joint 8 probes ≤ {goals[1][1]}×) | energy "
