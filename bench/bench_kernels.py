@@ -4,9 +4,9 @@ CPU: the PyTorch reference (`ntk_kernels.reference`), wall-clock median. GPU (on
 torch.cuda.is_available(); the Triton interpreter is never timed): a correctness gate of the Triton
 launcher against the reference on the same inputs, then `triton.testing.do_bench` of Triton, of the
 reference on CUDA tensors, and for segment_quadform of a cuBLAS GEMM G @ Linv^T of the same flops and of
-the kernel's VARIANTS (other tiles; "tf32x3": three TF32 tensor-core products per fp32 product, close to fp32),
-each gated against the reference first: the H200 run found the default 0.8x its reference
-(bench/RESULTS.md, GPU), and these say which setting to ship.
+the kernels' VARIANTS / SKETCH_VARIANTS (other tiles; "tf32x3": three TF32 tensor-core products per fp32 product,
+close to fp32), each gated against the reference first: the H200 run found segment_quadform's default 0.8x and
+tensor_sketch's 0.7-1.1x their references (bench/RESULTS.md, GPU), and these say which setting to ship.
 
 Shapes (k = --sketch-dim, default 512):
   tensor_sketch     R = 64 structures x 30 rows, (d_in, d_out) in MACE-like layer widths, fp32;
@@ -33,6 +33,12 @@ VARIANTS = {
 }
 VARIANTS["tf32 128x128x32 w8 s3"] = dict(PRECISION="tf32", BLOCK_R=128, BLOCK_J=128, BLOCK_L=32, num_warps=8,
                                          num_stages=3)
+# tensor_sketch: rows x sketch columns x reduction chunk (its segments per program stay the default's)
+SKETCH_VARIANTS = {
+    f"{prec} {r}x{kk}x{d} w{w}": dict(PRECISION=prec, BLOCK_R=r, BLOCK_K=kk, BLOCK_D=d, num_warps=w)
+    for prec in ("ieee", "tf32x3") for (r, kk, d, w) in ((64, 64, 32, 4), (32, 128, 32, 4), (64, 128, 64, 8),
+                                                        (128, 64, 32, 4))
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,9 +68,10 @@ def sketch_case(d_in, d_out, k, n_struct=64, rows_per=30, two_term=False):
     def run_ref(t):
         return ref.tensor_sketch_ref(t["x"], t["dy"], t["A"], t["B"], t["seg"], n_struct, t["x2"], t["dy2"])
 
-    def run_tri(t):
+    def run_tri(t, blocks=None):
         from ntk_kernels.ops.tensor_sketch import tensor_sketch_triton
-        return tensor_sketch_triton(t["x"], t["dy"], t["A"], t["B"], t["seg"], n_struct, t["x2"], t["dy2"])
+        return tensor_sketch_triton(t["x"], t["dy"], t["A"], t["B"], t["seg"], n_struct, t["x2"], t["dy2"],
+                                    blocks=blocks)
 
     terms = 2 if two_term else 1
     flops = terms * (2.0 * R * (d_in + d_out) * k + 2.0 * R * k)
@@ -72,7 +79,9 @@ def sketch_case(d_in, d_out, k, n_struct=64, rows_per=30, two_term=False):
     name = f"tensor_sketch{' 2-term' if two_term else ''}"
     shape = f"R={R} ({n_struct}x{rows_per}), d_in={d_in}, d_out={d_out}, k={k}"
     return {"op": name, "shape": shape, "flops": flops, "bytes": nbytes, "make": make, "ref": run_ref,
-            "tri": run_tri, "gemm": None, "structures": n_struct, "out": lambda o: o}
+            "tri": run_tri, "gemm": None, "structures": n_struct, "out": lambda o: o, "ref_one": run_ref,
+            "variants": {n: (lambda b: (lambda t: run_tri(t, b)))(b) for n, b in SKETCH_VARIANTS.items()},
+            "variant_loop": lambda fn: fn}
 
 
 def quadform_case(n_rows, k, chunk, rows_per=1):

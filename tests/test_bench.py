@@ -105,7 +105,8 @@ def test_kernels_stage_tiny_and_gate():
 
 
 def test_kernels_variants_are_gated_and_the_fastest_accurate_one_is_named():
-    """segment_quadform's timed variants (tiles, tf32x3) each pass the reference gate before timing; a failing
+    """segment_quadform's and tensor_sketch's timed variants (tiles, tf32x3) each pass the reference gate before
+    timing; a failing
     variant is recorded, not raised; the named fastest excludes variants below fp32 accuracy."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     case = bench_kernels.quadform_case(24, 16, 12, rows_per=3)
@@ -115,6 +116,9 @@ def test_kernels_variants_are_gated_and_the_fastest_accurate_one_is_named():
     assert timed["broken"]["error"].startswith("ZeroDivisionError")
     ok = {n: v for n, v in timed.items() if n != "broken"}
     assert all(v["rel_err"] < 1e-5 and v["median_ms"] == 1.0 for v in ok.values())
+    sketch = bench_kernels.sketch_case(4, 8, 16, n_struct=2, rows_per=3, two_term=True)
+    timed = bench_kernels.time_variants(sketch, sketch["make"](dev), lambda fn: (fn(), {"median_ms": 1.0})[1])
+    assert set(timed) == set(bench_kernels.SKETCH_VARIANTS) and all(v["rel_err"] < 1e-5 for v in timed.values())
     fake = {"fast but coarse": {"rel_err": 1e-3, "median_ms": 0.1}, "slow": {"rel_err": 1e-7, "median_ms": 2.0},
             "fast": {"rel_err": 1e-7, "median_ms": 1.0}, "failed": {"error": "x"}}
     assert bench_kernels.fastest_accurate(fake)[0] == "fast"

@@ -625,6 +625,8 @@ def test_tensor_sketch_gpu_large(rows_per_seg):
     tri = tensor_sketch_triton(x, dy, A, B, seg, n_seg, x2, dy2)
     assert _rel_rms(want, tri) < 1e-5
     assert torch.equal(tri, tensor_sketch_triton(x, dy, A, B, seg, n_seg, x2, dy2))  # deterministic
+    x3 = tensor_sketch_triton(x, dy, A, B, seg, n_seg, x2, dy2, blocks={"PRECISION": "tf32x3"})  # bench kernels
+    assert _rel_rms(want, x3) < 1e-5
     half = tensor_sketch_triton(x.half(), dy.half(), A.half(), B.half(), seg, n_seg)
     want_h = tensor_sketch_ref(x.half().double(), dy.half().double(), A.half().double(), B.half().double(), seg, n_seg)
     assert half.dtype == torch.float16 and _rel_rms(want_h, half) < 2e-3

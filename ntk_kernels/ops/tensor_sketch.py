@@ -18,7 +18,8 @@ __all__ = ["tensor_sketch_triton"]
 
 @triton.jit
 def _project(u_ptr, stride_u, w_ptr, stride_w, rows, row_mask, cols, col_mask, d,
-             ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+             ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+             PRECISION: tl.constexpr):
     """[BLOCK_R, BLOCK_K] tile of U[rows] @ W[:, cols], accumulated over d in BLOCK_D chunks."""
     p = tl.zeros([BLOCK_R, BLOCK_K], dtype=ACC)
     offs_d = tl.arange(0, BLOCK_D)
@@ -29,7 +30,7 @@ def _project(u_ptr, stride_u, w_ptr, stride_w, rows, row_mask, cols, col_mask, d
                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
         w = tl.load(w_ptr + dd[:, None] * stride_w + cols[None, :],
                     mask=d_mask[:, None] & col_mask[None, :], other=0.0)
-        p = tl.dot(u, w, p, input_precision="ieee", out_dtype=ACC)
+        p = tl.dot(u, w, p, input_precision=PRECISION, out_dtype=ACC)
     return p
 
 
@@ -43,6 +44,7 @@ def _tensor_sketch_kernel(
     n_seg, d_in, d_out, k,
     HAS_SECOND: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_s = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
@@ -61,14 +63,14 @@ def _tensor_sketch_kernel(
         rows = r0 + offs_r
         row_mask = rows < row_hi
         t = _project(x_ptr, stride_x, a_ptr, stride_a, rows, row_mask, cols, col_mask, d_in,
-                     ACC, BLOCK_R, BLOCK_K, BLOCK_D)
+                     ACC, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
         t = t * _project(dy_ptr, stride_dy, b_ptr, stride_b, rows, row_mask, cols, col_mask, d_out,
-                         ACC, BLOCK_R, BLOCK_K, BLOCK_D)
+                         ACC, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
         if HAS_SECOND:
             t2 = _project(x2_ptr, stride_x2, a_ptr, stride_a, rows, row_mask, cols, col_mask, d_in,
-                          ACC, BLOCK_R, BLOCK_K, BLOCK_D)
+                          ACC, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
             t2 = t2 * _project(dy2_ptr, stride_dy2, b_ptr, stride_b, rows, row_mask, cols, col_mask, d_out,
-                               ACC, BLOCK_R, BLOCK_K, BLOCK_D)
+                               ACC, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
             t = t + t2
         if BLOCK_S == 1:
             acc += tl.sum(t, axis=0)
@@ -78,7 +80,7 @@ def _tensor_sketch_kernel(
             # weights, fixed order: deterministic). Masked rows get a negative slot and match nothing.
             slot = tl.load(seg_ptr + rows, mask=row_mask, other=-1) - s0
             onehot = (local[:, None] == slot[None, :]).to(ACC)
-            acc = tl.dot(onehot, t, acc, input_precision="ieee", out_dtype=ACC)
+            acc = tl.dot(onehot, t, acc, input_precision=PRECISION, out_dtype=ACC)
     kf = tl.zeros([1], dtype=ACC) + k
     if ACC == tl.float64:
         acc = acc / tl.sqrt(kf)
@@ -97,7 +99,7 @@ def tensor_sketch_triton(x, dy, A, B, seg, n_seg, x2=None, dy2=None, ptr=None, *
 
     Arguments are not checked here (``ntk_kernels.tensor_sketch`` checks them once): ``seg`` must be
     sorted and in range, ``ptr`` (optional, on x's device) its CSR offsets. ``blocks`` overrides
-    entries of the chosen meta-parameters (BLOCK_R/K/D/S, num_warps); tests use it.
+    entries of the chosen meta-parameters (BLOCK_R/K/D/S, num_warps, PRECISION); tests and bench kernels use it.
     """
     check_launchable(x.device)
     R, d_in = x.shape

@@ -77,7 +77,8 @@ def tensor_sketch_settings(d_in: int, d_out: int, k: int, rows_per_seg: float, d
     block_s = 1
     if rows_per_seg * 16 <= block_r:  # short segments: pack 16..64 of them per program
         block_s = pow2_at_least(int(block_r // max(rows_per_seg, 1.0)), 16, 64)
-    return dict(BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=num_warps)
+    return dict(BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=num_warps,
+                PRECISION="ieee")  # plain fp32 products (docs/design.md, Kernels); bench kernels also times "tf32x3"
 
 
 def segment_quadform_settings(k: int, dtype: torch.dtype) -> dict:
