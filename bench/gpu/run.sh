@@ -68,8 +68,8 @@ step calculator_mp0 90 $PY -m bench.calculator_cost --device $DEV --arch $FARCH 
 step calculator_mp0_f32 60 $PY -m bench.calculator_cost --device $DEV --arch $FARCH --n-atoms $FATOMS --steps $CSTEPS \
   --dtype float32 --json "$OUT/calculator_mp0_f32.json"
 
-# 4. kernels: Triton vs reference vs cuBLAS at the 200k chunk sizes
-step kernels 90 $PY -m bench kernels --pool-size $POOL --json "$OUT/kernels.json"
+# 4. kernels: Triton vs reference vs cuBLAS at the 200k chunk sizes, and the variants of the two that lost (compiles)
+step kernels 120 $PY -m bench kernels --pool-size $POOL --json "$OUT/kernels.json"
 
 # 5. selection at 200k on the card
 step select 90 $PY -m bench select --device $DEV --pool-size $POOL --skip-bmdal $NTRAIN $REPEAT --json "$OUT/select.json"
