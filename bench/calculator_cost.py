@@ -3,8 +3,10 @@ one run, steps interleaved so both see the same machine load): `python -m bench.
 
 Each step moves the atoms a little (so neither calculator reuses its last result) and asks for energy,
 forces and, for 3-D periodic cells (si; not oc20's slabs), stress. Prints the median step time of each
-calculator and the ratios; the posterior is fitted on a few shipped training structures (its quality does
-not change the cost).
+calculator and the ratios, and for the error steps their two parts (the model call with its feature rows, the
+posterior's scoring); on CUDA also each step's memory above what is held. The posterior is fitted on a few
+shipped training structures, or with --arch (a foundation architecture with random weights) on EMT-labelled
+slabs (its quality does not change the cost).
 """
 from __future__ import annotations
 
