@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float64")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both calculators)")
+    ap.add_argument("--profile", type=int, default=0, help="after the timing, profile this many more steps of the "
+                    "plain, energy and joint calculators (torch.profiler): per step the device kernels' time, kernel "
+                    "launches and the ops with the most CPU time (does a GPU step wait on the CPU?)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -85,6 +88,8 @@ def main(argv=None) -> int:
                 if cuda:
                     extra[name] = max(extra[name], (torch.cuda.max_memory_allocated() - held) / 2**20)
     split = parts.medians(warmup=3)
+    profiled = {name: _profile(calcs[name], atoms, rng, stress, a.profile, cuda)
+                for name in ("mace", "energy", "joint")} if a.profile else None
     base = statistics.median(times["mace"])
     median = {k: statistics.median(v) for k, v in times.items()}
     ratio = {k: m / base for k, m in median.items()}
@@ -99,7 +104,7 @@ def main(argv=None) -> int:
                        sketch_dim=a.sketch_dim, probes=a.probes, dtype=a.dtype, threads=a.threads, device=a.device,
                        gpu=torch.cuda.get_device_name(0) if a.device == "cuda" else None,
                        median_step_s=median, ratio_to_mace=ratio,
-                       cuda_step_extra_mib=extra if cuda else None, median_part_s=split,
+                       cuda_step_extra_mib=extra if cuda else None, median_part_s=split, profile=profiled,
                        cuda_allocated_mib=torch.cuda.memory_allocated() / 2**20 if cuda else None)
     print(f"{a.arch or f'{a.dataset} pool {a.index}'}: {len(atoms)} atoms, k={a.sketch_dim}, {a.probes} probes, "
           f"{a.dtype}, {a.device}, {a.threads} thread(s), {a.steps} steps")
@@ -107,9 +112,39 @@ def main(argv=None) -> int:
         print(f"{k:>24}: {1e3 * median[k]:8.2f} ms  x{ratio[k]:.2f}"
               + (f"  (a step's CUDA memory above what is held: {extra[k]:.1f} MiB)" if cuda else "")
               + "".join(f"; {part} {1e3 * v:.2f} ms" for part, v in (split.get(k) or {}).items()))
+    for k, p in (profiled or {}).items():
+        print(f"{k:>24}: profiled {p['wall_ms_per_step']:.2f} ms a step, device kernels {p['kernel_ms_per_step']:.2f} ms,"
+              f" {p['launches_per_step']:.0f} launches; most CPU: "
+              + ", ".join(f"{n} {ms:.2f} ms" for n, ms in p["top_cpu_ms_per_step"][:5]))
     if a.json:
         utils.write_json(a.json, out)
     return 0
+
+
+def _profile(calc, atoms, rng, stress: bool, steps: int, cuda: bool) -> dict:
+    """torch.profiler over `steps` more steps of one calculator: per step its wall time, the device kernels' own
+    time (0 on a CPU), kernel launches and the 10 ops with the most self CPU time. Kernel time well under the wall
+    time means the step waits on Python and launches, not on the card."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            x = atoms.copy()
+            x.positions += rng.normal(scale=0.01, size=x.positions.shape)
+            x.calc = calc
+            x.get_potential_energy()
+            x.get_forces()
+            if stress:
+                x.get_stress()
+        wall = time.perf_counter() - t
+    ev = prof.key_averages()
+    launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    top = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
+            "kernel_ms_per_step": sum(e.self_device_time_total for e in ev) / 1e3 / steps,
+            "launches_per_step": launches / steps,
+            "top_cpu_ms_per_step": [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in top]}
 
 
 class _PartTimer:

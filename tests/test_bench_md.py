@@ -189,8 +189,13 @@ def test_calculator_cost_on_a_foundation_architecture(tmp_path):
     from bench import calculator_cost
     out = tmp_path / "cost.json"
     assert calculator_cost.main(["--arch", "tiny", "--n-atoms", "10", "--steps", "1", "--sketch-dim", "16",
-                                 "--probes", "2", "--json", str(out)]) == 0
+                                 "--probes", "2", "--profile", "1", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["arch"] == "tiny" and doc["dataset"] is None and doc["natoms"] >= 10 and doc["n_params"] > 0
     assert doc["ratio_to_mace"]["mace"] == 1.0 and doc["ratio_to_mace"]["joint"] > 0
     assert doc["cuda_step_extra_mib"] is None  # a CPU run has no CUDA memory figures
+    # --profile: per calculator a profiled step's wall time, device kernel time (none on a CPU) and busiest ops
+    for name in ("mace", "energy", "joint"):
+        p = doc["profile"][name]
+        assert p["steps"] == 1 and p["wall_ms_per_step"] > 0 and p["kernel_ms_per_step"] == 0
+        assert p["launches_per_step"] == 0 and len(p["top_cpu_ms_per_step"]) > 0

@@ -64,7 +64,7 @@ step check_fast 60 $PY bench/gpu/check_fast.py --device $DEV --names mp0-medium,
 step calculator64 60 $PY -m bench.calculator_cost --device $DEV --repeat $CELLS64 --steps $CSTEPS --json "$OUT/calculator64.json"
 step calculator512 60 $PY -m bench.calculator_cost --device $DEV --repeat $CELLS512 --steps $CSTEPS --json "$OUT/calculator512.json"
 step calculator_mp0 90 $PY -m bench.calculator_cost --device $DEV --arch $FARCH --n-atoms $FATOMS --steps $CSTEPS \
-  --json "$OUT/calculator_mp0.json"
+  --profile 3 --json "$OUT/calculator_mp0.json"
 step calculator_mp0_f32 60 $PY -m bench.calculator_cost --device $DEV --arch $FARCH --n-atoms $FATOMS --steps $CSTEPS \
   --dtype float32 --json "$OUT/calculator_mp0_f32.json"
 

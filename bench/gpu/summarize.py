@@ -57,6 +57,9 @@ def main(out: str) -> int:
         extra = doc.get("cuda_step_extra_mib") or {}
         mem = (f"; a step's CUDA memory above what is held: plain {extra['mace']:.0f}, "
                f"joint {extra['joint']:.0f} MiB" if extra else "")
+        for name, p in (doc.get("profile") or {}).items():
+            mem += (f"; profiled {name}: {p['wall_ms_per_step']:.1f} ms a step, kernels {p['kernel_ms_per_step']:.1f} ms, "
+                    f"{p['launches_per_step']:.0f} launches")
         for kernel, part in (doc.get("median_part_s") or {}).items():
             mem += (f"; {kernel}: model call with rows {1e3 * part['features_and_model']:.1f} ms, posterior "
                     f"{1e3 * part['posterior_error']:.1f} ms")
