@@ -6,7 +6,7 @@
 # at 64 and 512 atoms; the mp0-medium architecture at ~64 atoms in float64 and float32), `bench kernels`
 # (Triton vs reference vs cuBLAS), `bench select --device cuda` at 200k, `bench features` (energy NTK at ~80
 # atoms for the 200k extrapolation; fast vs reference on mp0-medium), and write JSON records, logs and
-# summary.md under $OUT (default bench/results/gpu).
+# summary.md under $OUT (default: a new bench/results/gpu/run-<UTC time>/).
 #
 #   on the GPU machine:  bash bench/gpu/run.sh
 #   dry run, here:       DRY=1 bash bench/gpu/run.sh   (no CUDA: checks the wheels resolve for Python 3.12
@@ -14,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DRY=${DRY:-0}
-OUT=${OUT:-bench/results/gpu}
+OUT=${OUT:-bench/results/gpu/run-$(date -u +%Y%m%dT%H%M%SZ)}  # a new folder each run: earlier records stay
 DEADLINE=${DEADLINE:-470}
 mkdir -p "$OUT"
 : > "$OUT/steps.log"
