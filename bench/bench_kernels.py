@@ -18,12 +18,15 @@ Shapes (k = --sketch-dim, default 512):
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 
 from . import utils
 
 SKETCH_SHAPES = ((16, 16), (16, 128), (64, 64), (128, 128), (256, 256))
+# TF32 may be used by Triton's tl.dot on GPU: 1e-2 relative RMS is the gate (references are fp32 IEEE)
+GATE = 1e-2
 # segment_quadform meta-parameters timed beside the default on a GPU (fp32 rows; "tf32" alone is below the
 # fp32 accuracy docs/design.md asks of the kernels, timed only as the tensor-core ceiling)
 VARIANTS = {
@@ -80,7 +83,7 @@ def sketch_case(d_in, d_out, k, n_struct=64, rows_per=30, two_term=False):
     shape = f"R={R} ({n_struct}x{rows_per}), d_in={d_in}, d_out={d_out}, k={k}"
     return {"op": name, "shape": shape, "flops": flops, "bytes": nbytes, "make": make, "ref": run_ref,
             "tri": run_tri, "gemm": None, "structures": n_struct, "out": lambda o: o, "ref_one": run_ref,
-            "variants": {n: (lambda b: (lambda t: run_tri(t, b)))(b) for n, b in SKETCH_VARIANTS.items()},
+            "variants": {n: functools.partial(run_tri, blocks=b) for n, b in SKETCH_VARIANTS.items()},
             "variant_loop": lambda fn: fn}
 
 
@@ -124,7 +127,7 @@ def quadform_case(n_rows, k, chunk, rows_per=1):
                                               f"{n_chunks * chunk:,} rows",
             "flops": flops, "bytes": nbytes, "make": make, "ref": run_ref, "tri": loop(_tri), "gemm": loop(_gemm),
             "structures": n_chunks * chunk // rows_per, "out": lambda o: o[0], "tri_one": _tri,
-            "variants": {name: (lambda b: (lambda t: _tri(t, b)))(b) for name, b in VARIANTS.items()},
+            "variants": {name: functools.partial(_tri, blocks=b) for name, b in VARIANTS.items()},
             "variant_loop": loop,
             "ref_one": lambda t: ref.segment_quadform_ref(t["G"], t["Linv"], t["seg"], t["w"], t["n_seg"])}
 
@@ -184,9 +187,13 @@ def gate(case, device) -> dict:
     tri_fn = case.get("tri_one", case["tri"])
     r = case["out"](ref_fn(t)).double()
     y = case["out"](tri_fn(t)).double()
-    err = float((r - y).norm() / r.norm().clamp_min(1e-30))
-    # TF32 may be used by Triton's tl.dot on GPU: 1e-2 relative RMS is the gate (references are fp32 IEEE)
-    return {"rel_err": err, "ok": bool(torch.isfinite(y).all()) and err < 1e-2}
+    err = _rel_err(r, y)
+    return {"rel_err": err, "ok": bool(torch.isfinite(y).all()) and err < GATE}
+
+
+def _rel_err(r, y) -> float:
+    """‖r − y‖ / ‖r‖ (relative RMS error of y against the reference r)."""
+    return float((r - y).norm() / r.norm().clamp_min(1e-30))
 
 
 def time_cpu(case, repeat) -> dict:
@@ -227,9 +234,8 @@ def time_variants(case, t, bench) -> dict:
     out = {}
     for name, one in case["variants"].items():
         try:
-            y = case["out"](one(t)).double()
-            err = float((r - y).norm() / r.norm().clamp_min(1e-30))
-            ms = bench(lambda: case["variant_loop"](one)(t))["median_ms"] if err < 1e-2 else None
+            err = _rel_err(r, case["out"](one(t)).double())
+            ms = bench(lambda: case["variant_loop"](one)(t))["median_ms"] if err < GATE else None
             out[name] = {"rel_err": err, "median_ms": ms}
         except Exception as e:  # a tile the card cannot hold (shared memory) is a result, not a crash
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}

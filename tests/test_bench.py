@@ -106,8 +106,7 @@ def test_kernels_stage_tiny_and_gate():
 
 def test_kernels_variants_are_gated_and_the_fastest_accurate_one_is_named():
     """segment_quadform's and tensor_sketch's timed variants (tiles, tf32x3) each pass the reference gate before
-    timing; a failing
-    variant is recorded, not raised; the named fastest excludes variants below fp32 accuracy."""
+    timing; a failing variant is recorded, not raised; the named fastest excludes variants below fp32 accuracy."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     case = bench_kernels.quadform_case(24, 16, 12, rows_per=3)
     case["variants"]["broken"] = lambda t: 1 / 0

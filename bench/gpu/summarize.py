@@ -55,19 +55,19 @@ def main(out: str) -> int:
         goals = (("energy", 1.5), ("joint", 12.0 if arch == "mp0-medium" else 4.0))
         status = [f"{k} {'met' if r[k] <= goal else 'missed'}" for k, goal in goals]
         extra = doc.get("cuda_step_extra_mib") or {}
-        mem = (f"; a step's CUDA memory above what is held: plain {extra['mace']:.0f}, "
-               f"joint {extra['joint']:.0f} MiB" if extra else "")
+        notes = (f"; a step's CUDA memory above what is held: plain {extra['mace']:.0f}, "
+                 f"joint {extra['joint']:.0f} MiB" if extra else "")
         for name, p in (doc.get("profile") or {}).items():
-            mem += (f"; profiled {name}: {p['wall_ms_per_step']:.1f} ms a step, kernels {p['kernel_ms_per_step']:.1f} ms, "
-                    f"{p['launches_per_step']:.0f} launches")
+            notes += (f"; profiled {name}: {p['wall_ms_per_step']:.1f} ms a step, kernels {p['kernel_ms_per_step']:.1f} ms, "
+                      f"{p['launches_per_step']:.0f} launches")
         for kernel, part in (doc.get("median_part_s") or {}).items():
-            mem += (f"; {kernel}: model call with rows {1e3 * part['features_and_model']:.1f} ms, posterior "
-                    f"{1e3 * part['posterior_error']:.1f} ms")
+            notes += (f"; {kernel}: model call with rows {1e3 * part['features_and_model']:.1f} ms, posterior "
+                      f"{1e3 * part['posterior_error']:.1f} ms")
         lines.append(f"| MD step with the error ÷ a MACECalculator step ({arch or doc.get('dataset')}, "
                      f"{doc['natoms']} atoms, {doc.get('dtype')}; energy ≤ {goals[0][1]}×, "
                      f"joint 8 probes ≤ {goals[1][1]}×) | energy "
                      f"{r['energy']:.2f}×, joint {r['joint']:.2f}× (plain {1e3 * doc['median_step_s']['mace']:.1f} ms"
-                     f"{mem}) | {', '.join(status)} |")
+                     f"{notes}) | {', '.join(status)} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return 0
 
